@@ -1,0 +1,102 @@
+"""Reading and writing image files and arrays.
+
+Convention: every tensor that leaves this module is float32 in [0, 1], CHW or NCHW, RGB.
+Everything written goes through :func:`atomic_write` so that an interrupted run never leaves a
+half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from neaudit.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """Decode one image file into a (3, H, W) float tensor in [0, 1]."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(
+            f"{path}: cannot read this image ({exc}). Fix: replace or remove the file, "
+            "or list only readable files in a manifest."
+        ) from exc
+    return to_float(np.asarray(rgb)[None])[0]
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file, reading only its header."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(
+            f"{path}: cannot read this image ({exc}). Fix: replace or remove the file."
+        ) from exc
+    return height, width
+
+
+def to_float(array: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC (or float NCHW in [0,1]) array → float32 NCHW tensor in [0, 1]."""
+    if array.dtype == np.uint8:
+        return torch.from_numpy(np.array(array, copy=True)).permute(0, 3, 1, 2).float() / 255.0
+    tensor = torch.as_tensor(array, dtype=torch.float32)
+    if tensor.ndim == 4 and tensor.shape[-1] == 3 and tensor.shape[1] != 3:
+        tensor = tensor.permute(0, 3, 1, 2)
+    return tensor.contiguous()
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Clip to [0, 1] and round to the uint8 grid: exactly what a PNG file stores."""
+    return torch.round(images.clamp(0.0, 1.0) * 255.0) / 255.0
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """NCHW float in [0, 1] → NHWC uint8 array (clipped and rounded)."""
+    return (
+        torch.round(images.clamp(0.0, 1.0) * 255.0)
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .cpu()
+        .numpy()
+    )
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write one HWC uint8 image as a lossless PNG, atomically."""
+    atomic_write(path, lambda handle: Image.fromarray(image).save(handle, format="PNG"))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

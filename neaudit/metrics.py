@@ -1,0 +1,66 @@
+"""Metrics, defined once (PRIMER §4). Images are float NCHW in [0, 1].
+
+* PSNR = 10·log10(1 / MSE) per image; SSIM from Kornia (11×11 Gaussian window), per image.
+* Wilson score interval, 95%: (p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n).
+* First-layer gain of δ: ‖W̃δ‖ / ‖δ‖, with W̃ the stem in pixel space.
+* Relative first-layer change: ‖W̃δ‖ / ‖W x̃‖, x̃ the normalized clean image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import kornia
+import torch
+
+from neaudit.stem import FirstLayer
+
+Z95 = 1.959963984540054
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB (inf for identical images)."""
+    mse = (images - reference).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(1.0 / mse)
+
+
+def ssim(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-image mean SSIM (Kornia, window 11)."""
+    window = min(11, *images.shape[-2:]) // 2 * 2 - 1
+    return kornia.metrics.ssim(images, reference, window).flatten(1).mean(1)
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion."""
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def first_layer_gain(layer: FirstLayer, delta: torch.Tensor) -> torch.Tensor:
+    """Per-image ‖W̃δ‖ / ‖δ‖."""
+    return layer.response(delta).flatten(1).norm(dim=1) / delta.flatten(1).norm(dim=1)
+
+
+def relative_first_layer_change(layer: FirstLayer, clean: torch.Tensor, delta: torch.Tensor
+                                ) -> torch.Tensor:
+    """Per-image ‖W̃δ‖ / ‖W x̃‖ (the clean response without bias)."""
+    normalized = (clean - layer.mean.view(1, -1, 1, 1)) / layer.std.view(1, -1, 1, 1)
+    clean_response = torch.nn.functional.conv2d(normalized, layer.weight, stride=layer.stride,
+                                                padding=layer.padding)
+    return layer.response(delta).flatten(1).norm(dim=1) / clean_response.flatten(1).norm(dim=1)
+
+
+def isotropic_like(delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise with the same per-image energy as ``delta``."""
+    noise = torch.randn(delta.shape, generator=generator)
+    scale = delta.flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1)
+    return noise * scale.view(-1, 1, 1, 1)
+
+
+def logit_cosine(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(logits, reference, dim=1)

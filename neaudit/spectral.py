@@ -1,0 +1,224 @@
+"""Low-sensitivity subspaces of a first layer, as operators on pixel perturbations.
+
+Two exact descriptions of the same idea (PRIMER §1):
+
+* :class:`PatchSubspace` for non-overlapping stems (stride = kernel, no padding: patch
+  embeddings, ConvNeXt/Swin stems). The image operator is block-diagonal, one copy of the
+  pixel-space matrix W̃ (m × d) per patch, so the per-patch subspace (the right singular
+  vectors with the smallest singular values) is exact for the whole image.
+* :class:`FourierSubspace` for overlapping stems (stride < kernel). With circular boundaries a
+  strided convolution splits into s² polyphase components and is diagonalized by the 2-D DFT:
+  at each output frequency ω it is an m × (C·s²) matrix H(ω). The operator's singular values
+  are the union of those of every H(ω); the subspace keeps the smallest ones overall. Zero
+  padding makes this approximate within a kernel width of the border.
+
+Both select ``rank`` directions: by default the exact null space where one exists, otherwise
+half of the dimensions. The best gain any perturbation spread over the chosen subspace can
+have is ``min_gain`` = sqrt(mean of the selected σ²).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from neaudit.stem import FirstLayer
+
+
+def _select(singular_values: torch.Tensor, rank: int | None, threshold: float | None
+            ) -> torch.Tensor:
+    """Boolean mask of the kept (smallest) singular values."""
+    flat = singular_values.flatten()
+    if threshold is not None:
+        mask = flat <= threshold * flat.max()
+        if not mask.any():
+            mask = flat == flat.min()
+        return mask.view_as(singular_values)
+    if rank is None:
+        null = int((flat <= 1e-6 * flat.max()).sum())
+        rank = null if null > 0 else flat.numel() // 2
+    rank = max(1, min(rank, flat.numel()))
+    order = flat.argsort()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order[:rank]] = True
+    return mask.view_as(singular_values)
+
+
+class PatchSubspace:
+    """Exact per-patch subspace of a non-overlapping stem; noise is independent per patch."""
+
+    def __init__(self, layer: FirstLayer, rank: int | None = None,
+                 threshold: float | None = None) -> None:
+        self.layer = layer
+        self.patch = layer.kernel
+        matrix = layer.pixel_weight.reshape(layer.weight.shape[0], -1).double()
+        self.matrix = matrix.float()  # W̃, (m, d)
+        _, s, vh = torch.linalg.svd(matrix, full_matrices=True)
+        d = matrix.shape[1]
+        self.singular_values = torch.cat([s, s.new_zeros(d - s.numel())]).float()
+        self.mask = _select(self.singular_values, rank, threshold)
+        self.basis = vh[self.mask].T.float().contiguous()  # (d, r)
+        self.rank = int(self.mask.sum())
+
+    @property
+    def min_gain(self) -> float:
+        return float(self.singular_values[self.mask].pow(2).mean().sqrt())
+
+    @property
+    def isotropic_gain(self) -> float:
+        return float(self.singular_values.pow(2).mean().sqrt())
+
+    def _unfold(self, images: torch.Tensor) -> torch.Tensor:
+        return F.unfold(images, self.patch, stride=self.patch)  # (B, d, L)
+
+    def _fold(self, patches: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        h, w = like.shape[-2:]
+        ph, pw = self.patch
+        covered = F.fold(patches, (h - h % ph, w - w % pw), self.patch, stride=self.patch)
+        return F.pad(covered, (0, w % pw, 0, h % ph))
+
+    def project(self, delta: torch.Tensor) -> torch.Tensor:
+        """Orthogonal projection of pixel perturbations onto the subspace (borders the stem
+        never sees are left as they are)."""
+        basis = self.basis.to(delta)
+        patches = self._unfold(delta)
+        projected = self._fold(basis @ (basis.T @ patches), delta)
+        seen = self._fold(torch.ones_like(patches), delta)
+        return projected + delta * (1 - seen)
+
+    def sample(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        """Gaussian noise with unit variance per subspace coordinate, independent per patch."""
+        b, _, h, w = shape
+        count = (h // self.patch[0]) * (w // self.patch[1])
+        z = torch.randn(b, self.rank, count, generator=generator)
+        return self._fold(self.basis @ z, torch.empty(shape))
+
+    def round_to_grid(self, target: torch.Tensor) -> torch.Tensor:
+        """Quantize [0,1] images to the uint8 grid so that the rounding error has the
+        smallest first-layer response.
+
+        Sequential rounding with error compensation in the metric of W̃ᵀW̃ (the OBQ/GPTQ
+        update): each pixel's rounding error is pushed onto the not-yet-rounded pixels of its
+        patch along the direction that W̃ cannot see. Plain rounding leaves an isotropic
+        error whose first-layer gain is that of isotropic noise; this leaves about half.
+        """
+        ph, pw = self.patch
+        h, w = target.shape[-2:]
+        core = target[..., : h - h % ph, : w - w % pw]
+        patches = self._unfold(core * 255.0)  # (B, d, L)
+        b, d, count = patches.shape
+        rows = patches.permute(0, 2, 1).reshape(-1, d).double()
+        gram = self.matrix.double().T @ self.matrix.double()
+        damp = 1e-2 * float(gram.diagonal().mean())
+        order = gram.diagonal().argsort(descending=True)
+        gram = gram[order][:, order] + damp * torch.eye(d, dtype=gram.dtype)
+        upper = torch.linalg.cholesky(torch.linalg.inv(gram), upper=True)
+        rounded = _compensated_round(rows[:, order], upper)
+        rows = torch.empty_like(rounded)
+        rows[:, order] = rounded
+        patches = rows.float().view(b, count, d).permute(0, 2, 1)
+        out = torch.round(target.clamp(0, 1) * 255.0)
+        out[..., : h - h % ph, : w - w % pw] = F.fold(patches, core.shape[-2:], self.patch,
+                                                      stride=self.patch)
+        return out / 255.0
+
+
+def _compensated_round(values: torch.Tensor, upper: torch.Tensor, block: int = 128
+                       ) -> torch.Tensor:
+    """Round each row of ``values`` to integers in [0, 255] column by column, feeding each
+    column's error forward through the upper Cholesky factor of the inverse Gram matrix."""
+    values = values.clone()
+    d = values.shape[1]
+    for lo in range(0, d, block):
+        hi = min(lo + block, d)
+        errors = torch.empty(values.shape[0], hi - lo, dtype=values.dtype)
+        for j in range(lo, hi):
+            exact = values[:, j]
+            rounded = exact.round().clamp_(0, 255)
+            err = (exact - rounded) / upper[j, j]
+            values[:, j] = rounded
+            values[:, j + 1 : hi] -= err[:, None] * upper[j, j + 1 : hi]
+            errors[:, j - lo] = err
+        values[:, hi:] -= errors @ upper[lo:hi, hi:]
+    return values
+
+
+class FourierSubspace:
+    """Whole-operator subspace of an overlapping (strided) convolution, built per frequency."""
+
+    def __init__(self, layer: FirstLayer, image_size: tuple[int, int], rank: int | None = None,
+                 threshold: float | None = None) -> None:
+        self.layer = layer
+        h, w = image_size
+        sh, sw = layer.stride
+        if h % sh or w % sw:
+            raise ValueError(f"image size {image_size} is not a multiple of the stem stride "
+                             f"{layer.stride}; resize the images first.")
+        self.image_size = image_size
+        self.grid = (h // sh, w // sw)
+        response = self._frequency_response()  # (N1, N2, m, C·s²), complex128
+        _, s, vh = torch.linalg.svd(response, full_matrices=True)
+        n_in = response.shape[-1]
+        pad = n_in - s.shape[-1]
+        if pad > 0:
+            s = torch.cat([s, s.new_zeros(*s.shape[:-1], pad)], dim=-1)
+        self.singular_values = s.float()  # (N1, N2, C·s²)
+        self.mask = _select(self.singular_values, rank, threshold)
+        kept = vh * self.mask[..., :, None]
+        self.projector = (kept.conj().transpose(-2, -1) @ kept).to(torch.complex64)
+        self.rank = int(self.mask.sum())
+
+    def _frequency_response(self) -> torch.Tensor:
+        layer = self.layer
+        weight = layer.pixel_weight
+        m, c, kh, kw = weight.shape
+        h, w = self.image_size
+        if kh > h or kw > w:
+            raise ValueError(f"kernel {layer.kernel} is larger than the image {self.image_size}")
+        full = torch.zeros(m, c, h, w, dtype=torch.float64)
+        full[:, :, :kh, :kw] = weight.double()
+        full = torch.roll(full, shifts=(-layer.padding[0], -layer.padding[1]), dims=(2, 3))
+        sh, sw = layer.stride
+        n1, n2 = self.grid
+        poly = full.view(m, c, n1, sh, n2, sw).permute(0, 1, 3, 5, 2, 4)  # m,c,u1,u2,τ1,τ2
+        spectrum = torch.fft.fft2(poly).reshape(m, c * sh * sw, n1, n2)
+        return spectrum.conj().permute(2, 3, 0, 1)
+
+    @property
+    def min_gain(self) -> float:
+        return float(self.singular_values[self.mask].pow(2).mean().sqrt())
+
+    @property
+    def isotropic_gain(self) -> float:
+        return float(self.singular_values.pow(2).mean().sqrt())
+
+    def project(self, delta: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = delta.shape
+        sh, sw = self.layer.stride
+        n1, n2 = self.grid
+        poly = delta.reshape(b, c, n1, sh, n2, sw).permute(0, 1, 3, 5, 2, 4)
+        spec = torch.fft.fft2(poly.to(torch.float32), norm="ortho").reshape(b, -1, n1, n2)
+        spec = spec.permute(2, 3, 1, 0)  # N1, N2, C·s², B
+        spec = (self.projector @ spec).permute(3, 2, 0, 1).reshape(b, c, sh, sw, n1, n2)
+        out = torch.fft.ifft2(spec, norm="ortho").real
+        return out.permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w).to(delta.dtype)
+
+    def sample(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(shape, generator=generator)
+        scale = math.sqrt(noise[0].numel() / self.rank)
+        return self.project(noise) * scale
+
+    def round_to_grid(self, target: torch.Tensor) -> torch.Tensor:
+        """Plain rounding: the Fourier operator has no per-patch structure to compensate in."""
+        return torch.round(target.clamp(0, 1) * 255.0) / 255.0
+
+
+def low_sensitivity_subspace(layer: FirstLayer, image_size: tuple[int, int],
+                             rank: int | None = None, threshold: float | None = None
+                             ) -> PatchSubspace | FourierSubspace:
+    """The exact construction for this stem: per patch when windows do not overlap."""
+    if not layer.overlapping:
+        return PatchSubspace(layer, rank, threshold)
+    return FourierSubspace(layer, image_size, rank, threshold)

@@ -1,0 +1,107 @@
+"""Find the first linear operator a model applies to the pixels, by tracing execution.
+
+``first_layer(model)`` runs one forward pass with hooks on every ``Conv2d`` and records the
+first one to fire. It then checks that this layer's input is exactly the normalized image,
+so that the returned weight, stride, padding and normalization describe the map from
+[0, 1] pixels to first-layer responses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from neaudit.errors import ModelSpecError
+from neaudit.zoo import ImageClassifier
+
+
+@dataclass(frozen=True)
+class FirstLayer:
+    """The pixel-facing linear map of a model.
+
+    ``weight`` acts on normalized input x̃ = (x − mean) / std; :attr:`pixel_weight` folds the
+    normalization in, so that ``response(δ)`` is the first-layer change caused by a pixel
+    perturbation δ (the bias and mean cancel for differences).
+    """
+
+    weight: torch.Tensor  # (m, C, kh, kw)
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    mean: torch.Tensor  # (C,)
+    std: torch.Tensor  # (C,)
+    module_name: str
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return tuple(self.weight.shape[-2:])
+
+    @property
+    def overlapping(self) -> bool:
+        return any(s < k for s, k in zip(self.stride, self.kernel, strict=True)) or any(
+            p > 0 for p in self.padding)
+
+    @property
+    def unfolded(self) -> torch.Tensor:
+        """W as an (m, C·kh·kw) matrix on normalized patches."""
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    @property
+    def pixel_weight(self) -> torch.Tensor:
+        return self.weight / self.std.view(1, -1, 1, 1)
+
+    def response(self, delta: torch.Tensor) -> torch.Tensor:
+        """First-layer change W̃δ for pixel perturbations δ (NCHW)."""
+        return F.conv2d(delta, self.pixel_weight.to(delta), stride=self.stride,
+                        padding=self.padding)
+
+
+def first_layer(model: ImageClassifier, image_size: tuple[int, int] | None = None) -> FirstLayer:
+    """Trace ``model`` once and return its first pixel-facing convolution."""
+    size = model.input_size or image_size or (64, 64)
+    seen: list[tuple[str, nn.Module, torch.Tensor]] = []
+    names = {module: name for name, module in model.net.named_modules()}
+
+    def hook(module: nn.Module, inputs: tuple) -> None:
+        if not seen:
+            seen.append((names[module], module, inputs[0].detach()))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.net.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(1, 3, *size, generator=generator).to(model.mean.device)
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not seen:
+        raise ModelSpecError(f"{model.name}: no Conv2d or Linear layer runs in the forward pass.")
+    name, module, seen_input = seen[0]
+    if not isinstance(module, nn.Conv2d) or "Same" in type(module).__name__:
+        raise ModelSpecError(
+            f"{model.name}: the first pixel-facing layer '{name}' is a {type(module).__name__}; "
+            "neaudit supports a plain Conv2d stem or patch embedding.")
+    if module.groups != 1 or module.dilation not in ((1, 1), 1) or module.padding_mode != "zeros":
+        raise ModelSpecError(f"{model.name}: stem '{name}' uses groups, dilation or non-zero "
+                             "padding, which neaudit does not model.")
+    expected = model.preprocess(images)
+    if seen_input.shape != expected.shape or not torch.allclose(seen_input, expected, atol=1e-5):
+        raise ModelSpecError(
+            f"{model.name}: stem '{name}' does not see the normalized pixels directly (the "
+            "network transforms the input first). Fix: move that transform into the "
+            "wrapper's preprocessing.")
+    padding = module.padding
+    if isinstance(padding, str):
+        padding = (0, 0) if padding == "valid" else tuple(k // 2 for k in module.kernel_size)
+    return FirstLayer(
+        weight=module.weight.detach().float().clone(),
+        stride=tuple(module.stride),
+        padding=tuple(padding),
+        mean=model.mean.flatten().detach().clone(),
+        std=model.std.flatten().detach().clone(),
+        module_name=name,
+    )

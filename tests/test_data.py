@@ -1,0 +1,129 @@
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from neaudit.data import load_dataset
+from neaudit.errors import DataError
+from neaudit.imageio import write_png
+
+
+def test_imagefolder_with_originals_tree(image_folder: Path):
+    dataset = load_dataset(image_folder)
+    assert dataset.class_names == ["china", "flower"]
+    assert len(dataset) == 12 and dataset.has_originals
+    batches = list(dataset.batches(5))
+    assert [len(b.index) for b in batches] == [5, 5, 2]
+    first = batches[0]
+    assert first.protected.shape == (5, 3, 64, 64) and first.protected.dtype == torch.float32
+    assert 0.0 <= float(first.protected.min()) and float(first.protected.max()) <= 1.0
+    # the originals were written flipped, so pairing is checkable
+    assert torch.equal(first.original, first.protected.flip(-2))
+    assert first.labels.tolist() == [dataset.labels[i] for i in range(5)]
+
+
+def test_sibling_originals_and_explicit_originals(image_folder: Path):
+    sibling = load_dataset(image_folder / "protected")
+    assert sibling.has_originals
+    explicit = load_dataset(image_folder / "protected", originals=image_folder / "original")
+    assert explicit.names == sibling.names
+
+
+def test_flat_folder_has_no_labels(tmp_path: Path, photos):
+    for i in range(3):
+        write_png(tmp_path / "flat" / f"{i}.png", photos[i])
+    dataset = load_dataset(tmp_path / "flat")
+    assert dataset.labels is None and not dataset.has_originals and len(dataset) == 3
+
+
+def test_npz_round_trip(tmp_path: Path, photos):
+    path = tmp_path / "set.npz"
+    np.savez(path, protected=photos[:6], original=photos[:6], labels=np.arange(6) % 2,
+             class_names=np.array(["a", "b"]))
+    dataset = load_dataset(path)
+    batch = next(dataset.batches(4))
+    assert batch.protected.shape == (4, 3, 64, 64)
+    assert torch.allclose(batch.protected[0] * 255, torch.from_numpy(photos[0]).permute(2, 0, 1)
+                          .float())
+    assert dataset.class_names == ["a", "b"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_manifest(tmp_path: Path, photos, suffix):
+    for i in range(4):
+        write_png(tmp_path / "p" / f"{i}.png", photos[i])
+        write_png(tmp_path / "o" / f"{i}.png", photos[i])
+    table = pd.DataFrame({"path": [f"p/{i}.png" for i in range(4)],
+                          "original_path": [f"o/{i}.png" for i in range(4)],
+                          "label": ["cat", "dog", "cat", "dog"]})
+    path = tmp_path / f"manifest{suffix}"
+    table.to_csv(path, index=False) if suffix == ".csv" else table.to_parquet(path)
+    dataset = load_dataset(path)
+    assert dataset.class_names == ["cat", "dog"] and dataset.labels.tolist() == [0, 1, 0, 1]
+    assert dataset.has_originals
+
+
+def test_streaming_reads_only_the_requested_batch(image_folder: Path, monkeypatch):
+    import neaudit.data as data
+
+    calls = []
+    real = data.read_image
+    monkeypatch.setattr(data, "read_image", lambda p: calls.append(p) or real(p))
+    dataset = load_dataset(image_folder / "protected")
+    next(dataset.batches(3))
+    assert len(calls) == 6  # 3 protected + 3 originals, nothing more
+
+
+def test_unreadable_image_names_the_file(tmp_path: Path, photos):
+    write_png(tmp_path / "d" / "good.png", photos[0])
+    (tmp_path / "d" / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"bad\.png: cannot read this image.*Fix"):
+        list(load_dataset(tmp_path / "d").batches(8))
+
+
+def test_mismatched_pairs_name_the_missing_original(image_folder: Path):
+    (image_folder / "original" / "china" / "00.png").unlink()
+    with pytest.raises(DataError, match=r"no original.*00\.png.*Fix"):
+        load_dataset(image_folder)
+
+
+def test_mixed_sizes_need_a_resize_policy(tmp_path: Path, photos):
+    write_png(tmp_path / "d" / "a.png", photos[0])
+    write_png(tmp_path / "d" / "b.png", photos[1][:32])
+    with pytest.raises(DataError, match=r"b\.png: size \(32, 64\).*--resize"):
+        list(load_dataset(tmp_path / "d").batches(8))
+    resized = load_dataset(tmp_path / "d", resize=(48, 48))
+    assert next(resized.batches(8)).protected.shape == (2, 3, 48, 48)
+
+
+def test_empty_folder(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no images found"):
+        load_dataset(tmp_path / "empty")
+
+
+def test_label_class_mismatch(tmp_path: Path, photos):
+    path = tmp_path / "set.npz"
+    np.savez(path, protected=photos[:4], labels=np.array([0, 1, 2, 3]),
+             class_names=np.array(["a", "b"]))
+    with pytest.raises(DataError, match=r"label 2 of item '2' is outside the 2 class names"):
+        load_dataset(path)
+
+
+def test_nan_in_array(tmp_path: Path):
+    images = np.full((2, 3, 8, 8), 0.5, dtype=np.float32)
+    images[1, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", protected=images)
+    with pytest.raises(DataError, match=r"nan\.npz.*NaN"):
+        list(load_dataset(tmp_path / "nan.npz").batches(2))
+
+
+def test_wrong_shape_and_unknown_type(tmp_path: Path):
+    np.savez(tmp_path / "flat.npz", protected=np.zeros((4, 64), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"flat\.npz: 'protected' has shape \(4, 64\)"):
+        load_dataset(tmp_path / "flat.npz")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DataError, match=r"unsupported file type '.txt'"):
+        load_dataset(tmp_path / "x.txt")
