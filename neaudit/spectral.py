@@ -40,10 +40,8 @@ def _select(singular_values: torch.Tensor, rank: int | None, threshold: float | 
         null = int((flat <= 1e-6 * flat.max()).sum())
         rank = null if null > 0 else flat.numel() // 2
     rank = max(1, min(rank, flat.numel()))
-    order = flat.argsort()
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[:rank]] = True
-    return mask.view_as(singular_values)
+    cutoff = flat.sort().values[rank - 1]
+    return singular_values <= cutoff
 
 
 class PatchSubspace:
@@ -165,7 +163,10 @@ class FourierSubspace:
         if pad > 0:
             s = torch.cat([s, s.new_zeros(*s.shape[:-1], pad)], dim=-1)
         self.singular_values = s.float()  # (N1, N2, C·s²)
-        self.mask = _select(self.singular_values, rank, threshold)
+        # ω and −ω carry the same singular values; select on their average so that both
+        # halves of every conjugate pair are kept together and the noise stays real.
+        mirrored = torch.roll(self.singular_values.flip(0, 1), shifts=(1, 1), dims=(0, 1))
+        self.mask = _select((self.singular_values + mirrored) / 2, rank, threshold)
         kept = vh * self.mask[..., :, None]
         self.projector = (kept.conj().transpose(-2, -1) @ kept).to(torch.complex64)
         self.rank = int(self.mask.sum())

@@ -13,14 +13,14 @@ Every :class:`ImageClassifier` owns its preprocessing (resize to ``input_size`` 
 then per-channel normalization), read from timm's ``pretrained_cfg`` or open_clip's
 transforms, and overridable with ``mean=``, ``std=``, ``input_size=``.
 
-Weights never come from the network: pretrained weights load from local files or from the
-user's hub cache (``HF_HUB_OFFLINE`` is set unless ``NEAUDIT_ALLOW_DOWNLOAD=1``).
+Weights never come from the network: ``pretrained=true`` resolves to a file already in the
+user's Hugging Face hub cache or torch hub cache (:func:`cached_weights`), and a missing file is
+an error that says how to provide it.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +146,6 @@ def create_model(spec: str | ModelSpec | ImageClassifier,
     if isinstance(spec, ImageClassifier):
         return spec.eval()
     parsed = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
-    if not os.environ.get("NEAUDIT_ALLOW_DOWNLOAD"):
-        os.environ["HF_HUB_OFFLINE"] = "1"
     model = BUILDERS[parsed.scheme](parsed, class_names)
     return model.eval().requires_grad_(False)
 
@@ -206,6 +204,23 @@ def _apply_weights(net: nn.Module, spec: ModelSpec) -> None:
                                  f"'{spec.text}' ({str(exc)[:300]}).") from exc
 
 
+def cached_weights(hub_id: str | None, url: str | None, filenames: Sequence[str]) -> str | None:
+    """Path of pretrained weights already on disk (hub cache, then torch hub), else None."""
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = hub_id.rstrip("/")
+        for filename in filenames:
+            found = try_to_load_from_cache(repo, filename)
+            if isinstance(found, str):
+                return found
+    if url:
+        local = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        if local.is_file():
+            return str(local)
+    return None
+
+
 _TIMM_RESERVED = {"pretrained", "weights", "mean", "std", "input_size"}
 
 
@@ -217,16 +232,20 @@ def _build_timm(spec: ModelSpec, class_names: Sequence[str] | None) -> ImageClas
         if key in _TIMM_RESERVED:
             continue
         kwargs[key] = int(value) if value.lstrip("-").isdigit() else value
-    pretrained = spec.flag("pretrained") and "weights" not in spec.options
-    try:
-        net = timm.create_model(spec.target, pretrained=pretrained, **kwargs)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise ModelSpecError(f"timm has no model '{spec.target}'. Fix: pick a name from "
-                                 "timm.list_models().") from exc
-        raise _missing_weights(spec, exc) from exc
-    except (OSError, ValueError) as exc:
-        raise _missing_weights(spec, exc) from exc
+    if spec.target.split(".")[0] not in timm.list_models():
+        raise ModelSpecError(f"timm has no model '{spec.target}'. Fix: pick a name from "
+                             "timm.list_models().")
+    if spec.flag("pretrained") and "weights" not in spec.options:
+        cfg = timm.models.get_pretrained_cfg(spec.target)
+        cfg = cfg.to_dict() if cfg is not None else {}
+        local = cfg.get("file") or cached_weights(
+            cfg.get("hf_hub_id"), cfg.get("url"), ("model.safetensors", "pytorch_model.bin"))
+        if local is None:
+            raise _missing_weights(spec, "not in the hub cache")
+        kwargs["pretrained_cfg_overlay"] = {"file": local}
+        net = timm.create_model(spec.target, pretrained=True, **kwargs)
+    else:
+        net = timm.create_model(spec.target, pretrained=False, **kwargs)
     _apply_weights(net, spec)
     cfg = net.pretrained_cfg
     size = _size_option(spec) or _size_option(spec, "img_size") or tuple(cfg["input_size"][-2:])
@@ -238,12 +257,13 @@ def _build_timm(spec: ModelSpec, class_names: Sequence[str] | None) -> ImageClas
     )
 
 
-def _missing_weights(spec: ModelSpec, exc: Exception) -> ModelSpecError:
+def _missing_weights(spec: ModelSpec, reason: str) -> ModelSpecError:
     return ModelSpecError(
-        f"cannot load pretrained weights for '{spec.text}' ({type(exc).__name__}: "
-        f"{str(exc)[:200]}). neaudit never downloads: put the weights in the hub cache "
-        "(HF_HOME) beforehand, or pass a local file with ?weights=/path/file.safetensors, "
-        "or use ?pretrained=false for a random-init model.")
+        f"cannot load pretrained weights for '{spec.text}' ({reason}). neaudit never "
+        "downloads: fill the hub cache beforehand on a machine with network (e.g. "
+        "`huggingface-cli download <repo>`, then copy HF_HOME), or pass a local file with "
+        "?weights=/path/file.safetensors (timm) or ?pretrained=/path/file.bin (open_clip), or "
+        "use ?pretrained=false for a random-init model.")
 
 
 def _build_open_clip(spec: ModelSpec, class_names: Sequence[str] | None) -> ImageClassifier:
@@ -252,16 +272,20 @@ def _build_open_clip(spec: ModelSpec, class_names: Sequence[str] | None) -> Imag
     if not class_names:
         raise ModelSpecError(f"'{spec.text}' is a zero-shot classifier and needs class names. "
                              "Fix: use an ImageFolder layout or give class_names.")
+    if spec.target not in open_clip.list_models():
+        raise ModelSpecError(f"open_clip has no architecture '{spec.target}'. Fix: pick one "
+                             "from open_clip.list_models().")
     tag = spec.options.get("pretrained") or None
-    try:
-        model, _, transform = open_clip.create_model_and_transforms(spec.target, pretrained=tag)
-    except RuntimeError as exc:
-        if "not found" in str(exc).lower() and "model" in str(exc).lower():
-            raise ModelSpecError(f"open_clip has no architecture '{spec.target}'. Fix: pick one "
-                                 "from open_clip.list_models().") from exc
-        raise _missing_weights(spec, exc) from exc
-    except (OSError, ValueError) as exc:
-        raise _missing_weights(spec, exc) from exc
+    if tag is not None and not Path(tag).is_file():
+        cfg = open_clip.get_pretrained_cfg(spec.target, tag)
+        if not cfg:
+            raise ModelSpecError(f"open_clip has no pretrained tag '{tag}' for {spec.target}. "
+                                 "Fix: see open_clip.list_pretrained().")
+        tag = cached_weights(cfg.get("hf_hub"), cfg.get("url"),
+                             ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+        if tag is None:
+            raise _missing_weights(spec, "not in the hub cache")
+    model = open_clip.create_model(spec.target, pretrained=tag)
     model.eval()
     tokenizer = open_clip.get_tokenizer(spec.target)
     with torch.no_grad():

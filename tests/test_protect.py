@@ -1,0 +1,80 @@
+"""``neaudit protect``: files written, fidelity measured on them, inputs untouched."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neaudit.cli import main
+from neaudit.data import load_dataset
+from neaudit.imageio import read_image, sha256_file
+from neaudit.protection import protect
+
+from .conftest import VIT, snapshot
+
+
+def test_protect_writes_pngs_sidecar_and_measures_what_it_wrote(image_folder: Path, tmp_path):
+    before = snapshot(image_folder)
+    out = tmp_path / "ne"
+    result = protect(image_folder / "original", VIT, out, save_originals=True, key=11,
+                     store_key=True)
+    assert snapshot(image_folder) == before, "the input folder must not change"
+    sidecar = json.loads((out / "neaudit.json").read_text())
+    assert sidecar["authorized"] == VIT and sidecar["params"]["key"] == 11
+    assert sidecar["count"] == 12 and sidecar["method"] == "subspace"
+    # the hashes file verifies every written PNG
+    for line in (out / "hashes.sha256").read_text().splitlines():
+        digest, name = line.split("  ")
+        assert sha256_file(out / name) == digest
+    # fidelity is the PSNR of the files as read back
+    reloaded = load_dataset(out)
+    assert reloaded.class_names == ["china", "flower"] and reloaded.has_originals
+    batch = next(reloaded.batches(12))
+    file_psnr = 10 * torch.log10(1 / (batch.protected - batch.original).pow(2).flatten(1).mean(1))
+    by_name = dict(zip(result.per_image["name"], result.per_image["psnr"], strict=True))
+    for name, value in zip(batch.names, file_psnr.tolist(), strict=True):
+        assert value == pytest.approx(by_name[name], abs=1e-3)
+    assert abs(result.summary["psnr"] - 30) < 0.1
+    assert result.summary["agreement"] >= result.summary["noise_agreement"]
+
+
+def test_key_is_not_stored_unless_asked(tmp_path):
+    result = protect("builtin:samples", VIT, tmp_path / "a", key=5)
+    assert result.sidecar["params"]["key"] is None and not result.sidecar["params"]["key_stored"]
+
+
+def test_npz_output_and_reference_method(tmp_path):
+    result = protect("builtin:samples", VIT, tmp_path / "r", method="reference",
+                     output_format="npz", save_originals=True)
+    arrays = np.load(tmp_path / "r" / "protected.npz")
+    assert arrays["protected"].dtype == np.uint8 and arrays["protected"].shape == (32, 64, 64, 3)
+    assert arrays["labels"].tolist() == [i % 2 for i in range(32)]
+    summary = result.summary
+    # measured far below nominal, and materializing as uint8 changes what the model sees
+    assert summary["psnr_float"] < 10 and summary["psnr"] > summary["psnr_float"]
+    assert result.sidecar["params"]["psnr_is_nominal"]
+
+
+def test_protect_refuses_to_write_into_its_input(image_folder: Path):
+    with pytest.raises(ValueError, match="never writes into its input"):
+        protect(image_folder, VIT, image_folder / "out")
+
+
+def test_cli_protect_and_bad_input_exit_codes(tmp_path, capsys):
+    code = main(["protect", "builtin:samples", "--authorized", VIT, "--out",
+                 str(tmp_path / "cli"), "--psnr", "28"])
+    out = capsys.readouterr().out
+    assert code == 0 and "agreement" in out and "wrote 32 NEs" in out
+    assert (tmp_path / "cli" / "protected" / "china" / "000.png").is_file()
+    assert read_image(tmp_path / "cli" / "protected" / "china" / "000.png").shape == (3, 64, 64)
+
+    (tmp_path / "empty").mkdir()
+    assert main(["protect", str(tmp_path / "empty"), "--authorized", VIT, "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert main(["protect", "builtin:samples", "--authorized", "timm:not_a_model", "--out",
+                 str(tmp_path / "y")]) == 2
+    assert "timm has no model 'not_a_model'" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
