@@ -184,7 +184,7 @@ def builtin_dataset(name: str, count: int = 32, size: int = 64) -> ImageDataset:
     crops, labels = [], []
     for i in range(count):
         photo = photos[i % 2]
-        side = int(rng.integers(size, 3 * size))
+        side = int(rng.integers(min(size, 200), min(3 * size, 420)))
         top = int(rng.integers(0, photo.shape[0] - side))
         left = int(rng.integers(0, photo.shape[1] - side))
         crop = to_float(photo[None, top:top + side, left:left + side])

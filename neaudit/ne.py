@@ -29,8 +29,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from neaudit.imageio import quantize
-from neaudit.metrics import psnr as measure_psnr
 from neaudit.spectral import FourierSubspace, PatchSubspace
 from neaudit.stem import FirstLayer
 
@@ -44,36 +42,34 @@ def image_generators(seed: int, indices: torch.Tensor) -> list[torch.Generator]:
 
 def subspace_recode(clean: torch.Tensor, space: PatchSubspace | FourierSubspace,
                     target_psnr: float, generators: list[torch.Generator],
-                    repair_iterations: int = 10, calibration_rounds: int = 4,
-                    tolerance_db: float = 0.05) -> torch.Tensor:
+                    repair_iterations: int = 6, calibration_rounds: int = 4) -> torch.Tensor:
     """Recode clean [0,1] images into NEs on the uint8 grid at ``target_psnr`` (measured).
 
     Convention: ``clean`` should already be on the uint8 grid (what was read from files);
     the output is exactly the values a PNG will store.
+
+    Strength: the noise starts a little too strong, is repaired into the box, and is then
+    scaled down to the target energy; scaling towards ``clean`` keeps it inside both the box
+    and the subspace, so only images that clipping left too weak are repaired again.
     """
     _check_images(clean)
     noise = torch.cat([space.sample((1, *clean.shape[1:]), g) for g in generators])
-    pixels = clean[0].numel()
-    target_norm = (pixels * 10 ** (-target_psnr / 10)) ** 0.5
-    scale = target_norm / noise.flatten(1).norm(dim=1).clamp_min(1e-12)
+    target_norm = (clean[0].numel() * 10 ** (-target_psnr / 10)) ** 0.5
+    scale = 1.1 * target_norm / noise.flatten(1).norm(dim=1).clamp_min(1e-12)
+    delta = torch.empty_like(clean)
+    todo = torch.arange(len(clean))
     for _ in range(calibration_rounds):
-        inside = _repair(clean, noise * scale.view(-1, 1, 1, 1), space, repair_iterations)
-        achieved = measure_psnr(quantize(inside), clean)
-        if (achieved - target_psnr).abs().max() <= tolerance_db:
+        base = clean[todo]
+        start = base + noise[todo] * scale[todo].view(-1, 1, 1, 1)
+        delta[todo] = space.repair(base, start, repair_iterations) - base
+        shortfall = target_norm / delta[todo].flatten(1).norm(dim=1).clamp_min(1e-12)
+        weak = shortfall > 1.001
+        scale[todo[weak]] *= 1.1 * shortfall[weak]
+        todo = todo[weak]
+        if todo.numel() == 0:
             break
-        scale = scale * 10 ** ((achieved - target_psnr) / 20)
-    return space.round_to_grid(inside)
-
-
-def _repair(clean: torch.Tensor, delta: torch.Tensor, space, iterations: int) -> torch.Tensor:
-    """Alternate projections between the box [0,1] and {clean + δ : δ in the subspace}."""
-    images = clean + delta
-    for _ in range(iterations):
-        boxed = images.clamp(0, 1)
-        if torch.equal(boxed, images):
-            break
-        images = clean + space.project(boxed - clean)
-    return images
+    factor = (target_norm / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+    return space.round_to_grid(clean + delta * factor.view(-1, 1, 1, 1))
 
 
 def reference_basis(layer: FirstLayer, tau: float = 1e-2) -> torch.Tensor:
