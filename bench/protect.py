@@ -44,7 +44,7 @@ def main() -> None:
     for label, spec in STEMS.items():
         model = create_model(spec)
         layer = first_layer(model)
-        space_time, space = timed(lambda: low_sensitivity_subspace(layer, (224, 224)))
+        space_time, space = timed(lambda: low_sensitivity_subspace(layer, (224, 224)))  # noqa: B023
         for method in ("subspace", "reference"):
             recode_s = write_s = 0.0
             with tempfile.TemporaryDirectory() as tmp:

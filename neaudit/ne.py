@@ -55,7 +55,7 @@ def subspace_recode(clean: torch.Tensor, space: PatchSubspace | FourierSubspace,
     _check_images(clean)
     noise = torch.cat([space.sample((1, *clean.shape[1:]), g) for g in generators])
     target_norm = (clean[0].numel() * 10 ** (-target_psnr / 10)) ** 0.5
-    scale = 1.1 * target_norm / noise.flatten(1).norm(dim=1).clamp_min(1e-12)
+    scale = 1.25 * target_norm / noise.flatten(1).norm(dim=1).clamp_min(1e-12)
     delta = torch.empty_like(clean)
     todo = torch.arange(len(clean))
     for _ in range(calibration_rounds):

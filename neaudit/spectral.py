@@ -25,7 +25,6 @@ import torch
 
 from neaudit.stem import FirstLayer
 
-
 RELAXATION = 1.8
 """Over-relaxed alternating projections (ω in (0, 2)): the box step overshoots by ω, which
 reaches the box about four times faster than plain projections (ω = 1) on photographs."""
@@ -100,7 +99,8 @@ class PatchSubspace:
 
     def repair(self, clean: torch.Tensor, images: torch.Tensor, iterations: int) -> torch.Tensor:
         """Alternate (over-relaxed) projections between the box [0,1] and
-        {clean + δ : δ in the subspace}, patch by patch (the operator is block-diagonal), touching only patches that clip."""
+        {clean + δ : δ in the subspace}, patch by patch (the operator is block-diagonal),
+        touching only patches that clip."""
         rows = self._unfold(images).transpose(1, 2).reshape(-1, self.basis.shape[0])
         base = self._unfold(clean).transpose(1, 2).reshape(-1, self.basis.shape[0])
         basis = self.basis.to(images)
