@@ -41,6 +41,25 @@ def _protect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from neaudit.engine import audit, format_summary
+
+    zoo = list(args.model or [])
+    if args.zoo:
+        from neaudit.zoo import resolve_zoo
+
+        zoo = resolve_zoo(args.zoo) + zoo
+    if not zoo:
+        raise NeauditError("no models to audit. Fix: pass --zoo PRESET|SPEC,SPEC or --model SPEC.")
+    result = audit(args.data, zoo, authorized=args.authorized, suite=args.suite, out=args.out,
+                   device=args.device, seed=args.seed, batch_size=args.batch_size,
+                   originals=args.originals, reference=args.reference,
+                   max_images=args.max_images, quiet=args.quiet, score=args.score,
+                   command=" ".join(["neaudit", *sys.argv[1:]]))
+    print(format_summary(result))
+    return 0
+
+
 def _zoo(args: argparse.Namespace) -> int:
     from neaudit.zoo import PRESETS
 
@@ -92,6 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--batch-size", type=int, default=32)
     protect.add_argument("--quiet", action="store_true")
     protect.set_defaults(run=_protect)
+
+    run = sub.add_parser("audit", help="attack a protected dataset and measure leakage")
+    run.add_argument("data", help="protected dataset (folder, .npz, manifest)")
+    run.add_argument("--authorized", help="authorized model spec (default: from neaudit.json)")
+    run.add_argument("--zoo", help="preset name or comma-separated specs of other models")
+    run.add_argument("--model", action="append", help="one more model spec (repeatable)")
+    run.add_argument("--suite", default="standard", help="suite name or TOML file")
+    run.add_argument("--out", help="run folder (default: reports/<data>-<suite>-<hash>)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--batch-size", type=int, default=64)
+    run.add_argument("--originals", help="folder of clean originals (same relative paths)")
+    run.add_argument("--reference", help="clean in-distribution images for L2 attacks")
+    run.add_argument("--max-images", type=int, help="audit only the first N images")
+    run.add_argument("--score", choices=("auto", "accuracy", "agreement"), default="auto",
+                     help="accuracy against labels, or agreement with clean predictions")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(run=_audit)
 
     zoo = sub.add_parser("zoo", help="model presets and first-layer inspection")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)

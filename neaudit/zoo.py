@@ -21,6 +21,7 @@ an error that says how to provide it.
 from __future__ import annotations
 
 import importlib.util
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,11 @@ def create_model(spec: str | ModelSpec | ImageClassifier,
     if isinstance(spec, ImageClassifier):
         return spec.eval()
     parsed = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
-    model = BUILDERS[parsed.scheme](parsed, class_names)
+    # Random-init weights are seeded from the spec text, so one spec names one network in
+    # every process (protect and audit see the same random-init model).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(parsed.text.encode()))
+        model = BUILDERS[parsed.scheme](parsed, class_names)
     return model.eval().requires_grad_(False)
 
 

@@ -1,0 +1,135 @@
+"""L1/L2: reconstruction attempts that try to strip the perturbation (APBench/ART-style
+purification), implemented batched with Kornia and torch."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import kornia
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from neaudit.attacks.registry import AttackContext, register_attack
+from neaudit.errors import NeauditError
+
+
+@register_attack("median", "purify", "L1", {"kernel": 3}, {"kernel": [3, 5]})
+def median(images: torch.Tensor, ctx: AttackContext, kernel: int) -> torch.Tensor:
+    """Median filter over kernel × kernel windows."""
+    k = int(kernel)
+    return kornia.filters.median_blur(images, (k, k))
+
+
+@register_attack("bilateral", "purify", "L1", {"kernel": 5, "sigma_color": 0.1,
+                                                  "sigma_space": 1.5},
+                 {"kernel": [5], "sigma_color": [0.1, 0.2], "sigma_space": [1.5]})
+def bilateral(images: torch.Tensor, ctx: AttackContext, kernel: int, sigma_color: float,
+              sigma_space: float) -> torch.Tensor:
+    """Edge-preserving bilateral blur."""
+    k = int(kernel)
+    return kornia.filters.bilateral_blur(images, (k, k), sigma_color,
+                                         (sigma_space, sigma_space), border_type="reflect")
+
+
+@register_attack("tv_denoise", "purify", "L1", {"weight": 0.05, "steps": 30},
+                 {"weight": [0.03, 0.1], "steps": [30]})
+def tv_denoise(images: torch.Tensor, ctx: AttackContext, weight: float, steps: int
+               ) -> torch.Tensor:
+    """Total-variation denoising: Adam on ½‖x − y‖² + weight·TV(x) (Kornia's TV), per batch."""
+    target = images.detach()
+    x = target.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=0.01)
+    pixels = target[0].numel()
+    with torch.enable_grad():
+        for _ in range(int(steps)):
+            optimizer.zero_grad()
+            loss = 0.5 * (x - target).pow(2).sum() + weight * kornia.losses.total_variation(
+                x).sum() / math.sqrt(pixels)
+            loss.backward()
+            optimizer.step()
+    return x.detach()
+
+
+@register_attack("lowpass", "purify", "L1", {"cutoff": 0.5}, {"cutoff": [0.5, 0.3]})
+def lowpass(images: torch.Tensor, ctx: AttackContext, cutoff: float) -> torch.Tensor:
+    """Keep spatial frequencies below ``cutoff`` × Nyquist (ideal radial filter, FFT)."""
+    h, w = images.shape[-2:]
+    fy = torch.fft.fftfreq(h, device=images.device).abs().view(-1, 1) * 2
+    fx = torch.fft.rfftfreq(w, device=images.device).abs().view(1, -1) * 2
+    mask = ((fy**2 + fx**2).sqrt() <= cutoff).to(images.dtype)
+    return torch.fft.irfft2(torch.fft.rfft2(images) * mask, s=(h, w))
+
+
+class SmallDenoiser(nn.Module):
+    """A DnCNN-style residual denoiser: a few 3×3 convolutions predicting the noise."""
+
+    def __init__(self, width: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
+        for _ in range(depth - 2):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+        layers.append(nn.Conv2d(width, 3, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images - self.body(images)
+
+
+def train_denoiser(reference: torch.Tensor, sigma: float, steps: int, seed: int,
+                   ctx: AttackContext) -> SmallDenoiser:
+    """Train on clean reference images + Gaussian noise; cached by content hash."""
+    digest = hashlib.sha256(reference.cpu().numpy().tobytes())
+    digest.update(f"{sigma}-{steps}-{seed}".encode())
+    path = (ctx.cache_dir / f"denoiser-{digest.hexdigest()[:16]}.safetensors"
+            if ctx.cache_dir else None)
+    model = SmallDenoiser()
+    if path is not None and path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = SmallDenoiser()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    with torch.enable_grad():
+        for _ in range(int(steps)):
+            idx = torch.randint(0, len(reference), (min(16, len(reference)),),
+                                generator=generator)
+            clean = reference[idx]
+            noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
+            loss = F.mse_loss(model(noisy), clean)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(model.state_dict(), str(tmp))
+        tmp.replace(path)
+    return model.eval()
+
+
+@register_attack("learned_denoiser", "purify", "L2", {"sigma": 0.03, "steps": 150},
+                 {"sigma": [0.03], "steps": [150]})
+def learned_denoiser(images: torch.Tensor, ctx: AttackContext, sigma: float, steps: int
+                     ) -> torch.Tensor:
+    """A small denoiser trained on the attacker's clean in-distribution images (L2)."""
+    if ctx.reference is None:
+        raise NeauditError("learned_denoiser needs clean reference images (threat level L2); "
+                           "give the audit originals or --reference DIR.")
+    key = ("denoiser", float(sigma), int(steps))
+    if key not in ctx.extras:
+        ctx.extras[key] = train_denoiser(ctx.reference.cpu(), sigma, steps, 0, ctx).to(
+            images.device)
+    with torch.no_grad():
+        return ctx.extras[key](images)
+
+
+@register_attack("oracle_originals", "test", "L3", {})
+def oracle_originals(images: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
+    """Returns the clean originals: an upper bound that checks the leakage plumbing."""
+    if ctx.originals is None:
+        raise NeauditError("oracle_originals needs the clean originals of the dataset.")
+    return ctx.originals

@@ -1,0 +1,355 @@
+"""The audit engine: plan → tasks → executor → results store → tidy table.
+
+The plan is a list of independent, serializable :class:`Task` objects, one per (attack,
+shard), where a shard is one batch of images. Each task loads its shard, applies its attack
+once, and runs every model in the zoo on the result, so each attacked batch is shared by all
+models. The ``clean`` tasks (originals) run first and record each model's clean predictions,
+which label-free ``agreement`` is scored against. Executors only need ``run(tasks, fn)``; the
+local one runs in this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from neaudit import __version__
+from neaudit.attacks import AttackContext, SuiteEntry, get_attack, load_suite
+from neaudit.data import ImageDataset, load_dataset
+from neaudit.errors import NeauditError
+from neaudit.metrics import psnr, ssim
+from neaudit.results import build_table, summarize
+from neaudit.store import ResultStore
+from neaudit.zoo import ImageClassifier, create_model, resolve_zoo
+
+CLEAN, NONE = "clean", "none"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: an attack (or ``clean``/``none``) on one shard, for every model."""
+
+    attack: str
+    params: tuple[tuple[str, object], ...]
+    label: str
+    key: str
+    shard: int
+    start: int
+    stop: int
+
+    @property
+    def task_id(self) -> str:
+        return f"{self.key}__{self.shard:06d}"
+
+
+@dataclass
+class AuditResult:
+    """What ``audit`` returns: the tidy table, the summary and where they were written."""
+
+    out: Path
+    table: pd.DataFrame
+    summary: dict
+    computed_tasks: int
+    skipped_tasks: int
+
+
+class LocalExecutor:
+    """Runs tasks in order in this process (clean tasks first, then by shard)."""
+
+    name = "local"
+
+    def run(self, tasks: Sequence[Task], fn: Callable[[Task], None],
+            progress: Callable[[], None] | None = None) -> None:
+        for task in tasks:
+            fn(task)
+            if progress:
+                progress()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise NeauditError(f"--device {device}: CUDA is not available here. Fix: use cpu or auto.")
+    return torch.device(device)
+
+
+def plan(dataset: ImageDataset, entries: Sequence[SuiteEntry], batch_size: int) -> list[Task]:
+    """Clean tasks first (they feed agreement), then every attack shard by shard."""
+    shards = [(i, lo, min(lo + batch_size, len(dataset)))
+              for i, lo in enumerate(range(0, len(dataset), batch_size))]
+    heads = ([(CLEAN, (), CLEAN, CLEAN)] if dataset.has_originals else []) + [
+        (NONE, (), NONE, NONE)]
+    attacks = heads + [(e.attack, e.params, e.label, e.key) for e in entries]
+    tasks = [Task(a, p, label, key, i, lo, hi) for (i, lo, hi) in shards
+             for (a, p, label, key) in attacks]
+    return sorted(tasks, key=lambda t: (t.attack != CLEAN, t.shard))
+
+
+class Worker:
+    """Evaluates tasks; keeps the models loaded and the current shard in memory."""
+
+    def __init__(self, dataset: ImageDataset, models: dict[str, ImageClassifier],
+                 store: ResultStore, device: torch.device, seed: int,
+                 reference: torch.Tensor | None, score_metric: str) -> None:
+        self.dataset, self.models, self.store = dataset, models, store
+        self.device, self.seed, self.reference = device, seed, reference
+        self.score_metric = score_metric
+        self.extras: dict = {}
+        self._shard: tuple[int, object] | None = None
+
+    def _batch(self, task: Task):
+        if self._shard is None or self._shard[0] != task.shard:
+            batch = next(self.dataset.batches(task.stop - task.start, task.start, task.stop))
+            self._shard = (task.shard, batch)
+        return self._shard[1]
+
+    def _predict(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        images = images.to(self.device, non_blocking=True)
+        out = {}
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=(
+                self.device.type == "cuda")):
+            for spec, model in self.models.items():
+                out[spec] = model(images).float().argmax(1).cpu().numpy()
+        return out
+
+    def __call__(self, task: Task) -> None:
+        if self.store.done(task.task_id):
+            return
+        batch = self._batch(task)
+        if task.attack == CLEAN:
+            images = batch.original
+        else:
+            images = batch.protected
+        if task.attack not in (CLEAN, NONE):
+            seed = zlib.crc32(f"{self.seed}:{task.key}:{task.shard}".encode())
+            ctx = AttackContext(generator=torch.Generator().manual_seed(seed), device=self.device,
+                                reference=self.reference, originals=batch.original,
+                                cache_dir=self.store.root.parent / ".cache", extras=self.extras)
+            attack = get_attack(task.attack)
+            images = attack(images.to(self.device), ctx, **dict(task.params)).cpu()
+        predictions = self._predict(images)
+        if self.score_metric == "accuracy":
+            truth = {spec: batch.labels.numpy() for spec in predictions}
+        elif task.attack == CLEAN:
+            truth = predictions
+        else:
+            clean = self.store.load_arrays(f"{CLEAN}__{task.shard:06d}")
+            truth = {spec: clean[_array_name(spec)] for spec in predictions}
+        record = {
+            "attack": task.label if task.attack not in (CLEAN, NONE) else task.attack,
+            "family": get_attack(task.attack).family if task.attack not in (CLEAN, NONE)
+            else task.attack,
+            "threat": get_attack(task.attack).threat if task.attack not in (CLEAN, NONE)
+            else "-",
+            "params": json.dumps(dict(task.params), sort_keys=True),
+            "shard": task.shard,
+            "models": {spec: [int((pred == truth[spec]).sum()), int(len(pred))]
+                       for spec, pred in predictions.items()},
+        }
+        if batch.original is not None and task.attack != CLEAN:
+            p = psnr(images.clamp(0, 1), batch.original).clamp(max=100.0)
+            s = ssim(images.clamp(0, 1), batch.original)
+            record.update(psnr_sum=float(p.sum()), psnr_sq_sum=float(p.pow(2).sum()),
+                          ssim_sum=float(s.sum()), ssim_sq_sum=float(s.pow(2).sum()),
+                          n_images=len(p))
+        arrays = None
+        if task.attack == CLEAN:
+            arrays = {_array_name(spec): pred for spec, pred in predictions.items()}
+            record["histograms"] = {spec: {str(c): int(k) for c, k in zip(
+                *np.unique(pred, return_counts=True), strict=True)}
+                for spec, pred in predictions.items()}
+        self.store.save(task.task_id, record, arrays)
+
+
+def _array_name(spec: str) -> str:
+    return "m" + hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def _weights_hash(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _dataset_hash(dataset: ImageDataset) -> str:
+    if dataset.sidecar and "content_digest" in dataset.sidecar:
+        return dataset.sidecar["content_digest"]
+    digest = hashlib.sha256(json.dumps(dataset.names).encode())
+    digest.update(str(dataset.source).encode())
+    return digest.hexdigest()
+
+
+def default_run_dir(data: str | Path, suite: str, zoo: Sequence[str], seed: int) -> Path:
+    """``reports/<data>-<suite>-<hash>``: the same command maps to the same folder, so a
+    re-run resumes."""
+    key = hashlib.sha256(json.dumps([str(data), suite, list(zoo), seed]).encode()).hexdigest()
+    return Path("reports") / f"{Path(str(data)).stem or 'data'}-{Path(suite).stem}-{key[:8]}"
+
+
+def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
+          authorized: str | None = None, suite: str | Path = "standard",
+          out: str | Path | None = None, device: str = "auto", seed: int = 0,
+          batch_size: int = 64, originals: str | Path | None = None,
+          reference: str | Path | None = None, max_images: int | None = None,
+          executor: LocalExecutor | None = None, quiet: bool = False,
+          command: str | None = None, stop_after: int | None = None,
+          score: str = "auto") -> AuditResult:
+    """Run an audit and return its table; see the module docstring for the plan.
+
+    ``authorized`` defaults to the spec recorded in the dataset's ``neaudit.json``.
+    ``score``: ``accuracy`` (needs labels), ``agreement`` (needs originals) or ``auto``
+    (accuracy where labels exist). ``stop_after`` computes at most that many new tasks, then
+    stops (used to test resume).
+    """
+    started = time.time()
+    entries = load_suite(suite)  # validated before any image is read
+    dataset = data if isinstance(data, ImageDataset) else load_dataset(data, originals)
+    if max_images is not None:
+        dataset.names = dataset.names[:max_images]
+    if authorized is None:
+        authorized = (dataset.sidecar or {}).get("authorized")
+        if authorized is None:
+            raise NeauditError("no authorized model: the dataset has no neaudit.json naming one. "
+                               "Fix: pass --authorized SPEC.")
+    specs = [authorized] + [s for s in resolve_zoo(zoo) if s != authorized]
+    if len(specs) < 2:
+        raise NeauditError("the zoo has no unauthorized model. Fix: pass --zoo or --model.")
+    score_metric = score if score != "auto" else (
+        "accuracy" if dataset.labels is not None else "agreement")
+    if score_metric == "agreement" and not dataset.has_originals:
+        raise NeauditError(f"{dataset.source}: agreement needs the clean originals. Fix: pass "
+                           "--originals DIR, or --score accuracy with labels.")
+    if score_metric == "accuracy" and dataset.labels is None:
+        raise NeauditError(f"{dataset.source}: accuracy needs labels. Fix: use class folders, "
+                           "a label column, or --score agreement.")
+    if score_metric not in ("accuracy", "agreement"):
+        raise NeauditError(f"unknown score '{score}'. Fix: use auto, accuracy or agreement.")
+    torch_device = resolve_device(device)
+    models = {spec: create_model(spec, dataset.class_names).to(torch_device) for spec in specs}
+    roles = {spec: "authorized" if spec == authorized else "unauthorized" for spec in specs}
+    out = Path(out) if out else default_run_dir(
+        data if not isinstance(data, ImageDataset) else "data", str(suite), specs, seed)
+    config = {
+        "dataset": _dataset_hash(dataset), "count": len(dataset), "models": specs,
+        "authorized": authorized, "suite": [e.label for e in entries], "seed": seed,
+        "batch_size": batch_size, "score_metric": score_metric,
+        "reference": str(reference) if reference else None,
+    }
+    store = ResultStore(out, config)
+    reference_images = _reference_images(dataset, reference, seed)
+    tasks = plan(dataset, entries, batch_size)
+    pending = [t for t in tasks if not store.done(t.task_id)]
+    if stop_after is not None:
+        pending = pending[:stop_after]
+    worker = Worker(dataset, models, store, torch_device, seed, reference_images, score_metric)
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending), desc="audit", unit="task", file=sys.stderr)
+    (executor or LocalExecutor()).run(pending, worker, bar.update if bar else None)
+    if bar:
+        bar.close()
+    num_classes = len(dataset.class_names) if dataset.class_names else None
+    table = build_table(store.records(), roles, score_metric, num_classes)
+    summary = summarize(table, score_metric)
+    finished = len([t for t in tasks if store.done(t.task_id)]) == len(tasks)
+    summary["complete"] = finished
+    _write_outputs(store, table, summary, config, models, dataset, torch_device, command,
+                   time.time() - started, finished)
+    return AuditResult(out, table, summary, len(pending), len(tasks) - len(pending))
+
+
+def _reference_images(dataset: ImageDataset, reference: str | Path | None, seed: int
+                      ) -> torch.Tensor | None:
+    """Clean in-distribution images for L2 attacks: ``reference`` if given, else up to 256
+    originals of the dataset itself (the strongest such attacker)."""
+    if reference is not None:
+        source = load_dataset(reference)
+        return torch.cat([b.protected for b in source.batches(64, stop=256)])
+    if not dataset.has_originals:
+        return None
+    order = np.random.default_rng(seed).permutation(len(dataset))[:256]
+    chunks = [next(dataset.batches(1, int(i), int(i) + 1)).original for i in sorted(order)]
+    return torch.cat(chunks)
+
+
+def _write_outputs(store: ResultStore, table: pd.DataFrame, summary: dict, config: dict,
+                   models: dict, dataset: ImageDataset, device: torch.device,
+                   command: str | None, seconds: float, finished: bool) -> None:
+    import kornia
+    import open_clip
+    import timm
+
+    table.to_csv(store.root / "results.csv.tmp", index=False)
+    (store.root / "results.csv.tmp").replace(store.root / "results.csv")
+    table.to_parquet(store.root / "results.parquet.tmp", index=False)
+    (store.root / "results.parquet.tmp").replace(store.root / "results.parquet")
+    store.write_text("summary.json", json.dumps(summary, indent=2, default=_json_default))
+    manifest = {
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "config": config,
+        "seed": config["seed"],
+        "complete": finished,
+        "versions": {"neaudit": __version__, "torch": torch.__version__,
+                     "timm": timm.__version__, "open_clip": open_clip.__version__,
+                     "kornia": kornia.__version__, "python": platform.python_version()},
+        "device": str(device),
+        "dataset": {"source": str(dataset.source), "hash": config["dataset"],
+                    "count": len(dataset)},
+        "weights": {spec: _weights_hash(model) for spec, model in models.items()},
+        "seconds": seconds,
+    }
+    store.write_text("run.json", json.dumps(manifest, indent=2, default=_json_default))
+
+
+def _json_default(value):
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    return str(value)
+
+
+def format_summary(result: AuditResult) -> str:
+    """Plain-text table for the terminal."""
+    summary = result.summary
+    metric = summary["score_metric"]
+    lines = [f"{'model':<48} {'role':<12} {'clean':>6} {'NE':>6} {'worst attack':<28} "
+             f"{'worst':>6}"]
+    for model, entry in summary["models"].items():
+        worst = entry.get("worst_leakage", entry.get("worst_utility_retention"))
+        clean = entry.get("clean")
+        lines.append(
+            f"{model[:48]:<48} {entry['role']:<12} "
+            f"{(clean if clean is not None else math.nan):>6.3f} {entry['protected']:>6.3f} "
+            f"{entry.get('worst_attack', '-')[:28]:<28} "
+            f"{(worst if worst is not None else math.nan):>6.3f}")
+    lines.append(f"({metric}; 'worst' is leakage for unauthorized models, retention for the "
+                 "authorized one)")
+    if "suppression_ratio" in summary:
+        lines.append(f"suppression ratio {summary['suppression_ratio']:.2f}")
+    if "worst_leakage" in summary:
+        w = summary["worst_leakage"]
+        lines.append(f"worst-case leakage {w['value']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
+                     f" by {w['model']} under {w['attack']} ({w['threat']})")
+    lines.append(f"results: {result.out / 'results.csv'}")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""From task records to the tidy results table and the per-model summary.
+
+Metrics (names are stable; PRIMER §4):
+
+* ``accuracy`` (labels) or ``agreement`` (top-1 equals the model's own prediction on the clean
+  original): proportion with a 95% Wilson interval.
+* ``utility_retention`` (authorized) and ``leakage`` (unauthorized): score on protected (and
+  attacked) data / score on the clean originals. The interval divides the Wilson bounds by the
+  clean score (the clean score is treated as fixed).
+* ``leakage_above_chance``: (score − chance) / (clean − chance). With labels chance = 1 /
+  classes; for label-free agreement it is Σ p_c², p the model's clean prediction frequencies
+  (the agreement of a guess that only knows the model's output distribution).
+* ``psnr``, ``ssim``: attacked protected image against its clean original, mean with a
+  normal 95% interval; repeated on every model's rows so that each row is self-contained.
+* Suppression ratio (summary): authorized score / best unauthorized score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pandas as pd
+
+from neaudit.metrics import Z95, wilson_interval
+
+COLUMNS = ["model", "role", "attack", "family", "threat", "params", "metric", "value", "ci_low",
+           "ci_high", "n"]
+
+
+def build_table(records: list[dict], roles: dict[str, str], score_metric: str,
+                num_classes: int | None) -> pd.DataFrame:
+    counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    images: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0, 0])
+    meta: dict[str, tuple[str, str, str]] = {}
+    histograms: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for record in records:
+        for model, hist in record.get("histograms", {}).items():
+            for cls, count in hist.items():
+                histograms[model][cls] += count
+        attack = record["attack"]
+        meta[attack] = (record["family"], record["threat"], record["params"])
+        for model, (correct, n) in record["models"].items():
+            counts[model, attack][0] += correct
+            counts[model, attack][1] += n
+        if record.get("n_images"):
+            acc = images[attack]
+            acc[0] += record["psnr_sum"]
+            acc[1] += record["psnr_sq_sum"]
+            acc[2] += record["ssim_sum"]
+            acc[3] += record["ssim_sq_sum"]
+            acc[4] += record["n_images"]
+    rows = []
+    for (model, attack), (correct, n) in sorted(counts.items()):
+        family, threat, params = meta[attack]
+        role = roles[model]
+        base = dict(model=model, role=role, attack=attack, family=family, threat=threat,
+                    params=params)
+        score = correct / n if n else math.nan
+        low, high = wilson_interval(correct, n)
+        rows.append({**base, "metric": score_metric, "value": score, "ci_low": low,
+                     "ci_high": high, "n": n})
+        clean_correct, clean_n = counts.get((model, "clean"), (0, 0))
+        if attack != "clean" and clean_n:
+            clean = clean_correct / clean_n
+            ratio = "utility_retention" if role == "authorized" else "leakage"
+            rows.append({**base, "metric": ratio, "value": _div(score, clean),
+                         "ci_low": _div(low, clean), "ci_high": _div(high, clean), "n": n})
+            chance = _chance(score_metric, num_classes, histograms.get(model))
+            if chance is not None and role == "unauthorized":
+                span = clean - chance
+                rows.append({**base, "metric": "leakage_above_chance",
+                             "value": _div(score - chance, span),
+                             "ci_low": _div(low - chance, span),
+                             "ci_high": _div(high - chance, span), "n": n})
+        if attack in images and images[attack][4]:
+            for metric, (total, squares) in (("psnr", images[attack][0:2]),
+                                             ("ssim", images[attack][2:4])):
+                m = images[attack][4]
+                mean = total / m
+                sd = math.sqrt(max(squares / m - mean * mean, 0.0))
+                half = Z95 * sd / math.sqrt(m)
+                rows.append({**base, "metric": metric, "value": mean, "ci_low": mean - half,
+                             "ci_high": mean + half, "n": m})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _chance(score_metric: str, num_classes: int | None, histogram: dict | None
+            ) -> float | None:
+    if score_metric == "accuracy":
+        return 1.0 / num_classes if num_classes else None
+    if not histogram:
+        return None
+    total = sum(histogram.values())
+    return sum((c / total) ** 2 for c in histogram.values())
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(b) else math.nan
+
+
+def summarize(table: pd.DataFrame, score_metric: str) -> dict:
+    """Headline numbers per model and overall, computed from the table only."""
+    summary: dict = {"score_metric": score_metric, "models": {}}
+    scores = table[table.metric == score_metric]
+    for model, rows in table.groupby("model", sort=False):
+        role = rows.role.iloc[0]
+        own = scores[scores.model == model].set_index("attack").value
+        entry = {"role": role, "clean": _get(own, "clean"), "protected": _get(own, "none")}
+        ratio = "utility_retention" if role == "authorized" else "leakage"
+        attacked = rows[(rows.metric == ratio) & (rows.attack != "none")].dropna(subset="value")
+        if len(attacked):
+            pick = attacked.value.idxmin() if role == "authorized" else attacked.value.idxmax()
+            worst = attacked.loc[pick]
+            entry.update(worst_attack=worst.attack, worst_family=worst.family,
+                         worst_threat=worst.threat, **{f"worst_{ratio}": float(worst.value)})
+        none_ratio = rows[(rows.metric == ratio) & (rows.attack == "none")]
+        if len(none_ratio):
+            entry[ratio] = float(none_ratio.value.iloc[0])
+        summary["models"][model] = entry
+    roles = {m: e["role"] for m, e in summary["models"].items()}
+    authorized = [m for m, r in roles.items() if r == "authorized"]
+    others = [m for m, r in roles.items() if r == "unauthorized"]
+    if authorized and others:
+        auth = summary["models"][authorized[0]]["protected"]
+        best = max(summary["models"][m]["protected"] for m in others)
+        summary["suppression_ratio"] = auth / best if best else math.inf
+    leak = table[(table.metric == "leakage") & (table.attack != "clean")].dropna(subset="value")
+    if len(leak):
+        worst = leak.loc[leak.value.idxmax()]
+        summary["worst_leakage"] = {"model": worst.model, "attack": worst.attack,
+                                    "value": float(worst.value), "ci_low": float(worst.ci_low),
+                                    "ci_high": float(worst.ci_high), "threat": worst.threat}
+    retention = table[(table.metric == "utility_retention") & (table.attack == "none")]
+    if len(retention):
+        summary["authorized_retention"] = float(retention.value.iloc[0])
+    return summary
+
+
+def _get(series: pd.Series, key: str) -> float | None:
+    return float(series[key]) if key in series.index else None
