@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from neaudit.attacks import ATTACKS, AttackContext, get_attack, load_suite
+from neaudit.attacks.suites import builtin_suites
+from neaudit.data import builtin_dataset
+from neaudit.errors import NeauditError
+from neaudit.imageio import to_float
+from neaudit.metrics import psnr
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return to_float(builtin_dataset("samples").protected[:8])
+
+
+def _ctx(seed=0, **kwargs) -> AttackContext:
+    return AttackContext(generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, a in ATTACKS.items() if a.family != "test"))
+def test_every_attack_keeps_shape_range_and_is_seeded(name, images, tmp_path):
+    attack = get_attack(name)
+    kwargs = {"reference": images, "cache_dir": tmp_path}
+    out = attack(images, _ctx(1, **kwargs))
+    again = attack(images, _ctx(1, **kwargs))
+    assert out.shape == images.shape and out.dtype == torch.float32
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    assert torch.equal(out, again), "same seed must give the same output"
+    assert not torch.equal(out, images), f"{name} left the images unchanged"
+
+
+def test_strength_orders_damage(images):
+    ctx = _ctx()
+    mild = psnr(get_attack("jpeg")(images, ctx, quality=90), images).mean()
+    harsh = psnr(get_attack("jpeg")(images, ctx, quality=10), images).mean()
+    assert mild > harsh + 3
+    blur_small = psnr(get_attack("blur")(images, ctx, sigma=0.5), images).mean()
+    blur_big = psnr(get_attack("blur")(images, ctx, sigma=3.0), images).mean()
+    assert blur_small > blur_big
+
+
+def test_translate_shifts_by_whole_pixels(images):
+    out = get_attack("translate")(images, _ctx(), pixels=3)
+    assert torch.equal(out[..., 3:, 3:], images[..., :-3, :-3])
+
+
+def test_learned_denoiser_removes_gaussian_noise_and_is_cached(images, tmp_path):
+    noisy = (images + 0.05 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+             ).clamp(0, 1)
+    ctx = _ctx(reference=images, cache_dir=tmp_path)
+    out = get_attack("learned_denoiser")(noisy, ctx, sigma=0.05, steps=150)
+    assert psnr(out, images).mean() > psnr(noisy, images).mean() + 1
+    assert len(list(tmp_path.glob("denoiser-*.safetensors"))) == 1
+    with pytest.raises(NeauditError, match="needs clean reference images"):
+        get_attack("learned_denoiser")(noisy, _ctx())
+
+
+def test_builtin_suites_load_and_cover_families():
+    assert {"smoke", "standard", "thorough"} <= set(builtin_suites())
+    standard = load_suite("standard")
+    families = {e.family for e in standard}
+    assert families == {"preprocess", "purify"}
+    assert len(load_suite("thorough")) > len(standard) > len(load_suite("smoke"))
+
+
+def test_suite_lists_expand_and_bad_entries_name_the_fix(tmp_path: Path):
+    path = tmp_path / "s.toml"
+    path.write_text('[[attack]]\nname = "jpeg"\nquality = [90, 50]\n')
+    assert [e.label for e in load_suite(path)] == ["jpeg(quality=90)", "jpeg(quality=50)"]
+    path.write_text('[[attack]]\nname = "jpg"\n')
+    with pytest.raises(NeauditError, match=r"unknown attack 'jpg'. Valid attacks: .*jpeg"):
+        load_suite(path)
+    path.write_text('[[attack]]\nname = "jpeg"\nqual = 5\n')
+    with pytest.raises(NeauditError, match=r"no parameter 'qual'. Valid parameters: quality"):
+        load_suite(path)
+    with pytest.raises(NeauditError, match=r"unknown suite 'nope'.*smoke"):
+        load_suite("nope")

@@ -1,0 +1,113 @@
+"""End-to-end audits on NEs made by ``neaudit protect`` for a random-init authorized model."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from neaudit.attacks import load_suite
+from neaudit.cli import main
+from neaudit.data import load_dataset
+from neaudit.engine import audit, plan
+from neaudit.errors import NeauditError
+from neaudit.protection import protect
+
+from .conftest import VIT
+
+OTHER = "timm:convnext_atto?num_classes=10&input_size=64"
+
+
+@pytest.fixture(scope="module")
+def protected(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ne") / "release"
+    protect("builtin:samples", VIT, out, save_originals=True)
+    return out
+
+
+@pytest.fixture
+def suite(tmp_path: Path) -> Path:
+    path = tmp_path / "suite.toml"
+    path.write_text('[[attack]]\nname = "oracle_originals"\n\n[[attack]]\nname = "jpeg"\n'
+                    'quality = 75\n\n[[attack]]\nname = "gaussian_noise"\nsigma = 0.02\n')
+    return path
+
+
+def _value(table: pd.DataFrame, model: str, attack: str, metric: str) -> float:
+    rows = table[(table.model == model) & (table.attack == attack) & (table.metric == metric)]
+    assert len(rows) == 1, (model, attack, metric)
+    return float(rows.value.iloc[0])
+
+
+def test_audit_measures_retention_leakage_and_plumbing(protected, suite, tmp_path):
+    result = audit(protected, [OTHER], suite=suite, out=tmp_path / "run", score="agreement",
+                   batch_size=16, quiet=True)
+    table = result.table
+    assert set(table.role) == {"authorized", "unauthorized"}
+    assert _value(table, VIT, "none", "agreement") >= 0.99  # authorized from neaudit.json
+    # the unauthorized model is input-sensitive and its agreement drops on the NEs
+    assert _value(table, OTHER, "none", "agreement") < 0.95
+    # an attack that returns the originals must give leakage exactly 1
+    assert _value(table, OTHER, "oracle_originals", "leakage") == 1.0
+    assert _value(table, OTHER, "oracle_originals", "psnr") == pytest.approx(100.0)
+    none_psnr = _value(table, OTHER, "none", "psnr")
+    assert abs(none_psnr - 30) < 0.2
+    rows = table[table.metric == "agreement"]
+    assert (rows.ci_low <= rows.value).all() and (rows.value <= rows.ci_high).all()
+    assert set(rows.n) == {32}
+    for name in ("results.parquet", "results.csv", "summary.json", "run.json"):
+        assert (result.out / name).is_file()
+    assert pd.read_parquet(result.out / "results.parquet").equals(table)
+    summary = result.summary
+    assert summary["models"][OTHER]["worst_attack"] == "oracle_originals"
+    assert summary["worst_leakage"]["value"] == 1.0
+
+
+def test_resume_skips_finished_tasks_and_gives_the_same_table(protected, suite, tmp_path):
+    kwargs = dict(suite=suite, out=tmp_path / "run", score="agreement", batch_size=16,
+                  quiet=True)
+    total = len(plan(load_dataset(protected), load_suite(suite), 16))
+    first = audit(protected, [OTHER], stop_after=3, **kwargs)
+    assert first.computed_tasks == 3 and not first.summary["complete"]
+    second = audit(protected, [OTHER], **kwargs)
+    assert second.computed_tasks == total - 3 and second.skipped_tasks == 3
+    assert second.summary["complete"]
+    fresh = audit(protected, [OTHER], **{**kwargs, "out": tmp_path / "fresh"})
+    pd.testing.assert_frame_equal(second.table, fresh.table)
+    third = audit(protected, [OTHER], **kwargs)
+    assert third.computed_tasks == 0
+
+
+def test_same_seed_same_numbers_other_seed_other_noise(protected, suite, tmp_path):
+    kwargs = dict(suite=suite, score="agreement", batch_size=32, quiet=True)
+    a = audit(protected, [OTHER], out=tmp_path / "a", seed=1, **kwargs).table
+    b = audit(protected, [OTHER], out=tmp_path / "b", seed=1, **kwargs).table
+    c = audit(protected, [OTHER], out=tmp_path / "c", seed=2, **kwargs).table
+    pd.testing.assert_frame_equal(a, b)
+    noise = (a.attack == "gaussian_noise(sigma=0.02)") & (a.metric == "psnr")
+    assert a[noise].value.iloc[0] != c[noise].value.iloc[0]
+
+
+def test_bad_suite_fails_before_any_work(protected, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[attack]]\nname = "jpeg"\nstrength = 3\n')
+    with pytest.raises(NeauditError, match="Valid parameters: quality"):
+        audit(protected, [OTHER], suite=bad, out=tmp_path / "never", quiet=True)
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_folder_holding_another_audit_is_refused(protected, suite, tmp_path):
+    audit(protected, [OTHER], suite=suite, out=tmp_path / "run", score="agreement",
+          quiet=True, max_images=8)
+    with pytest.raises(NeauditError, match="different audit"):
+        audit(protected, [OTHER], suite=suite, out=tmp_path / "run", score="agreement",
+              quiet=True, max_images=8, seed=5)
+
+
+def test_cli_audit_with_repeated_models(protected, tmp_path, capsys):
+    code = main(["audit", str(protected), "--model", OTHER, "--suite", "smoke", "--out",
+                 str(tmp_path / "cli"), "--score", "agreement", "--quiet", "--max-images", "8"])
+    out = capsys.readouterr().out
+    assert code == 0 and "worst-case leakage" in out and "suppression ratio" in out
+    assert main(["audit", str(protected), "--model", OTHER, "--suite", "nope",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "unknown suite 'nope'" in capsys.readouterr().err
