@@ -252,7 +252,8 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
         "reference": str(reference) if reference else None,
     }
     store = ResultStore(out, config)
-    reference_images = _reference_images(dataset, reference, seed)
+    needs_reference = any(e.threat == "L2" for e in entries)
+    reference_images = _reference_images(dataset, reference, seed) if needs_reference else None
     tasks = plan(dataset, entries, batch_size)
     pending = [t for t in tasks if not store.done(t.task_id)]
     if stop_after is not None:
@@ -278,16 +279,16 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
 
 def _reference_images(dataset: ImageDataset, reference: str | Path | None, seed: int
                       ) -> torch.Tensor | None:
-    """Clean in-distribution images for L2 attacks: ``reference`` if given, else up to 256
-    originals of the dataset itself (the strongest such attacker)."""
+    """Clean in-distribution images for L2 attacks: ``reference`` if given, else a seeded run
+    of up to 256 originals of the dataset itself (the strongest such attacker)."""
     if reference is not None:
         source = load_dataset(reference)
         return torch.cat([b.protected for b in source.batches(64, stop=256)])
     if not dataset.has_originals:
         return None
-    order = np.random.default_rng(seed).permutation(len(dataset))[:256]
-    chunks = [next(dataset.batches(1, int(i), int(i) + 1)).original for i in sorted(order)]
-    return torch.cat(chunks)
+    count = min(256, len(dataset))
+    start = int(np.random.default_rng(seed).integers(0, len(dataset) - count + 1))
+    return torch.cat([b.original for b in dataset.batches(64, start, start + count)])
 
 
 def _write_outputs(store: ResultStore, table: pd.DataFrame, summary: dict, config: dict,
