@@ -4,6 +4,11 @@
 * Wilson score interval, 95%: (p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n).
 * First-layer gain of δ: ‖W̃δ‖ / ‖δ‖, with W̃ the stem in pixel space.
 * Relative first-layer change: ‖W̃δ‖ / ‖W x̃‖, x̃ the normalized clean image.
+* Utility retention = authorized score on protected (and attacked) data / score on clean data;
+  leakage = the same ratio for an unauthorized model (:func:`score_ratio`).
+* Leakage above chance = (score − chance) / (clean score − chance) (:func:`above_chance`).
+* Suppression ratio = authorized score / best unauthorized score (Variational Feature
+  Compression's figure of merit).
 """
 
 from __future__ import annotations
@@ -64,3 +69,18 @@ def isotropic_like(delta: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 def logit_cosine(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(logits, reference, dim=1)
+
+
+def score_ratio(score: float, clean_score: float) -> float:
+    """Utility retention (authorized) or leakage (unauthorized): score / clean score."""
+    return score / clean_score if clean_score and not math.isnan(clean_score) else math.nan
+
+
+def above_chance(score: float, clean_score: float, chance: float) -> float:
+    """(score − chance) / (clean score − chance): 0 at chance, 1 at the clean level."""
+    return score_ratio(score - chance, clean_score - chance)
+
+
+def suppression_ratio(authorized_score: float, unauthorized_scores: list[float]) -> float:
+    best = max(unauthorized_scores)
+    return authorized_score / best if best > 0 else math.inf

@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import pandas as pd
 
-from neaudit.metrics import Z95, wilson_interval
+from neaudit.metrics import Z95, above_chance, score_ratio, suppression_ratio, wilson_interval
 
 COLUMNS = ["model", "role", "attack", "family", "threat", "params", "metric", "value", "ci_low",
            "ci_high", "n"]
@@ -64,15 +64,15 @@ def build_table(records: list[dict], roles: dict[str, str], score_metric: str,
         if attack != "clean" and clean_n:
             clean = clean_correct / clean_n
             ratio = "utility_retention" if role == "authorized" else "leakage"
-            rows.append({**base, "metric": ratio, "value": _div(score, clean),
-                         "ci_low": _div(low, clean), "ci_high": _div(high, clean), "n": n})
+            rows.append({**base, "metric": ratio, "value": score_ratio(score, clean),
+                         "ci_low": score_ratio(low, clean), "ci_high": score_ratio(high, clean),
+                         "n": n})
             chance = _chance(score_metric, num_classes, histograms.get(model))
             if chance is not None and role == "unauthorized":
-                span = clean - chance
                 rows.append({**base, "metric": "leakage_above_chance",
-                             "value": _div(score - chance, span),
-                             "ci_low": _div(low - chance, span),
-                             "ci_high": _div(high - chance, span), "n": n})
+                             "value": above_chance(score, clean, chance),
+                             "ci_low": above_chance(low, clean, chance),
+                             "ci_high": above_chance(high, clean, chance), "n": n})
         if attack in images and images[attack][4]:
             for metric, (total, squares) in (("psnr", images[attack][0:2]),
                                              ("ssim", images[attack][2:4])):
@@ -93,10 +93,6 @@ def _chance(score_metric: str, num_classes: int | None, histogram: dict | None
         return None
     total = sum(histogram.values())
     return sum((c / total) ** 2 for c in histogram.values())
-
-
-def _div(a: float, b: float) -> float:
-    return a / b if b and not math.isnan(b) else math.nan
 
 
 def summarize(table: pd.DataFrame, score_metric: str) -> dict:
@@ -122,9 +118,9 @@ def summarize(table: pd.DataFrame, score_metric: str) -> dict:
     authorized = [m for m, r in roles.items() if r == "authorized"]
     others = [m for m, r in roles.items() if r == "unauthorized"]
     if authorized and others:
-        auth = summary["models"][authorized[0]]["protected"]
-        best = max(summary["models"][m]["protected"] for m in others)
-        summary["suppression_ratio"] = auth / best if best else math.inf
+        summary["suppression_ratio"] = suppression_ratio(
+            summary["models"][authorized[0]]["protected"],
+            [summary["models"][m]["protected"] for m in others])
     leak = table[(table.metric == "leakage") & (table.attack != "clean")].dropna(subset="value")
     if len(leak):
         worst = leak.loc[leak.value.idxmax()]
