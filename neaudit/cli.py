@@ -1,4 +1,8 @@
-"""Command line: ``neaudit protect``, ``neaudit zoo``. Exit 0 on success, 2 on input errors."""
+"""Command line: ``neaudit protect | audit | report | diff | zoo``.
+
+Exit codes: 0 on success (``audit``/``report``: the policy verdict is PASS), 1 when the verdict
+is FAIL, 2 on usage or input errors.
+"""
 
 from __future__ import annotations
 
@@ -55,8 +59,34 @@ def _audit(args: argparse.Namespace) -> int:
                    device=args.device, seed=args.seed, batch_size=args.batch_size,
                    originals=args.originals, reference=args.reference,
                    max_images=args.max_images, quiet=args.quiet, score=args.score,
-                   command=" ".join(["neaudit", *sys.argv[1:]]))
+                   policy=args.policy, command=" ".join(["neaudit", *sys.argv[1:]]))
     print(format_summary(result))
+    if result.report is None:
+        print("audit incomplete: re-run the same command to finish it")
+        return 1
+    _print_verdict(result.report)
+    return result.report.exit_code
+
+
+def _print_verdict(report) -> None:
+    for criterion in report.criteria:
+        print(f"  {'PASS' if criterion.passed else 'FAIL'}  {criterion.title}: "
+              f"{criterion.observed:.3f} (threshold {criterion.threshold:g}; {criterion.where})")
+    print(f"verdict: {report.verdict}    report: {report.html}")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from neaudit.reporting import render_report
+
+    report = render_report(args.run, args.policy)
+    _print_verdict(report)
+    return report.exit_code
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from neaudit.reporting.diff import diff_runs
+
+    print(diff_runs(args.run_a, args.run_b, args.policy, args.out).text())
     return 0
 
 
@@ -128,7 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--score", choices=("auto", "accuracy", "agreement"), default="auto",
                      help="accuracy against labels, or agreement with clean predictions")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
     run.set_defaults(run=_audit)
+
+    report = sub.add_parser("report", help="re-render a run's HTML report and verdict")
+    report.add_argument("run", help="run folder written by neaudit audit")
+    report.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
+    report.set_defaults(run=_report)
+
+    diff = sub.add_parser("diff", help="compare two audits")
+    diff.add_argument("run_a")
+    diff.add_argument("run_b")
+    diff.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
+    diff.add_argument("--out", help="HTML file to write (default: RUN_B/diff-<A>.html)")
+    diff.set_defaults(run=_diff)
 
     zoo = sub.add_parser("zoo", help="model presets and first-layer inspection")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)

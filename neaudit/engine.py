@@ -30,8 +30,12 @@ from neaudit import __version__
 from neaudit.attacks import AttackContext, SuiteEntry, get_attack, load_suite
 from neaudit.data import ImageDataset, load_dataset
 from neaudit.errors import NeauditError
+from neaudit.imageio import write_png
 from neaudit.metrics import psnr, ssim
+from neaudit.reporting import ReportResult, render_report
 from neaudit.results import build_table, summarize
+from neaudit.spectral import low_sensitivity_subspace, misalignment
+from neaudit.stem import first_layer
 from neaudit.store import ResultStore
 from neaudit.zoo import ImageClassifier, create_model, resolve_zoo
 
@@ -57,13 +61,14 @@ class Task:
 
 @dataclass
 class AuditResult:
-    """What ``audit`` returns: the tidy table, the summary and where they were written."""
+    """What ``audit`` returns: the tidy table, the summary, the report and where they are."""
 
     out: Path
     table: pd.DataFrame
     summary: dict
     computed_tasks: int
     skipped_tasks: int
+    report: ReportResult | None = None
 
 
 class LocalExecutor:
@@ -209,7 +214,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
           reference: str | Path | None = None, max_images: int | None = None,
           executor: LocalExecutor | None = None, quiet: bool = False,
           command: str | None = None, stop_after: int | None = None,
-          score: str = "auto") -> AuditResult:
+          score: str = "auto", policy: str | Path | None = None) -> AuditResult:
     """Run an audit and return its table; see the module docstring for the plan.
 
     ``authorized`` defaults to the spec recorded in the dataset's ``neaudit.json``.
@@ -272,9 +277,91 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     summary = summarize(table, score_metric)
     finished = len([t for t in tasks if store.done(t.task_id)]) == len(tasks)
     summary["complete"] = finished
+    if finished and dataset.has_originals:
+        _write_samples(store.root, dataset, entries, summary, worker, seed)
+        _write_spectral(store.root, dataset, models, authorized, summary)
     _write_outputs(store, table, summary, config, models, dataset, torch_device, command,
                    time.time() - started, finished)
-    return AuditResult(out, table, summary, len(pending), len(tasks) - len(pending))
+    report = render_report(out, policy) if finished else None
+    return AuditResult(out, table, summary, len(pending), len(tasks) - len(pending), report)
+
+
+SAMPLE_GAIN = 10
+
+
+def _write_samples(root: Path, dataset: ImageDataset, entries: Sequence[SuiteEntry],
+                   summary: dict, worker: Worker, seed: int) -> None:
+    """A grid for the report: original | protected | amplified difference | worst attack,
+    for up to two images per class (eight at most)."""
+    from torchvision.utils import make_grid
+
+    picks: list[int] = []
+    labels = dataset.labels if dataset.labels is not None else np.zeros(len(dataset), int)
+    for cls in np.unique(labels):
+        picks += [int(i) for i in np.flatnonzero(labels == cls)[:2]]
+    picks = sorted(picks)[:8]
+    batches = [next(dataset.batches(1, i, i + 1)) for i in picks]
+    original = torch.cat([b.original for b in batches])
+    protected = torch.cat([b.protected for b in batches])
+    worst = summary.get("worst_leakage", {}).get("attack")
+    by_label = {e.label: e for e in entries}
+    attacked = protected
+    if worst in by_label:
+        entry = by_label[worst]
+        ctx = AttackContext(generator=torch.Generator().manual_seed(seed), device=worker.device,
+                            reference=worker.reference, originals=original,
+                            cache_dir=root.parent / ".cache", extras=worker.extras)
+        attacked = get_attack(entry.attack)(protected.to(worker.device), ctx,
+                                            **dict(entry.params)).cpu()
+    difference = (0.5 + SAMPLE_GAIN * (protected - original)).clamp(0, 1)
+    rows = torch.stack([original, protected, difference, attacked], dim=1).flatten(0, 1)
+    grid = make_grid(rows, nrow=4, padding=2, pad_value=1.0)
+    image = torch.round(grid.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    write_png(root / "samples.png", image)
+    meta = {"gain": SAMPLE_GAIN, "attack": worst or "none", "items": picks}
+    (root / "samples.json").write_text(json.dumps(meta))
+
+
+def _write_spectral(root: Path, dataset: ImageDataset, models: dict[str, ImageClassifier],
+                    authorized: str, summary: dict) -> None:
+    """Principal angles, predicted and measured first-layer gains per unauthorized model."""
+    size = tuple(dataset.image_shape)
+    auth = models[authorized]
+    try:
+        auth_layer = first_layer(auth, size)
+        rank = ((dataset.sidecar or {}).get("params") or {}).get("rank")
+        space = low_sensitivity_subspace(auth_layer, tuple(auth.input_size or size), rank)
+    except (NeauditError, ValueError) as exc:
+        (root / "spectral.json").write_text(json.dumps({"error": str(exc)}))
+        return
+    batch = next(dataset.batches(min(32, len(dataset))))
+    delta = (batch.protected - batch.original).cpu()
+    noise = torch.randn(delta.shape, generator=torch.Generator().manual_seed(0))
+    noise = noise * (delta.flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+    rows = []
+    for spec, model in models.items():
+        if spec == authorized:
+            continue
+        model = model.cpu()
+        try:
+            layer = first_layer(model, size)
+        except NeauditError:
+            continue
+        resize = model.input_size or size
+
+        def gain(x: torch.Tensor, layer=layer, resize=resize) -> float:
+            x = torch.nn.functional.interpolate(x, size=resize, mode="bilinear",
+                                                align_corners=False)
+            return float(layer.response(x).norm() / x.norm())
+
+        angle, predicted = misalignment(space, layer)
+        rows.append({"model": spec, "stem": f"{tuple(layer.unfolded.shape)} k{layer.kernel[0]}"
+                     f"/s{layer.stride[0]}", "mean_angle_deg": angle,
+                     "predicted_gain_ratio": predicted,
+                     "measured_gain_ratio": gain(delta) / gain(noise),
+                     "leakage": summary["models"][spec].get("leakage")})
+        model.to(next(iter(models.values())).mean.device)
+    (root / "spectral.json").write_text(json.dumps(rows, default=_json_default))
 
 
 def _reference_images(dataset: ImageDataset, reference: str | Path | None, seed: int

@@ -80,6 +80,9 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     """Write through a temporary file in the same folder, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; written files are ordinary files
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)

@@ -262,3 +262,26 @@ def low_sensitivity_subspace(layer: FirstLayer, image_size: tuple[int, int],
     if not layer.overlapping:
         return PatchSubspace(layer, rank, threshold)
     return FourierSubspace(layer, image_size, rank, threshold)
+
+
+def misalignment(space: PatchSubspace | FourierSubspace, other: FirstLayer
+                 ) -> tuple[float, float]:
+    """Principal angles between ``other``'s first-layer row space and ``space``, as (mean
+    angle in degrees, predicted gain of noise spread over ``space`` / isotropic gain).
+
+    Defined where both act on the same patches (same kernel, stride and channels); NaN
+    otherwise, where only the measured gain is meaningful.
+    """
+    if not isinstance(space, PatchSubspace) or other.overlapping or (
+            other.kernel != space.patch or other.weight.shape[1] != space.layer.weight.shape[1]):
+        return math.nan, math.nan
+    matrix = other.pixel_weight.reshape(other.weight.shape[0], -1).double()
+    basis = space.basis.double()
+    rowspace = torch.linalg.qr(matrix.T).Q  # (d, m')
+    cosines = torch.linalg.svdvals(basis.T @ rowspace).clamp(max=1.0)
+    angles = torch.rad2deg(torch.arccos(cosines))
+    # principal angles beyond min(r, m') are 90°: the subspace has directions W' cannot see
+    full = torch.cat([angles, angles.new_full((basis.shape[1] - angles.numel(),), 90.0)])
+    predicted = (matrix @ basis).norm() / math.sqrt(basis.shape[1])
+    isotropic = matrix.norm() / math.sqrt(matrix.shape[1])
+    return float(full.mean()), float(predicted / isotropic)

@@ -1,0 +1,136 @@
+"""Release policies: thresholds checked against the results table, giving PASS or FAIL.
+
+A policy is TOML. Top-level keys apply to every attack; a ``[family.NAME]`` table overrides
+them for one attack family (``preprocess``, ``purify``)::
+
+    min_authorized_retention = 0.95   # authorized utility retention on the unattacked NEs
+    max_leakage = 0.5                 # worst unauthorized leakage over all attacks
+    max_leakage_above_chance = 0.4
+    min_suppression_ratio = 2.0       # authorized score / best unauthorized score
+    min_psnr = 28.0                   # measured PSNR of the NEs as released
+
+    [family.preprocess]
+    min_authorized_retention = 0.9    # authorized retention under every preprocessing step
+
+Every criterion uses the point estimate; its 95% interval is reported next to it. Verdicts
+are computed from the table only.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from neaudit.errors import NeauditError
+
+DEFAULT_POLICY = Path(__file__).parent / "reporting" / "default_policy.toml"
+KEYS = ("min_authorized_retention", "max_leakage", "max_leakage_above_chance",
+        "min_suppression_ratio", "min_psnr")
+EXCLUDED_ATTACKS = ("clean",)
+EXCLUDED_FAMILIES = ("test",)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One checked threshold: what was required, what was measured, and where."""
+
+    name: str
+    scope: str
+    threshold: float
+    observed: float
+    ci_low: float
+    ci_high: float
+    passed: bool
+    where: str
+
+    @property
+    def title(self) -> str:
+        return self.name if self.scope == "all" else f"{self.name} [{self.scope}]"
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    rules: dict[str, float]
+    families: dict[str, dict[str, float]]
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Policy:
+        path = Path(path) if path else DEFAULT_POLICY
+        if not path.is_file():
+            raise NeauditError(f"policy file {path} does not exist.")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise NeauditError(f"{path}: not valid TOML ({exc}).") from exc
+        families = raw.pop("family", {})
+        raw.pop("description", None)
+        name = raw.pop("name", path.stem)
+        _check_keys(path, raw, "")
+        for family, rules in families.items():
+            _check_keys(path, rules, f"[family.{family}] ")
+        return cls(name, {k: float(v) for k, v in raw.items()},
+                   {f: {k: float(v) for k, v in r.items()} for f, r in families.items()})
+
+    def evaluate(self, table: pd.DataFrame, summary: dict) -> list[Criterion]:
+        criteria = [c for key, value in self.rules.items()
+                    if (c := _check(key, value, table, summary, None)) is not None]
+        for family, rules in self.families.items():
+            for key, value in rules.items():
+                criterion = _check(key, value, table, summary, family)
+                if criterion is not None:
+                    criteria.append(criterion)
+        return criteria
+
+
+def verdict(criteria: list[Criterion]) -> str:
+    return "PASS" if criteria and all(c.passed for c in criteria) else "FAIL"
+
+
+def _check_keys(path: Path, rules: dict, where: str) -> None:
+    unknown = sorted(set(rules) - set(KEYS))
+    if unknown:
+        raise NeauditError(f"{path}: {where}unknown key(s) {', '.join(unknown)}. Valid keys: "
+                           f"{', '.join(KEYS)}, and [family.NAME] tables.")
+
+
+def _check(key: str, threshold: float, table: pd.DataFrame, summary: dict,
+           family: str | None) -> Criterion | None:
+    scope = family or "all"
+    rows = table[~table.attack.isin(EXCLUDED_ATTACKS) & ~table.family.isin(EXCLUDED_FAMILIES)]
+    if family is not None:
+        rows = rows[rows.family == family]
+    if key == "min_suppression_ratio":
+        if family is not None or "suppression_ratio" not in summary:
+            return None
+        observed = float(summary["suppression_ratio"])
+        return Criterion(key, scope, threshold, observed, math.nan, math.nan,
+                         observed >= threshold, "unattacked NEs")
+    if key == "min_authorized_retention":
+        chosen = rows[(rows.metric == "utility_retention") & (rows.role == "authorized")]
+        if family is None:
+            chosen = chosen[chosen.attack == "none"]
+        return _extreme(key, scope, threshold, chosen, lowest=True)
+    if key == "min_psnr":
+        chosen = rows[(rows.metric == "psnr") & (rows.attack == "none")]
+        return _extreme(key, scope, threshold, chosen.head(1), lowest=True)
+    metric = "leakage" if key == "max_leakage" else "leakage_above_chance"
+    chosen = rows[(rows.metric == metric) & (rows.role == "unauthorized")]
+    return _extreme(key, scope, threshold, chosen, lowest=False)
+
+
+def _extreme(key: str, scope: str, threshold: float, rows: pd.DataFrame, lowest: bool
+             ) -> Criterion | None:
+    rows = rows.dropna(subset="value")
+    if rows.empty:
+        return None
+    row = rows.loc[rows.value.idxmin() if lowest else rows.value.idxmax()]
+    observed = float(row.value)
+    passed = observed >= threshold if lowest else observed <= threshold
+    where = f"{row.model} under {row.attack}"
+    return Criterion(key, scope, threshold, observed, float(row.ci_low), float(row.ci_high),
+                     passed, where)

@@ -1,0 +1,155 @@
+"""The self-contained HTML compliance report, its policy verdict and JUnit XML.
+
+``render_report(run_dir)`` reads only what an audit stored (``results.parquet``,
+``summary.json``, ``run.json`` and the optional ``samples.png`` and ``spectral.json``) and
+writes ``index.html`` and ``junit.xml`` beside them: re-rendering never recomputes anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+import jinja2
+import pandas as pd
+
+from neaudit import __version__
+from neaudit.errors import NeauditError
+from neaudit.imageio import atomic_write
+from neaudit.policy import Criterion, Policy, verdict
+from neaudit.reporting import plots
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+@dataclass
+class ReportResult:
+    """What ``report`` returns: the verdict, the criteria and the files written."""
+
+    verdict: str
+    criteria: list[Criterion]
+    html: Path
+    junit: Path
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.verdict == "PASS" else 1
+
+
+def load_run(run_dir: Path) -> tuple[pd.DataFrame, dict, dict]:
+    results = run_dir / "results.parquet"
+    if not results.is_file():
+        raise NeauditError(f"{run_dir}: no results.parquet. Fix: point to the folder an audit "
+                           "wrote (reports/<run>).")
+    table = pd.read_parquet(results)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    manifest_path = run_dir / "run.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    return table, summary, manifest
+
+
+def render_report(run_dir: str | Path, policy: str | Path | Policy | None = None
+                  ) -> ReportResult:
+    """Render ``index.html`` and ``junit.xml`` for a finished audit folder."""
+    run_dir = Path(run_dir)
+    table, summary, manifest = load_run(run_dir)
+    policy = policy if isinstance(policy, Policy) else Policy.load(policy)
+    criteria = policy.evaluate(table, summary)
+    result = verdict(criteria)
+    html = _render_html(run_dir, table, summary, manifest, policy, criteria, result)
+    atomic_write(run_dir / "index.html", lambda h: h.write(html.encode()))
+    junit = junit_xml(criteria, policy.name)
+    atomic_write(run_dir / "junit.xml", lambda h: h.write(junit.encode()))
+    return ReportResult(result, criteria, run_dir / "index.html", run_dir / "junit.xml")
+
+
+def _fmt(value, pattern: str = "%.3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"
+    return pattern % value
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    env.globals["fmt"] = _fmt
+    return env
+
+
+def _verdict_text(criteria: list[Criterion], result: str) -> str:
+    if not criteria:
+        return "no policy criterion could be evaluated on these results"
+    failed = [c for c in criteria if not c.passed]
+    if result == "PASS":
+        return f"all {len(criteria)} policy criteria are met"
+    return f"{len(failed)} of {len(criteria)} criteria fail: " + "; ".join(
+        f"{c.title} {_fmt(c.observed)} ({c.where})" for c in failed)
+
+
+def _render_html(run_dir, table, summary, manifest, policy, criteria, result) -> str:
+    models = summary.get("models", {})
+    authorized = next((m for m, e in models.items() if e["role"] == "authorized"), "–")
+    samples_path = run_dir / "samples.png"
+    samples_meta = run_dir / "samples.json"
+    spectral_path = run_dir / "spectral.json"
+    meta = json.loads(samples_meta.read_text()) if samples_meta.is_file() else {}
+    headline = table[table.metric != "ssim"].sort_values(["model", "attack", "metric"])
+    context = dict(
+        verdict=result, verdict_text=_verdict_text(criteria, result), criteria=criteria,
+        policy_name=policy.name, authorized=authorized, n_models=len(models),
+        n_attacks=table.attack.nunique(), score_metric=summary.get("score_metric", "score"),
+        retention=summary.get("authorized_retention"), worst=summary.get("worst_leakage"),
+        suppression=summary.get("suppression_ratio"), models=models,
+        flags=summary.get("flags", []),
+        plots=dict(heatmap=plots.leakage_heatmap(table), strength=plots.strength_curves(table),
+                   damage=plots.damage_scatter(table), retention=plots.retention_bars(table)),
+        samples=(base64.b64encode(samples_path.read_bytes()).decode()
+                 if samples_path.is_file() else None),
+        samples_gain=meta.get("gain", "–"), samples_attack=meta.get("attack", "–"),
+        spectral=json.loads(spectral_path.read_text()) if spectral_path.is_file() else None,
+        rows=headline.to_dict("records"), provenance=_provenance(manifest),
+        version=__version__,
+    )
+    return _environment().get_template("report.html.j2").render(**context)
+
+
+def _provenance(manifest: dict) -> list[tuple[str, str]]:
+    if not manifest:
+        return [("run.json", "missing")]
+    items = [("command", manifest.get("command", "–")),
+             ("seed", str(manifest.get("seed", "–"))),
+             ("device", manifest.get("device", "–")),
+             ("complete", str(manifest.get("complete", "–"))),
+             ("seconds", _fmt(manifest.get("seconds"), "%.1f"))]
+    items += [(f"version {k}", v) for k, v in manifest.get("versions", {}).items()]
+    dataset = manifest.get("dataset", {})
+    items += [("dataset", f"{dataset.get('source')} ({dataset.get('count')} images)"),
+              ("dataset hash", dataset.get("hash", "–"))]
+    items += [(f"weights {k}", v) for k, v in manifest.get("weights", {}).items()]
+    items.append(("config", json.dumps(manifest.get("config", {}), sort_keys=True)))
+    return items
+
+
+def junit_xml(criteria: list[Criterion], suite_name: str) -> str:
+    """One JUnit test case per policy criterion (failures carry the measurement)."""
+    failures = sum(not c.passed for c in criteria)
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             f'<testsuite name={quoteattr("neaudit policy " + suite_name)} '
+             f'tests="{len(criteria)}" failures="{failures}">']
+    for c in criteria:
+        lines.append(f'  <testcase classname="neaudit.policy" name={quoteattr(c.title)}>')
+        if not c.passed:
+            message = (f"{c.name} = {c.observed:.4f} violates "
+                       f"{'≥' if c.name.startswith('min') else '≤'} {c.threshold:g} ({c.where})")
+            lines.append(f"    <failure message={quoteattr(message)}>{escape(message)}</failure>")
+        lines.append("  </testcase>")
+    lines.append("</testsuite>")
+    return "\n".join(lines) + "\n"

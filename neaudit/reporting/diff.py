@@ -1,0 +1,61 @@
+"""``neaudit diff RUN_A RUN_B``: which policy criteria flipped and which leakage moved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from neaudit.imageio import atomic_write
+from neaudit.policy import Policy, verdict
+from neaudit.reporting import _environment, load_run
+
+
+@dataclass
+class DiffResult:
+    verdicts: tuple[str, str]
+    criteria: pd.DataFrame  # criterion, a, b, passed_a, passed_b, flipped
+    moves: pd.DataFrame  # model, attack, metric, a, b, change
+    html: Path
+
+    def text(self) -> str:
+        lines = [f"verdict: {self.verdicts[0]} → {self.verdicts[1]}"]
+        for row in self.criteria.itertuples():
+            mark = "FLIPPED " if row.flipped else ""
+            before = "PASS" if row.passed_a else "FAIL"
+            after = "PASS" if row.passed_b else "FAIL"
+            lines.append(f"  {mark}{row.criterion}: {row.a:.3f} ({before}) → {row.b:.3f} ({after})")
+        lines.append("largest moves (b − a):")
+        for row in self.moves.head(10).itertuples():
+            lines.append(f"  {row.metric:<18} {row.change:+.3f}  {row.model} under {row.attack}")
+        lines.append(f"html: {self.html}")
+        return "\n".join(lines)
+
+
+def diff_runs(run_a: str | Path, run_b: str | Path, policy: str | Path | None = None,
+              out: str | Path | None = None) -> DiffResult:
+    run_a, run_b = Path(run_a), Path(run_b)
+    policy_obj = Policy.load(policy)
+    (table_a, summary_a, _), (table_b, summary_b, _) = load_run(run_a), load_run(run_b)
+    crit_a = {c.title: c for c in policy_obj.evaluate(table_a, summary_a)}
+    crit_b = {c.title: c for c in policy_obj.evaluate(table_b, summary_b)}
+    criteria = pd.DataFrame([
+        {"criterion": name, "a": crit_a[name].observed, "b": crit_b[name].observed,
+         "passed_a": crit_a[name].passed, "passed_b": crit_b[name].passed,
+         "flipped": crit_a[name].passed != crit_b[name].passed}
+        for name in crit_a if name in crit_b])
+    keys = ["model", "attack", "metric"]
+    wanted = ["leakage", "utility_retention"]
+    merged = table_a[table_a.metric.isin(wanted)][keys + ["value"]].merge(
+        table_b[table_b.metric.isin(wanted)][keys + ["value"]], on=keys, suffixes=("_a", "_b"))
+    merged = merged.rename(columns={"value_a": "a", "value_b": "b"})
+    merged["change"] = merged.b - merged.a
+    moves = merged.reindex(merged.change.abs().sort_values(ascending=False).index)
+    verdicts = (verdict(list(crit_a.values())), verdict(list(crit_b.values())))
+    html_path = Path(out) if out else run_b / f"diff-{run_a.name}.html"
+    html = _environment().get_template("diff.html.j2").render(
+        run_a=str(run_a), run_b=str(run_b), verdicts=verdicts,
+        criteria=criteria.to_dict("records"), moves=moves.head(50).to_dict("records"))
+    atomic_write(html_path, lambda h: h.write(html.encode()))
+    return DiffResult(verdicts, criteria, moves.reset_index(drop=True), html_path)
