@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +84,14 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def head(self, count: int) -> ImageDataset:
+        """The first ``count`` items as a dataset of their own."""
+        def cut(items):
+            return None if items is None else items[:count]
+
+        return replace(self, names=self.names[:count], protected=cut(self.protected),
+                       original=cut(self.original), labels=cut(self.labels))
 
     @property
     def has_originals(self) -> bool:

@@ -226,7 +226,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     entries = load_suite(suite)  # validated before any image is read
     dataset = data if isinstance(data, ImageDataset) else load_dataset(data, originals)
     if max_images is not None:
-        dataset.names = dataset.names[:max_images]
+        dataset = dataset.head(max_images)
     if authorized is None:
         authorized = (dataset.sidecar or {}).get("authorized")
         if authorized is None:
