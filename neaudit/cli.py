@@ -78,7 +78,7 @@ def _print_verdict(report) -> None:
 def _report(args: argparse.Namespace) -> int:
     from neaudit.reporting import render_report
 
-    report = render_report(args.run, args.policy)
+    report = render_report(args.run_dir, args.policy)
     _print_verdict(report)
     return report.exit_code
 
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--resize", type=_size, help="resize policy for mixed sizes, H[xW]")
     protect.add_argument("--batch-size", type=int, default=32)
     protect.add_argument("--quiet", action="store_true")
-    protect.set_defaults(run=_protect)
+    protect.set_defaults(handler=_protect)
 
     run = sub.add_parser("audit", help="attack a protected dataset and measure leakage")
     run.add_argument("data", help="protected dataset (folder, .npz, manifest)")
@@ -159,33 +159,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accuracy against labels, or agreement with clean predictions")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
-    run.set_defaults(run=_audit)
+    run.set_defaults(handler=_audit)
 
     report = sub.add_parser("report", help="re-render a run's HTML report and verdict")
-    report.add_argument("run", help="run folder written by neaudit audit")
+    report.add_argument("run_dir", help="run folder written by neaudit audit")
     report.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
-    report.set_defaults(run=_report)
+    report.set_defaults(handler=_report)
 
     diff = sub.add_parser("diff", help="compare two audits")
     diff.add_argument("run_a")
     diff.add_argument("run_b")
     diff.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
     diff.add_argument("--out", help="HTML file to write (default: RUN_B/diff-<A>.html)")
-    diff.set_defaults(run=_diff)
+    diff.set_defaults(handler=_diff)
 
     zoo = sub.add_parser("zoo", help="model presets and first-layer inspection")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     zoo_sub.add_parser("list", help="list the named presets")
     inspect = zoo_sub.add_parser("inspect", help="show a model's first layer and subspace")
     inspect.add_argument("spec")
-    zoo.set_defaults(run=_zoo)
+    zoo.set_defaults(handler=_zoo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return args.handler(args)
     except NeauditError as exc:
         print(f"neaudit: error: {exc}", file=sys.stderr)
         return 2

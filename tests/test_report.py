@@ -1,0 +1,145 @@
+"""Report rendering, policy verdicts, exit codes, JUnit XML and diff, on synthetic results."""
+
+import json
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from neaudit.cli import main
+from neaudit.policy import Policy, verdict
+from neaudit.reporting import render_report
+from neaudit.reporting.diff import diff_runs
+from neaudit.results import build_table, summarize
+
+AUTH = "timm:resnet50?pretrained=true"
+EVIL = "<script>alert(1)</script>"
+MODELS = {AUTH: "authorized", "timm:vit_small_patch16_224": "unauthorized", EVIL: "unauthorized"}
+ATTACKS = {"jpeg(quality=75)": ("preprocess", "L0", {"quality": 75}),
+           "jpeg(quality=50)": ("preprocess", "L0", {"quality": 50}),
+           "median(kernel=3)": ("purify", "L1", {"kernel": 3})}
+
+
+def _record(attack, family, threat, params, correct: dict[str, int], n=100, psnr=30.0):
+    return {"attack": attack, "family": family, "threat": threat,
+            "params": json.dumps(params), "shard": 0,
+            "models": {m: [correct[m], n] for m in MODELS},
+            "psnr_sum": psnr * n, "psnr_sq_sum": (psnr**2 + 1) * n, "ssim_sum": 0.9 * n,
+            "ssim_sq_sum": 0.81 * n, "n_images": n}
+
+
+def make_run(root: Path, leak: int) -> Path:
+    """A run folder whose unauthorized models recover ``leak``/100 under median filtering."""
+    clean = {m: 90 for m in MODELS}
+    records = [{**_record("clean", "clean", "-", {}, clean), "n_images": 0},
+               _record("none", "none", "-", {}, {AUTH: 89, MODELS and
+                                                  "timm:vit_small_patch16_224": 10, EVIL: 12})]
+    for attack, (family, threat, params) in ATTACKS.items():
+        correct = {AUTH: 85, "timm:vit_small_patch16_224": 15, EVIL: 14}
+        if attack.startswith("median"):
+            correct = {AUTH: 80, "timm:vit_small_patch16_224": leak, EVIL: 20}
+        records.append(_record(attack, family, threat, params, correct))
+    table = build_table(records, MODELS, "accuracy", 10)
+    root.mkdir(parents=True)
+    table.to_parquet(root / "results.parquet")
+    (root / "summary.json").write_text(json.dumps(summarize(table, "accuracy")))
+    (root / "run.json").write_text(json.dumps({"command": "neaudit audit x", "seed": 0,
+                                               "versions": {"neaudit": "0.1.0"}}))
+    return root
+
+
+def policy_file(tmp_path: Path, max_leakage: float) -> Path:
+    path = tmp_path / f"policy-{max_leakage}.toml"
+    path.write_text(f'name = "test"\nmin_authorized_retention = 0.9\nmax_leakage = {max_leakage}\n'
+                    "min_suppression_ratio = 2.0\n[family.preprocess]\n"
+                    "min_authorized_retention = 0.9\n")
+    return path
+
+
+def test_report_verdict_matches_policy_and_everything_is_escaped(tmp_path):
+    run = make_run(tmp_path / "run", leak=60)
+    policy = Policy.load(policy_file(tmp_path, 0.5))
+    result = render_report(run, policy)
+    html = result.html.read_text()
+    import pandas as pd
+
+    table = pd.read_parquet(run / "results.parquet")
+    worst = table[(table.metric == "leakage") & (table.role == "unauthorized")].value.max()
+    assert worst == pytest.approx(60 / 90)  # the median attack breaks it
+    expected = verdict(policy.evaluate(table, json.loads((run / "summary.json").read_text())))
+    assert result.verdict == expected == "FAIL"
+    assert '<div class="verdict FAIL">FAIL: 1 of 4 criteria fail: max_leakage 0.667' in html
+    for model in MODELS:
+        if model != EVIL:
+            assert model in html
+    for attack in ATTACKS:
+        assert attack in html
+    assert EVIL not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script" not in html.lower()
+    assert len(html) < 5_000_000
+
+
+def test_exit_codes_and_junit_on_passing_and_failing_policies(tmp_path, capsys):
+    run = make_run(tmp_path / "run", leak=30)
+    assert main(["report", str(run), "--policy", str(policy_file(tmp_path, 0.5))]) == 0
+    junit = ET.parse(run / "junit.xml").getroot()
+    assert junit.get("failures") == "0" and int(junit.get("tests")) == 4
+    assert main(["report", str(run), "--policy", str(policy_file(tmp_path, 0.2))]) == 1
+    junit = ET.parse(run / "junit.xml").getroot()
+    failed = [case.get("name") for case in junit if case.find("failure") is not None]
+    assert failed == ["max_leakage"]
+    assert "verdict: FAIL" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max_leak = 0.1\n")
+    assert main(["report", str(run), "--policy", str(bad)]) == 2
+    assert "unknown key(s) max_leak. Valid keys" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def test_default_policy_ships_with_the_package():
+    policy = Policy.load()
+    assert policy.name == "default" and policy.rules["max_leakage"] == 0.5
+    assert "preprocess" in policy.families
+
+
+def test_diff_reports_flipped_criteria_and_moves(tmp_path, capsys):
+    a = make_run(tmp_path / "a", leak=30)
+    b = make_run(tmp_path / "b", leak=80)
+    result = diff_runs(a, b, policy_file(tmp_path, 0.5))
+    flipped = result.criteria[result.criteria.flipped].criterion.tolist()
+    assert flipped == ["max_leakage"] and result.verdicts == ("PASS", "FAIL")
+    top = result.moves.iloc[0]
+    assert top.attack == "median(kernel=3)" and top.change == pytest.approx(50 / 90)
+    assert result.html.is_file()
+    assert main(["diff", str(a), str(b), "--policy", str(policy_file(tmp_path, 0.5))]) == 0
+    assert "FLIPPED max_leakage" in capsys.readouterr().out
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed here "
+                    "(.ci/run installs it); the browser check of the report did not run")
+def test_report_renders_in_headless_chromium_without_errors_or_requests(tmp_path):
+    run = make_run(tmp_path / "run", leak=60)
+    html = render_report(run).html
+    artifacts = Path(__file__).parent / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    screenshot, netlog = artifacts / "report.png", tmp_path / "netlog.json"
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
+         "--v=0", f"--log-net-log={netlog}", "--window-size=1200,2400",
+         f"--screenshot={screenshot}", html.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert screenshot.is_file() and screenshot.stat().st_size > 10_000, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console
+    events = json.loads(netlog.read_text())["events"]
+    # requests the page itself made carry the file page's opaque origin as initiator
+    from_page = [e["params"]["url"] for e in events
+                 if e.get("params", {}).get("initiator") == "null"]
+    assert from_page == [], from_page
