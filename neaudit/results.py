@@ -117,10 +117,9 @@ def summarize(table: pd.DataFrame, score_metric: str) -> dict:
     roles = {m: e["role"] for m, e in summary["models"].items()}
     authorized = [m for m, r in roles.items() if r == "authorized"]
     others = [m for m, r in roles.items() if r == "unauthorized"]
-    if authorized and others:
-        summary["suppression_ratio"] = suppression_ratio(
-            summary["models"][authorized[0]]["protected"],
-            [summary["models"][m]["protected"] for m in others])
+    scores = [summary["models"][m]["protected"] for m in authorized + others]
+    if authorized and others and None not in scores:
+        summary["suppression_ratio"] = suppression_ratio(scores[0], scores[1:])
     leak = table[(table.metric == "leakage") & (table.attack != "clean")].dropna(subset="value")
     if len(leak):
         worst = leak.loc[leak.value.idxmax()]

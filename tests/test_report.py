@@ -143,3 +143,25 @@ def test_report_renders_in_headless_chromium_without_errors_or_requests(tmp_path
     from_page = [e["params"]["url"] for e in events
                  if e.get("params", {}).get("initiator") == "null"]
     assert from_page == [], from_page
+
+
+def test_a_large_audit_report_stays_small(tmp_path):
+    models = {f"timm:model_{i}": "unauthorized" for i in range(19)} | {AUTH: "authorized"}
+    records = [{"attack": "clean", "family": "clean", "threat": "-", "params": "{}",
+                "models": {m: [90, 100] for m in models}}]
+    for j in range(-1, 40):
+        records.append({"attack": f"jpeg(quality={j})" if j >= 0 else "none",
+                        "family": "preprocess" if j >= 0 else "none", "threat": "L0",
+                        "params": json.dumps({"quality": j}),
+                        "models": {m: [(j * 7 + k) % 90, 100] for k, m in enumerate(models)},
+                        "psnr_sum": 3000.0, "psnr_sq_sum": 90100.0, "ssim_sum": 90.0,
+                        "ssim_sq_sum": 81.0, "n_images": 100})
+    table = build_table(records, models, "accuracy", 10)
+    run = tmp_path / "big"
+    run.mkdir()
+    table.to_parquet(run / "results.parquet")
+    (run / "summary.json").write_text(json.dumps(summarize(table, "accuracy")))
+    html = render_report(run).html
+    assert html.stat().st_size < 5_000_000
+    text = html.read_text()
+    assert all(m in text for m in models) and "jpeg(quality=39)" in text

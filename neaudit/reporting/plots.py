@@ -93,8 +93,8 @@ def retention_bars(table: pd.DataFrame) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(6, max(2, 0.22 * len(rows) + 0.8)))
     ax.barh([_short(a, 30) for a in rows.attack], rows.value, color="#4c72b0")
-    ax.errorbar(rows.value, range(len(rows)), xerr=[rows.value - rows.ci_low,
-                                                     rows.ci_high - rows.value],
+    ax.errorbar(rows.value, range(len(rows)), xerr=[(rows.value - rows.ci_low).clip(lower=0),
+                                                     (rows.ci_high - rows.value).clip(lower=0)],
                 fmt="none", ecolor="black", lw=0.8)
     ax.set_xlim(0, 1.1)
     ax.axvline(1.0, color="grey", lw=0.6)
