@@ -90,9 +90,28 @@ def _diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from neaudit.demo import demo
+    from neaudit.engine import format_summary
+
+    result = demo(args.out, quick=args.quick, psnr=args.psnr, quiet=args.quiet,
+                  policy=args.policy)
+    print(format_summary(result))
+    _print_verdict(result.report)
+    print(f"\nOpen the report: {result.report.html.resolve()}")
+    return 0
+
+
 def _zoo(args: argparse.Namespace) -> int:
     from neaudit.zoo import PRESETS
 
+    if args.zoo_command == "train-demo":
+        from pathlib import Path
+
+        from neaudit import demo_zoo
+
+        demo_zoo.train_all(Path(args.out) if args.out else demo_zoo.WEIGHTS, seed=args.seed)
+        return 0
     if args.zoo_command == "list":
         for name, specs in PRESETS.items():
             print(name)
@@ -173,11 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--out", help="HTML file to write (default: RUN_B/diff-<A>.html)")
     diff.set_defaults(handler=_diff)
 
+    demo = sub.add_parser("demo", help="protect and audit the bundled digits, offline")
+    demo.add_argument("--out", default="reports/demo")
+    demo.add_argument("--quick", action="store_true", help="120 images, smoke suite (< 1 min)")
+    demo.add_argument("--psnr", type=float, default=20.0, help="target PSNR of the NEs (dB)")
+    demo.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(handler=_demo)
+
     zoo = sub.add_parser("zoo", help="model presets and first-layer inspection")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     zoo_sub.add_parser("list", help="list the named presets")
     inspect = zoo_sub.add_parser("inspect", help="show a model's first layer and subspace")
     inspect.add_argument("spec")
+    train = zoo_sub.add_parser("train-demo", help="retrain the shipped demo zoo reproducibly")
+    train.add_argument("--out", help="folder for the weights (default: the package's own)")
+    train.add_argument("--seed", type=int, default=0)
     zoo.set_defaults(handler=_zoo)
     return parser
 

@@ -8,6 +8,7 @@ Specs use each ecosystem's own names, with URL-query options::
     open_clip:ViT-B-32?pretrained=openai            (zero-shot over the class names)
     torchscript:/path/model.pt?mean=0.5,0.5,0.5&std=0.5,0.5,0.5&input_size=32
     python:/path/models.py:make_net?weights=/path/state_dict.pt&input_size=32
+    demo:patch_cnn                                  (the trained digits zoo shipped with neaudit)
 
 Every :class:`ImageClassifier` owns its preprocessing (resize to ``input_size`` when set,
 then per-channel normalization), read from timm's ``pretrained_cfg`` or open_clip's
@@ -340,9 +341,22 @@ def _build_python(spec: ModelSpec, class_names: Sequence[str] | None) -> ImageCl
                            spec.text)
 
 
+def _build_demo(spec: ModelSpec, class_names: Sequence[str] | None) -> ImageClassifier:
+    from neaudit import demo_zoo
+
+    if spec.target not in demo_zoo.ARCHITECTURES:
+        raise ModelSpecError(f"no demo model '{spec.target}'. Fix: use one of "
+                             f"{', '.join('demo:' + n for n in demo_zoo.ARCHITECTURES)}.")
+    weights = spec.options.get("weights")
+    net = demo_zoo.build(spec.target, Path(weights) if weights else None)
+    return ImageClassifier(net, demo_zoo.MEAN, demo_zoo.STD, (demo_zoo.SIZE, demo_zoo.SIZE),
+                           spec.text)
+
+
 BUILDERS: dict[str, Callable[[ModelSpec, Sequence[str] | None], ImageClassifier]] = {
     "timm": _build_timm,
     "open_clip": _build_open_clip,
     "torchscript": _build_torchscript,
     "python": _build_python,
+    "demo": _build_demo,
 }
