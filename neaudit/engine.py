@@ -327,6 +327,8 @@ def _write_spectral(root: Path, dataset: ImageDataset, models: dict[str, ImageCl
     """Principal angles, predicted and measured first-layer gains per unauthorized model."""
     size = tuple(dataset.image_shape)
     auth = models[authorized]
+    device = auth.mean.device
+    auth.cpu()
     try:
         auth_layer = first_layer(auth, size)
         rank = ((dataset.sidecar or {}).get("params") or {}).get("rank")
@@ -334,6 +336,8 @@ def _write_spectral(root: Path, dataset: ImageDataset, models: dict[str, ImageCl
     except (NeauditError, ValueError) as exc:
         (root / "spectral.json").write_text(json.dumps({"error": str(exc)}))
         return
+    finally:
+        auth.to(device)
     batch = next(dataset.batches(min(32, len(dataset))))
     delta = (batch.protected - batch.original).cpu()
     noise = torch.randn(delta.shape, generator=torch.Generator().manual_seed(0))
@@ -360,7 +364,7 @@ def _write_spectral(root: Path, dataset: ImageDataset, models: dict[str, ImageCl
                      "predicted_gain_ratio": predicted,
                      "measured_gain_ratio": gain(delta) / gain(noise),
                      "leakage": summary["models"][spec].get("leakage")})
-        model.to(next(iter(models.values())).mean.device)
+        model.to(device)
     (root / "spectral.json").write_text(json.dumps(rows, default=_json_default))
 
 

@@ -1,0 +1,45 @@
+"""CUDA path checks (run by bench/gpu.sh on a GPU machine; skipped without CUDA)."""
+
+import pandas as pd
+import pytest
+import torch
+
+from neaudit import demo_zoo
+from neaudit.demo import digits_test_set
+from neaudit.engine import audit
+from neaudit.protection import protect
+from neaudit.zoo import create_model
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("name", list(demo_zoo.ARCHITECTURES))
+def test_cpu_and_cuda_predictions_agree(name):
+    dataset = digits_test_set(256)
+    images = next(dataset.batches(256)).protected
+    model = create_model(f"demo:{name}")
+    with torch.inference_mode():
+        cpu = model(images)
+        model.cuda()
+        with torch.autocast("cuda"):
+            gpu = model(images.cuda()).float().cpu()
+    assert (cpu.argmax(1) == gpu.argmax(1)).float().mean() >= 0.99
+    assert torch.allclose(cpu.softmax(1), gpu.softmax(1), atol=0.05)
+
+
+def test_audit_on_cuda_matches_cpu(tmp_path):
+    dataset = digits_test_set(120)
+    protect(dataset, demo_zoo.AUTHORIZED, tmp_path / "data", psnr_target=20,
+            save_originals=True)
+    others = ["demo:resnet", "demo:convmixer", "demo:vit"]
+    common = dict(suite="smoke", score="accuracy", quiet=True, batch_size=64)
+    cpu = audit(tmp_path / "data", others, out=tmp_path / "cpu", device="cpu", **common)
+    gpu = audit(tmp_path / "data", others, out=tmp_path / "gpu", device="cuda", **common)
+    keys = ["model", "attack", "metric"]
+    merged = pd.merge(cpu.table, gpu.table, on=keys, suffixes=("_cpu", "_gpu"))
+    accuracy = merged[merged.metric == "accuracy"]
+    # mixed precision and nvJPEG may flip a prediction or two out of 120
+    assert (accuracy.value_cpu - accuracy.value_gpu).abs().max() <= 3 / 120
+    images = merged[merged.metric == "psnr"]
+    assert (images.value_cpu - images.value_gpu).abs().max() < 0.5
