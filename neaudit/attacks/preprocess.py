@@ -95,7 +95,8 @@ def jpeg(images: torch.Tensor, ctx: AttackContext, quality: int) -> torch.Tensor
     """JPEG round trip through libjpeg-turbo (nvJPEG on CUDA) at ``quality``."""
     as_uint8 = torch.round(images.clamp(0, 1) * 255).to(torch.uint8)
     encoded = encode_jpeg(list(as_uint8), quality=int(quality))
-    decoded = decode_jpeg(encoded, device=images.device)
+    # nvJPEG encodes on the GPU but decodes from bytes held on the CPU
+    decoded = decode_jpeg([e.cpu() for e in encoded], device=images.device)
     return torch.stack(decoded).to(images.dtype) / 255.0
 
 
