@@ -258,12 +258,15 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     }
     store = ResultStore(out, config)
     needs_reference = any(e.threat == "L2" for e in entries)
+    if len(dataset) == 0:
+        raise NeauditError(f"{dataset.source}: no images to audit.")
     reference_images = _reference_images(dataset, reference, seed) if needs_reference else None
     tasks = plan(dataset, entries, batch_size)
     pending = [t for t in tasks if not store.done(t.task_id)]
     if stop_after is not None:
         pending = pending[:stop_after]
     worker = Worker(dataset, models, store, torch_device, seed, reference_images, score_metric)
+    worker.extras.update(surrogates=models, authorized=authorized)  # the L3 attacker's zoo
     bar = None
     if not quiet:
         from tqdm import tqdm
@@ -275,6 +278,8 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     num_classes = len(dataset.class_names) if dataset.class_names else None
     table = build_table(store.records(), roles, score_metric, num_classes)
     summary = summarize(table, score_metric)
+    if any(e.attack == "surrogate_projection" for e in entries):
+        summary["surrogate_ranking"] = _surrogate_ranking(dataset, worker)
     finished = len([t for t in tasks if store.done(t.task_id)]) == len(tasks)
     summary["complete"] = finished
     if finished and dataset.has_originals:
@@ -284,6 +289,15 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
                    time.time() - started, finished)
     report = render_report(out, policy) if finished else None
     return AuditResult(out, table, summary, len(pending), len(tasks) - len(pending), report)
+
+
+def _surrogate_ranking(dataset: ImageDataset, worker: Worker) -> list[tuple[str, float]]:
+    """The L3 attacker's ranking of candidate models on the first shard (for the report)."""
+    from neaudit.attacks.adaptive import rank_surrogates
+
+    images = next(dataset.batches(min(64, len(dataset)))).protected
+    ctx = AttackContext(generator=torch.Generator().manual_seed(0), extras=worker.extras)
+    return rank_surrogates(images, ctx)
 
 
 SAMPLE_GAIN = 10
@@ -327,8 +341,6 @@ def _write_spectral(root: Path, dataset: ImageDataset, models: dict[str, ImageCl
     """Principal angles, predicted and measured first-layer gains per unauthorized model."""
     size = tuple(dataset.image_shape)
     auth = models[authorized]
-    device = auth.mean.device
-    auth.cpu()
     try:
         auth_layer = first_layer(auth, size)
         rank = ((dataset.sidecar or {}).get("params") or {}).get("rank")
@@ -336,8 +348,6 @@ def _write_spectral(root: Path, dataset: ImageDataset, models: dict[str, ImageCl
     except (NeauditError, ValueError) as exc:
         (root / "spectral.json").write_text(json.dumps({"error": str(exc)}))
         return
-    finally:
-        auth.to(device)
     batch = next(dataset.batches(min(32, len(dataset))))
     delta = (batch.protected - batch.original).cpu()
     noise = torch.randn(delta.shape, generator=torch.Generator().manual_seed(0))
@@ -346,7 +356,6 @@ def _write_spectral(root: Path, dataset: ImageDataset, models: dict[str, ImageCl
     for spec, model in models.items():
         if spec == authorized:
             continue
-        model = model.cpu()
         try:
             layer = first_layer(model, size)
         except NeauditError:
@@ -364,7 +373,6 @@ def _write_spectral(root: Path, dataset: ImageDataset, models: dict[str, ImageCl
                      "predicted_gain_ratio": predicted,
                      "measured_gain_ratio": gain(delta) / gain(noise),
                      "leakage": summary["models"][spec].get("leakage")})
-        model.to(device)
     (root / "spectral.json").write_text(json.dumps(rows, default=_json_default))
 
 

@@ -126,6 +126,13 @@ def summarize(table: pd.DataFrame, score_metric: str) -> dict:
         summary["worst_leakage"] = {"model": worst.model, "attack": worst.attack,
                                     "value": float(worst.value), "ci_low": float(worst.ci_low),
                                     "ci_high": float(worst.ci_high), "threat": worst.threat}
+    if len(leak):
+        by_threat = leak[leak.threat.isin(["L0", "L1", "L2", "L3"])]
+        summary["worst_by_threat"] = {
+            level: {"model": row.model, "attack": row.attack, "value": float(row.value),
+                    "ci_low": float(row.ci_low), "ci_high": float(row.ci_high)}
+            for level, group in by_threat.groupby("threat")
+            for row in [group.loc[group.value.idxmax()]]}
     retention = table[(table.metric == "utility_retention") & (table.attack == "none")]
     if len(retention):
         summary["authorized_retention"] = float(retention.value.iloc[0])

@@ -71,6 +71,11 @@ class PatchSubspace:
     def isotropic_gain(self) -> float:
         return float(self.singular_values.pow(2).mean().sqrt())
 
+    @property
+    def kept_fraction(self) -> float:
+        """Share of all pixel dimensions the subspace spans (``rank`` is per patch)."""
+        return self.rank / self.basis.shape[0]
+
     def _unfold(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) → (B, d, L) patches, by reshaping (windows do not overlap)."""
         b, c, h, w = images.shape
@@ -220,6 +225,11 @@ class FourierSubspace:
     @property
     def isotropic_gain(self) -> float:
         return float(self.singular_values.pow(2).mean().sqrt())
+
+    @property
+    def kept_fraction(self) -> float:
+        """Share of all pixel dimensions the subspace spans."""
+        return self.rank / self.mask.numel()
 
     def project(self, delta: torch.Tensor) -> torch.Tensor:
         b, c, h, w = delta.shape

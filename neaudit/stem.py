@@ -97,11 +97,11 @@ def first_layer(model: ImageClassifier, image_size: tuple[int, int] | None = Non
     padding = module.padding
     if isinstance(padding, str):
         padding = (0, 0) if padding == "valid" else tuple(k // 2 for k in module.kernel_size)
-    return FirstLayer(
-        weight=module.weight.detach().float().clone(),
+    return FirstLayer(  # small, so always on the CPU, wherever the model runs
+        weight=module.weight.detach().float().cpu().clone(),
         stride=tuple(module.stride),
         padding=tuple(padding),
-        mean=model.mean.flatten().detach().clone(),
-        std=model.std.flatten().detach().clone(),
+        mean=model.mean.flatten().detach().cpu().clone(),
+        std=model.std.flatten().detach().cpu().clone(),
         module_name=name,
     )

@@ -1,6 +1,6 @@
 """Attack library: one registry (:mod:`neaudit.attacks.registry`), attacks by family, suites."""
 
-from neaudit.attacks import preprocess, purify  # noqa: F401  (registers the attacks)
+from neaudit.attacks import adaptive, preprocess, purify  # noqa: F401  (registers the attacks)
 from neaudit.attacks.registry import (
     ATTACKS,
     THREAT_LEVELS,

@@ -16,7 +16,7 @@ import torch
 
 from neaudit.errors import NeauditError
 
-FAMILIES = ("preprocess", "purify", "test")
+FAMILIES = ("preprocess", "purify", "adaptive", "test")
 THREAT_LEVELS = {
     "L0": "preprocessing an ordinary pipeline applies",
     "L1": "protected data only",

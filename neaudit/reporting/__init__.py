@@ -18,6 +18,7 @@ import jinja2
 import pandas as pd
 
 from neaudit import __version__
+from neaudit.attacks.registry import THREAT_LEVELS
 from neaudit.errors import NeauditError
 from neaudit.imageio import atomic_write
 from neaudit.policy import Criterion, Policy, verdict
@@ -116,9 +117,19 @@ def _render_html(run_dir, table, summary, manifest, policy, criteria, result) ->
         samples_gain=meta.get("gain", "–"), samples_attack=meta.get("attack", "–"),
         spectral=json.loads(spectral_path.read_text()) if spectral_path.is_file() else None,
         rows=headline.to_dict("records"), provenance=_provenance(manifest),
+        by_threat=dict(sorted(summary.get("worst_by_threat", {}).items())),
+        threat_levels=THREAT_LEVELS, surrogates=summary.get("surrogate_ranking"),
+        authorized_rank=_rank_of(authorized, summary.get("surrogate_ranking")),
         version=__version__,
     )
     return _environment().get_template("report.html.j2").render(**context)
+
+
+def _rank_of(spec: str, ranking: list | None) -> str:
+    if not ranking:
+        return "–"
+    names = [name for name, _ in ranking]
+    return f"{names.index(spec) + 1} of {len(names)}" if spec in names else "not a candidate"
 
 
 def _provenance(manifest: dict) -> list[tuple[str, str]]:

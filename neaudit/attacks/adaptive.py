@@ -1,0 +1,206 @@
+"""Adaptive attacks that exploit the structure of NEs (PRIMER §3), by threat level.
+
+NEs live in a subspace that is a function of public weights, so an adversary can estimate it:
+
+* L1 (protected data only): ``tile_estimation`` averages the residual against a denoised copy
+  over the patch grid and subtracts it (breaks one-tile constructions such as the published
+  one); ``blind_subspace`` finds the directions in which per-patch residuals are enriched (PCA)
+  and replaces the images' component there by that of the denoised copy. The patch grid's
+  period is detected from the residual's periodicity when not given.
+* L2 (plus clean in-distribution data): ``clean_patch_prior`` projects protected patches onto
+  the principal subspace of clean patches.
+* L3 (plus public models): ``surrogate_projection`` ranks the candidate models by how much of
+  the residual energy their low-sensitivity subspace captures, then projects out the best
+  candidate's subspace and refills it from the denoised copy; ``known_model_projection`` does
+  the same with the authorized model itself.
+
+Refill and residuals use a Gaussian blur (σ = ``sigma``) as the denoiser.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from neaudit.attacks.preprocess import gaussian_blur
+from neaudit.attacks.registry import AttackContext, register_attack
+from neaudit.errors import NeauditError
+
+
+def _denoise(images: torch.Tensor, ctx: AttackContext, sigma: float) -> torch.Tensor:
+    return gaussian_blur(images, ctx, sigma=sigma)
+
+
+def detect_period(residual: torch.Tensor, max_period: int = 32) -> int:
+    """The patch-grid period of a residual: NE noise (a repeated tile, or independent noise
+    confined to a per-patch subspace) makes the residual's patches concentrate in few
+    principal directions exactly on the true grid, measured by the participation ratio
+    (Σλ)²/Σλ² over min(rows, dims). Multiples of the period score as well, so the smallest
+    period within 10% of the best wins."""
+    h, w = residual.shape[-2:]
+    spread = {}
+    for period in range(2, min(max_period, h // 2, w // 2) + 1):
+        rows, _ = _patches(residual, period)
+        flat = rows.reshape(-1, rows.shape[-1]).double()
+        power = torch.linalg.svdvals(flat).pow(2)
+        spread[period] = float(power.sum() ** 2 / power.pow(2).sum() / min(flat.shape))
+    best = min(spread.values())
+    return min(p for p, v in spread.items() if v <= 1.1 * best)
+
+
+def _patches(images: torch.Tensor, period: int) -> tuple[torch.Tensor, tuple]:
+    """(B, C, H, W) → (B, L, C·p²) on the grid anchored at the top left."""
+    b, c, h, w = images.shape
+    core = images[..., : h - h % period, : w - w % period]
+    rows = F.unfold(core, period, stride=period).transpose(1, 2)
+    return rows, core.shape
+
+
+def _unpatch(rows: torch.Tensor, shape: tuple, like: torch.Tensor, period: int) -> torch.Tensor:
+    out = like.clone()
+    folded = F.fold(rows.transpose(1, 2), shape[-2:], period, stride=period)
+    out[..., : shape[-2], : shape[-1]] = folded
+    return out
+
+
+def _grid(images: torch.Tensor, ctx: AttackContext, patch: int, sigma: float) -> int:
+    if patch:
+        return int(patch)
+    return detect_period(images - _denoise(images, ctx, sigma))
+
+
+@register_attack("tile_estimation", "adaptive", "L1", {"patch": 0, "sigma": 1.0},
+                 {"patch": [0], "sigma": [1.0]})
+def tile_estimation(images: torch.Tensor, ctx: AttackContext, patch: int, sigma: float
+                    ) -> torch.Tensor:
+    """Estimate a noise tile repeated in every patch (mean residual per image) and subtract it."""
+    period = _grid(images, ctx, patch, sigma)
+    residual, shape = _patches(images - _denoise(images, ctx, sigma), period)
+    tile = residual.mean(dim=1, keepdim=True)  # content averages out, a repeated tile does not
+    rows, _ = _patches(images, period)
+    return _unpatch(rows - tile, shape, images, period)
+
+
+def principal_directions(rows: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` principal directions (d, rank) of row vectors (N, d), uncentred."""
+    _, _, vh = torch.linalg.svd(rows.double(), full_matrices=False)
+    return vh[:rank].T.to(rows.dtype)
+
+
+def enriched_rank(rows: torch.Tensor) -> int:
+    """The number of leading principal directions before the largest eigengap (the largest
+    ratio between consecutive energies in the top half): where a perturbation confined to a
+    subspace stands out above the residual of natural content."""
+    energy = torch.linalg.svdvals(rows.double()).pow(2).clamp_min(1e-30)
+    half = max(2, energy.numel() // 2)
+    gaps = energy[: half - 1] / energy[1:half]
+    return int(gaps.argmax()) + 1
+
+
+@register_attack("blind_subspace", "adaptive", "L1", {"patch": 0, "rank": 0, "sigma": 1.0},
+                 {"patch": [0], "rank": [0], "sigma": [1.0]})
+def blind_subspace(images: torch.Tensor, ctx: AttackContext, patch: int, rank: int,
+                   sigma: float) -> torch.Tensor:
+    """PCA of per-patch residuals; replace the images' component in the enriched directions
+    by the denoised copy's (``rank`` 0 = automatic)."""
+    period = _grid(images, ctx, patch, sigma)
+    smooth = _denoise(images, ctx, sigma)
+    residual, shape = _patches(images - smooth, period)
+    flat = residual.reshape(-1, residual.shape[-1])
+    basis = principal_directions(flat, int(rank) or enriched_rank(flat))
+    rows, _ = _patches(images, period)
+    return _unpatch(rows - (residual @ basis) @ basis.T, shape, images, period)
+
+
+@register_attack("clean_patch_prior", "adaptive", "L2", {"patch": 8, "energy": 0.99},
+                 {"patch": [8], "energy": [0.99, 0.95]})
+def clean_patch_prior(images: torch.Tensor, ctx: AttackContext, patch: int, energy: float
+                      ) -> torch.Tensor:
+    """Project protected patches onto the principal subspace of clean reference patches that
+    holds ``energy`` of their energy (a natural-image prior)."""
+    if ctx.reference is None:
+        raise NeauditError("clean_patch_prior needs clean reference images (threat level L2).")
+    key = ("clean_prior", int(patch), float(energy))
+    if key not in ctx.extras:
+        clean, _ = _patches(ctx.reference.to(images.device), int(patch))
+        flat = clean.reshape(-1, clean.shape[-1])
+        spectrum = torch.linalg.svdvals(flat.double()).pow(2)
+        keep = int((spectrum.cumsum(0) / spectrum.sum() < energy).sum()) + 1
+        ctx.extras[key] = principal_directions(flat, keep)
+    basis = ctx.extras[key].to(images)
+    rows, shape = _patches(images, int(patch))
+    return _unpatch((rows @ basis) @ basis.T, shape, images, int(patch))
+
+
+def _subspace(spec: str, model, size: tuple[int, int], ctx: AttackContext):
+    from neaudit.spectral import low_sensitivity_subspace
+    from neaudit.stem import first_layer
+
+    key = ("subspace", spec, size)
+    if key not in ctx.extras:
+        if model.input_size is not None and tuple(model.input_size) != tuple(size):
+            ctx.extras[key] = None  # its stem sees resized images; no pixel-space subspace
+        else:
+            try:
+                ctx.extras[key] = low_sensitivity_subspace(first_layer(model, size), size)
+            except (NeauditError, ValueError):
+                ctx.extras[key] = None
+    return ctx.extras[key]
+
+
+def rank_surrogates(images: torch.Tensor, ctx: AttackContext, sigma: float = 1.0
+                    ) -> list[tuple[str, float]]:
+    """Candidates ranked by enrichment: residual energy per dimension inside their subspace
+    over that outside it (1 for a subspace unrelated to the perturbation)."""
+    surrogates = ctx.extras.get("surrogates")
+    if not surrogates:
+        raise NeauditError("surrogate attacks need a zoo of candidate models (threat level L3).")
+    images = images.cpu()
+    residual = images - _denoise(images, ctx, sigma)
+    size = tuple(images.shape[-2:])
+    scores = []
+    for spec, model in surrogates.items():
+        space = _subspace(spec, model, size, ctx)
+        if space is None:
+            continue
+        captured = float(space.project(residual).pow(2).sum() / residual.pow(2).sum())
+        chance = space.kept_fraction
+        # odds of residual energy per dimension inside vs outside the candidate's subspace
+        odds = (captured / chance) / max((1 - captured) / max(1 - chance, 1e-9), 1e-9)
+        scores.append((spec, odds))
+    return sorted(scores, key=lambda item: -item[1])
+
+
+def _project_out(images: torch.Tensor, space, ctx: AttackContext, sigma: float
+                 ) -> torch.Tensor:
+    cpu = images.cpu()
+    smooth = _denoise(cpu, ctx, sigma)
+    return (cpu - space.project(cpu - smooth)).to(images.device)
+
+
+@register_attack("surrogate_projection", "adaptive", "L3", {"sigma": 1.0}, {"sigma": [1.0]})
+def surrogate_projection(images: torch.Tensor, ctx: AttackContext, sigma: float
+                         ) -> torch.Tensor:
+    """Identify the most likely authorized model among public candidates, project out its
+    low-sensitivity subspace and refill it from the denoised copy."""
+    ranking = rank_surrogates(images, ctx, sigma)
+    if not ranking:
+        raise NeauditError("no candidate model has a pixel-space subspace at this image size.")
+    ctx.extras["ranking"] = ranking
+    best = ranking[0][0]
+    space = _subspace(best, ctx.extras["surrogates"][best], tuple(images.shape[-2:]), ctx)
+    return _project_out(images, space, ctx, sigma)
+
+
+@register_attack("known_model_projection", "adaptive", "L3", {"sigma": 1.0}, {"sigma": [1.0]})
+def known_model_projection(images: torch.Tensor, ctx: AttackContext, sigma: float
+                           ) -> torch.Tensor:
+    """The direct case: the attacker knows the authorized model."""
+    spec = ctx.extras.get("authorized")
+    surrogates = ctx.extras.get("surrogates") or {}
+    if spec not in surrogates:
+        raise NeauditError("known_model_projection needs the authorized model (threat L3).")
+    space = _subspace(spec, surrogates[spec], tuple(images.shape[-2:]), ctx)
+    if space is None:
+        raise NeauditError(f"{spec}: no pixel-space subspace at this image size.")
+    return _project_out(images, space, ctx, sigma)
