@@ -9,6 +9,9 @@ from neaudit.data import builtin_dataset
 from neaudit.errors import NeauditError
 from neaudit.imageio import to_float
 from neaudit.metrics import psnr
+from neaudit.zoo import create_model
+
+from .conftest import VIT
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +23,17 @@ def _ctx(seed=0, **kwargs) -> AttackContext:
     return AttackContext(generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
+@pytest.fixture(scope="module")
+def zoo() -> dict:
+    """An L3 attacker's candidate models (the authorized one among them)."""
+    return {spec: create_model(spec) for spec in (VIT, "timm:resnet18?num_classes=10")}
+
+
 @pytest.mark.parametrize("name", sorted(n for n, a in ATTACKS.items() if a.family != "test"))
-def test_every_attack_keeps_shape_range_and_is_seeded(name, images, tmp_path):
+def test_every_attack_keeps_shape_range_and_is_seeded(name, images, tmp_path, zoo):
     attack = get_attack(name)
-    kwargs = {"reference": images, "cache_dir": tmp_path}
+    kwargs = {"reference": images, "cache_dir": tmp_path,
+              "extras": {"surrogates": zoo, "authorized": VIT}}
     out = attack(images, _ctx(1, **kwargs))
     again = attack(images, _ctx(1, **kwargs))
     assert out.shape == images.shape and out.dtype == torch.float32
