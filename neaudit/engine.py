@@ -26,11 +26,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neaudit import __version__
+from neaudit import __version__, learning
 from neaudit.attacks import AttackContext, SuiteEntry, get_attack, load_suite
 from neaudit.data import ImageDataset, load_dataset
 from neaudit.errors import NeauditError
 from neaudit.imageio import write_png
+from neaudit.learning import LEARNING
 from neaudit.metrics import psnr, ssim
 from neaudit.reporting import ReportResult, render_report
 from neaudit.results import build_table, summarize
@@ -93,15 +94,19 @@ def resolve_device(device: str) -> torch.device:
 
 
 def plan(dataset: ImageDataset, entries: Sequence[SuiteEntry], batch_size: int) -> list[Task]:
-    """Clean tasks first (they feed agreement), then every attack shard by shard."""
+    """Clean tasks first (they feed agreement), then every attack shard by shard, then the
+    learning attacks, which each need the whole dataset."""
     shards = [(i, lo, min(lo + batch_size, len(dataset)))
               for i, lo in enumerate(range(0, len(dataset), batch_size))]
     heads = ([(CLEAN, (), CLEAN, CLEAN)] if dataset.has_originals else []) + [
         (NONE, (), NONE, NONE)]
-    attacks = heads + [(e.attack, e.params, e.label, e.key) for e in entries]
+    attacks = heads + [(e.attack, e.params, e.label, e.key) for e in entries
+                       if e.attack not in LEARNING]
     tasks = [Task(a, p, label, key, i, lo, hi) for (i, lo, hi) in shards
              for (a, p, label, key) in attacks]
-    return sorted(tasks, key=lambda t: (t.attack != CLEAN, t.shard))
+    tasks = sorted(tasks, key=lambda t: (t.attack != CLEAN, t.shard))
+    return tasks + [Task(e.attack, e.params, e.label, e.key, 0, 0, len(dataset))
+                    for e in entries if e.attack in LEARNING]
 
 
 class Worker:
@@ -133,6 +138,9 @@ class Worker:
 
     def __call__(self, task: Task) -> None:
         if self.store.done(task.task_id):
+            return
+        if task.attack in LEARNING:
+            self.store.save(task.task_id, self._learn(task))
             return
         batch = self._batch(task)
         if task.attack == CLEAN:
@@ -178,6 +186,54 @@ class Worker:
                 *np.unique(pred, return_counts=True), strict=True)}
                 for spec, pred in predictions.items()}
         self.store.save(task.task_id, record, arrays)
+
+
+    def _gather(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batches = [next(self.dataset.batches(1, int(i), int(i) + 1)) for i in indices]
+        return (torch.cat([b.protected for b in batches]),
+                torch.cat([b.original for b in batches]),
+                torch.cat([b.labels for b in batches]))
+
+    def _learn(self, task: Task) -> dict:
+        """Linear probe or fine-tuning curve for every model (see :mod:`neaudit.learning`)."""
+        params = {**LEARNING[task.attack].defaults, **dict(task.params)}
+        train, test = learning.split(self.dataset.labels, self.seed)
+        cap = int(params["max_samples"])
+        if len(train) > cap:
+            train = learning.subset(train, cap / len(train), self.seed)
+        protected_train, clean_train, y_train = self._gather(train)
+        protected_test, clean_test, y_test = self._gather(test[:cap])
+        record = {"attack": task.attack, "family": "learning", "threat": "learning",
+                  "params": json.dumps(params, sort_keys=True), "shard": 0, "models": {}}
+        if task.attack == "linear_probe":
+            record["baseline"] = {}
+            for spec, model in self.models.items():
+                record["models"][spec] = learning.probe_accuracy(
+                    learning.features(model, protected_train), y_train.numpy(),
+                    learning.features(model, protected_test), y_test.numpy(),
+                    params["c"], self.seed)
+                record["baseline"][spec] = learning.probe_accuracy(
+                    learning.features(model, clean_train), y_train.numpy(),
+                    learning.features(model, clean_test), y_test.numpy(), params["c"],
+                    self.seed)
+            return record
+        record["curve"] = {}
+        fractions = [float(f) for f in params["fractions"]]
+        classes = self.dataset.num_classes
+        for spec, model in self.models.items():
+            if spec == self.extras.get("authorized"):
+                continue
+            curve = {"fractions": fractions, "protected": [], "clean": []}
+            for fraction in fractions:
+                idx = torch.as_tensor(learning.subset(np.arange(len(train)), fraction,
+                                                      self.seed))
+                for kind, images in (("protected", protected_train), ("clean", clean_train)):
+                    curve[kind].append(learning.finetune_accuracy(
+                        model, images[idx], y_train[idx], clean_test, y_test,
+                        int(params["epochs"]), int(params["max_steps"]), float(params["lr"]),
+                        self.seed, classes))
+            record["curve"][spec] = curve
+        return record
 
 
 def _array_name(spec: str) -> str:
@@ -235,6 +291,11 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     specs = [authorized] + [s for s in resolve_zoo(zoo) if s != authorized]
     if len(specs) < 2:
         raise NeauditError("the zoo has no unauthorized model. Fix: pass --zoo or --model.")
+    if any(e.attack in LEARNING for e in entries) and (
+            dataset.labels is None or not dataset.has_originals):
+        raise NeauditError(f"{dataset.source}: learning attacks (linear_probe, finetune) need "
+                           "labels and the clean originals. Fix: use class folders and "
+                           "--originals, or drop them from the suite.")
     score_metric = score if score != "auto" else (
         "accuracy" if dataset.labels is not None else "agreement")
     if score_metric == "agreement" and not dataset.has_originals:

@@ -17,11 +17,13 @@ Metrics (names are stable; PRIMER §4):
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 
 import pandas as pd
 
+from neaudit.learning import slc_auc
 from neaudit.metrics import Z95, above_chance, score_ratio, suppression_ratio, wilson_interval
 
 COLUMNS = ["model", "role", "attack", "family", "threat", "params", "metric", "value", "ci_low",
@@ -34,7 +36,11 @@ def build_table(records: list[dict], roles: dict[str, str], score_metric: str,
     images: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0, 0])
     meta: dict[str, tuple[str, str, str]] = {}
     histograms: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    learned: list[dict] = []
     for record in records:
+        if "baseline" in record or "curve" in record:
+            learned.append(record)
+            continue
         for model, hist in record.get("histograms", {}).items():
             for cls, count in hist.items():
                 histograms[model][cls] += count
@@ -82,7 +88,51 @@ def build_table(records: list[dict], roles: dict[str, str], score_metric: str,
                 half = Z95 * sd / math.sqrt(m)
                 rows.append({**base, "metric": metric, "value": mean, "ci_low": mean - half,
                              "ci_high": mean + half, "n": m})
+    for record in learned:
+        rows += _learning_rows(record, roles, num_classes)
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _learning_rows(record: dict, roles: dict[str, str], num_classes: int | None) -> list[dict]:
+    """Rows of a learning attack: accuracy and leakage against the clean-data baseline, per
+    probe or per fine-tuning fraction, and SLC-AUC for the fine-tuning curve."""
+    rows = []
+    chance = 1.0 / num_classes if num_classes else None
+
+    def add(model: str, attack: str, params: str, counts, baseline) -> None:
+        base = dict(model=model, role=roles[model], attack=attack, family="learning",
+                    threat="learning", params=params)
+        correct, n = counts
+        score, (low, high) = correct / n, wilson_interval(correct, n)
+        clean = baseline[0] / baseline[1]
+        ratio = "utility_retention" if roles[model] == "authorized" else "leakage"
+        rows.append({**base, "metric": "accuracy", "value": score, "ci_low": low,
+                     "ci_high": high, "n": n})
+        rows.append({**base, "metric": ratio, "value": score_ratio(score, clean),
+                     "ci_low": score_ratio(low, clean), "ci_high": score_ratio(high, clean),
+                     "n": n})
+        if chance is not None and roles[model] == "unauthorized":
+            rows.append({**base, "metric": "leakage_above_chance",
+                         "value": above_chance(score, clean, chance),
+                         "ci_low": above_chance(low, clean, chance),
+                         "ci_high": above_chance(high, clean, chance), "n": n})
+
+    if "baseline" in record:
+        for model, counts in record["models"].items():
+            add(model, record["attack"], record["params"], counts, record["baseline"][model])
+        return rows
+    for model, curve in record["curve"].items():
+        for fraction, prot, clean in zip(curve["fractions"], curve["protected"], curve["clean"],
+                                         strict=True):
+            add(model, f"finetune(fraction={fraction:g})",
+                json.dumps({"fraction": fraction}), prot, clean)
+        area = slc_auc(curve["fractions"], [c / n for c, n in curve["protected"]],
+                       [c / n for c, n in curve["clean"]])
+        rows.append(dict(model=model, role=roles[model], attack="finetune", family="learning",
+                         threat="learning", params=record["params"], metric="slc_auc",
+                         value=area, ci_low=math.nan, ci_high=math.nan,
+                         n=len(curve["fractions"])))
+    return rows
 
 
 def _chance(score_metric: str, num_classes: int | None, histogram: dict | None
@@ -127,7 +177,7 @@ def summarize(table: pd.DataFrame, score_metric: str) -> dict:
                                     "value": float(worst.value), "ci_low": float(worst.ci_low),
                                     "ci_high": float(worst.ci_high), "threat": worst.threat}
     if len(leak):
-        by_threat = leak[leak.threat.isin(["L0", "L1", "L2", "L3"])]
+        by_threat = leak[leak.threat.isin(["L0", "L1", "L2", "L3", "learning"])]
         summary["worst_by_threat"] = {
             level: {"model": row.model, "attack": row.attack, "value": float(row.value),
                     "ci_low": float(row.ci_low), "ci_high": float(row.ci_high)}

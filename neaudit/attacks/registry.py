@@ -22,6 +22,7 @@ THREAT_LEVELS = {
     "L1": "protected data only",
     "L2": "plus clean in-distribution data",
     "L3": "plus a zoo of public models",
+    "learning": "labels, and training on the protected data",
 }
 
 
@@ -82,5 +83,8 @@ def register_attack(name: str, family: str, threat: str, defaults: dict[str, obj
 
 def get_attack(name: str) -> Attack:
     if name not in ATTACKS:
-        raise NeauditError(f"unknown attack '{name}'. Valid attacks: {', '.join(sorted(ATTACKS))}.")
+        from neaudit.learning import LEARNING
+
+        valid = sorted([*ATTACKS, *LEARNING])
+        raise NeauditError(f"unknown attack '{name}'. Valid attacks: {', '.join(valid)}.")
     return ATTACKS[name]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from neaudit.attacks.registry import ATTACKS, get_attack
 from neaudit.errors import NeauditError
+from neaudit.learning import LEARNING
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,11 @@ class SuiteEntry:
 
     @property
     def family(self) -> str:
-        return ATTACKS[self.attack].family if self.attack in ATTACKS else self.attack
+        return ATTACKS[self.attack].family if self.attack in ATTACKS else "learning"
 
     @property
     def threat(self) -> str:
-        return ATTACKS[self.attack].threat if self.attack in ATTACKS else "L0"
+        return ATTACKS[self.attack].threat if self.attack in ATTACKS else "learning"
 
 
 def builtin_suites_dir() -> Path:
@@ -81,14 +82,16 @@ def load_suite(suite: str | Path) -> list[SuiteEntry]:
         name = table.pop("name", None)
         if name is None:
             raise NeauditError(f"{path}: an [[attack]] table has no 'name'.")
-        attack = get_attack(name)
-        unknown = sorted(set(table) - set(attack.defaults))
+        defaults = (LEARNING[name].defaults if name in LEARNING else get_attack(name).defaults)
+        unknown = sorted(set(table) - set(defaults))
         if unknown:
             raise NeauditError(
                 f"{path}: attack '{name}' has no parameter {', '.join(map(repr, unknown))}. "
-                f"Valid parameters: {', '.join(attack.defaults) or '(none)'}.")
+                f"Valid parameters: {', '.join(defaults) or '(none)'}.")
         keys = sorted(table)
-        values = [v if isinstance(v, list) else [v] for v in (table[k] for k in keys)]
+        # a list runs one entry per value, unless the parameter itself takes a list
+        values = [[tuple(v)] if isinstance(defaults[k], list) else v if isinstance(v, list)
+                  else [v] for k, v in ((k, table[k]) for k in keys)]
         for combo in itertools.product(*values):
             entries.append(SuiteEntry(name, tuple(zip(keys, combo, strict=True))))
     return list(dict.fromkeys(entries))
