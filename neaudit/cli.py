@@ -69,6 +69,8 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _print_verdict(report) -> None:
+    for flag in report.flags:
+        print(f"  FLAG{' (fails)' if flag.failing else ''}  {flag.name}: {flag.message}")
     for criterion in report.criteria:
         print(f"  {'PASS' if criterion.passed else 'FAIL'}  {criterion.title}: "
               f"{criterion.observed:.3f} (threshold {criterion.threshold:g}; {criterion.where})")

@@ -37,7 +37,7 @@ from neaudit.reporting import ReportResult, render_report
 from neaudit.results import build_table, summarize
 from neaudit.spectral import low_sensitivity_subspace, misalignment
 from neaudit.stem import first_layer
-from neaudit.store import ResultStore
+from neaudit.store import ResultStore, ScratchStore
 from neaudit.zoo import ImageClassifier, create_model, resolve_zoo
 
 CLEAN, NONE = "clean", "none"
@@ -339,6 +339,9 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     num_classes = len(dataset.class_names) if dataset.class_names else None
     table = build_table(store.records(), roles, score_metric, num_classes)
     summary = summarize(table, score_metric)
+    records = store.records()
+    if all(store.done(t.task_id) for t in tasks):
+        summary["diagnostics"] = _diagnostics(dataset, records, tasks, worker, num_classes)
     if any(e.attack == "surrogate_projection" for e in entries):
         summary["surrogate_ranking"] = _surrogate_ranking(dataset, worker)
     finished = len([t for t in tasks if store.done(t.task_id)]) == len(tasks)
@@ -350,6 +353,70 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
                    time.time() - started, finished)
     report = render_report(out, policy) if finished else None
     return AuditResult(out, table, summary, len(pending), len(tasks) - len(pending), report)
+
+
+def _diagnostics(dataset: ImageDataset, records: list[dict], tasks: list[Task], worker: Worker,
+                 num_classes: int | None) -> dict:
+    """What the validity flags (:mod:`neaudit.flags`) read besides the table."""
+    histograms: dict[str, dict[str, int]] = {}
+    for record in records:
+        for spec, hist in record.get("histograms", {}).items():
+            merged = histograms.setdefault(spec, {})
+            for cls, count in hist.items():
+                merged[cls] = merged.get(cls, 0) + count
+    clean = {spec: {"distinct": len(h), "top_share": max(h.values()) / sum(h.values()),
+                    "classes": num_classes or 1000} for spec, h in histograms.items()}
+    params = (dataset.sidecar or {}).get("params") or {}
+    return {
+        "chance": 1.0 / num_classes if num_classes else None,
+        "clean_predictions": clean,
+        "sidecar": {"psnr": params.get("psnr"), "psnr_is_nominal": params.get("psnr_is_nominal"),
+                    "method": (dataset.sidecar or {}).get("method")} if params else None,
+        "files": _file_checks(dataset),
+        "nondeterministic_tasks": _rerun(tasks, worker),
+    }
+
+
+def _file_checks(dataset: ImageDataset, limit: int = 5000) -> dict:
+    """Lossy formats among the protected files, and files whose hash differs from the
+    ``hashes.sha256`` that ``neaudit protect`` wrote (a deterministic sample of ``limit``)."""
+    from neaudit.imageio import is_lossy, sha256_file
+
+    if isinstance(dataset.protected, np.ndarray):
+        return {}
+    files = dataset.protected
+    sample = files if len(files) <= limit else [files[i] for i in
+                                                 np.linspace(0, len(files) - 1, limit, dtype=int)]
+    lossy = [str(f) for f in sample if is_lossy(f)]
+    out = {"lossy": len(lossy), "lossy_example": lossy[0] if lossy else None}
+    root = dataset.source
+    hashes = root / "hashes.sha256" if root is not None else None
+    if hashes is not None and hashes.is_file():
+        recorded = dict(reversed(line.split("  ", 1)) for line in hashes.read_text().splitlines()
+                        if "  " in line)
+        wanted = {str(f.relative_to(root)): f for f in sample if f.is_relative_to(root)}
+        altered = [str(path) for name, path in wanted.items()
+                   if name in recorded and sha256_file(path) != recorded[name]]
+        out.update(altered=len(altered), altered_example=altered[0] if altered else None)
+    return out
+
+
+def _rerun(tasks: list[Task], worker: Worker, count: int = 2) -> list[str]:
+    """Re-run a few attack tasks with the same seed in scratch and list those that differ."""
+    candidates = [t for t in tasks if t.attack not in (CLEAN, NONE) and t.shard == 0
+                  and t.attack not in LEARNING]
+    scratch = ScratchStore(worker.store)
+    rerun = Worker(worker.dataset, worker.models, scratch, worker.device, worker.seed,
+                   worker.reference, worker.score_metric)
+    rerun.extras = worker.extras
+    differing = []
+    for task in candidates[:count]:
+        rerun(task)
+        fresh, stored = scratch.saved[task.task_id], scratch.record(task.task_id)
+        if fresh["models"] != stored["models"] or abs(
+                fresh.get("psnr_sum", 0.0) - stored.get("psnr_sum", 0.0)) > 1e-3:
+            differing.append(task.label)
+    return differing
 
 
 def _surrogate_ranking(dataset: ImageDataset, worker: Worker) -> list[tuple[str, float]]:

@@ -97,6 +97,18 @@ def write_png(path: Path, image: np.ndarray) -> None:
     atomic_write(path, lambda handle: Image.fromarray(image).save(handle, format="PNG"))
 
 
+def is_lossy(path: Path) -> bool:
+    """JPEG, or WebP without a lossless (VP8L) bitstream."""
+    suffix = path.suffix.lower()
+    if suffix in LOSSY_SUFFIXES:
+        return True
+    if suffix == ".webp":
+        with open(path, "rb") as handle:
+            header = handle.read(64)
+        return b"VP8L" not in header
+    return False
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -8,6 +8,8 @@ them for one attack family (``preprocess``, ``purify``)::
     max_leakage_above_chance = 0.4
     min_suppression_ratio = 2.0       # authorized score / best unauthorized score
     min_psnr = 28.0                   # measured PSNR of the NEs as released
+    levels = ["L0", "L1", "L2", "L3"] # threat levels the verdict must cover (else a flag)
+    fail_on = ["degenerate_model"]    # validity flags that fail the verdict
 
     [family.preprocess]
     min_authorized_retention = 0.9    # authorized retention under every preprocessing step
@@ -30,6 +32,7 @@ from neaudit.errors import NeauditError
 DEFAULT_POLICY = Path(__file__).parent / "reporting" / "default_policy.toml"
 KEYS = ("min_authorized_retention", "max_leakage", "max_leakage_above_chance",
         "min_suppression_ratio", "min_psnr")
+LIST_KEYS = ("fail_on", "levels")
 EXCLUDED_ATTACKS = ("clean",)
 EXCLUDED_FAMILIES = ("test",)
 
@@ -57,6 +60,8 @@ class Policy:
     name: str
     rules: dict[str, float]
     families: dict[str, dict[str, float]]
+    fail_on: tuple[str, ...] = ()
+    levels: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Policy:
@@ -70,11 +75,19 @@ class Policy:
         families = raw.pop("family", {})
         raw.pop("description", None)
         name = raw.pop("name", path.stem)
+        lists = {key: tuple(raw.pop(key, ())) for key in LIST_KEYS}
+        from neaudit.flags import FLAG_NAMES
+
+        unknown_flags = sorted(set(lists["fail_on"]) - set(FLAG_NAMES))
+        if unknown_flags:
+            raise NeauditError(f"{path}: fail_on names unknown flag(s) {', '.join(unknown_flags)}."
+                               f" Valid flags: {', '.join(FLAG_NAMES)}.")
         _check_keys(path, raw, "")
         for family, rules in families.items():
             _check_keys(path, rules, f"[family.{family}] ")
         return cls(name, {k: float(v) for k, v in raw.items()},
-                   {f: {k: float(v) for k, v in r.items()} for f, r in families.items()})
+                   {f: {k: float(v) for k, v in r.items()} for f, r in families.items()},
+                   lists["fail_on"], lists["levels"])
 
     def evaluate(self, table: pd.DataFrame, summary: dict) -> list[Criterion]:
         criteria = [c for key, value in self.rules.items()
@@ -95,7 +108,7 @@ def _check_keys(path: Path, rules: dict, where: str) -> None:
     unknown = sorted(set(rules) - set(KEYS))
     if unknown:
         raise NeauditError(f"{path}: {where}unknown key(s) {', '.join(unknown)}. Valid keys: "
-                           f"{', '.join(KEYS)}, and [family.NAME] tables.")
+                           f"{', '.join(KEYS + LIST_KEYS)}, and [family.NAME] tables.")
 
 
 def _check(key: str, threshold: float, table: pd.DataFrame, summary: dict,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
@@ -20,6 +20,7 @@ import pandas as pd
 from neaudit import __version__
 from neaudit.attacks.registry import THREAT_LEVELS
 from neaudit.errors import NeauditError
+from neaudit.flags import Flag, evaluate_flags
 from neaudit.imageio import atomic_write
 from neaudit.policy import Criterion, Policy, verdict
 from neaudit.reporting import plots
@@ -29,10 +30,11 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 @dataclass
 class ReportResult:
-    """What ``report`` returns: the verdict, the criteria and the files written."""
+    """What ``report`` returns: the verdict, the criteria, the validity flags and the files."""
 
     verdict: str
     criteria: list[Criterion]
+    flags: list[Flag]
     html: Path
     junit: Path
 
@@ -60,12 +62,19 @@ def render_report(run_dir: str | Path, policy: str | Path | Policy | None = None
     table, summary, manifest = load_run(run_dir)
     policy = policy if isinstance(policy, Policy) else Policy.load(policy)
     criteria = policy.evaluate(table, summary)
+    summary["criteria"] = [{**asdict(c), "title": c.title} for c in criteria]
+    flags = evaluate_flags(table, summary, policy)
     result = verdict(criteria)
-    html = _render_html(run_dir, table, summary, manifest, policy, criteria, result)
+    if any(f.failing for f in flags):
+        result = "FAIL"
+    summary.update(flags=[asdict(f) for f in flags], verdict=result, policy=policy.name)
+    atomic_write(run_dir / "summary.json",
+                 lambda h: h.write(json.dumps(summary, indent=2, default=str).encode()))
+    html = _render_html(run_dir, table, summary, manifest, policy, criteria, flags, result)
     atomic_write(run_dir / "index.html", lambda h: h.write(html.encode()))
-    junit = junit_xml(criteria, policy.name)
+    junit = junit_xml(criteria, flags, policy.name)
     atomic_write(run_dir / "junit.xml", lambda h: h.write(junit.encode()))
-    return ReportResult(result, criteria, run_dir / "index.html", run_dir / "junit.xml")
+    return ReportResult(result, criteria, flags, run_dir / "index.html", run_dir / "junit.xml")
 
 
 def _fmt(value, pattern: str = "%.3f") -> str:
@@ -85,17 +94,23 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def _verdict_text(criteria: list[Criterion], result: str) -> str:
+def _verdict_text(criteria: list[Criterion], flags: list[Flag], result: str) -> str:
     if not criteria:
         return "no policy criterion could be evaluated on these results"
     failed = [c for c in criteria if not c.passed]
+    failing_flags = [f.name for f in flags if f.failing]
     if result == "PASS":
         return f"all {len(criteria)} policy criteria are met"
-    return f"{len(failed)} of {len(criteria)} criteria fail: " + "; ".join(
-        f"{c.title} {_fmt(c.observed)} ({c.where})" for c in failed)
+    parts = []
+    if failed:
+        parts.append(f"{len(failed)} of {len(criteria)} criteria fail: " + "; ".join(
+            f"{c.title} {_fmt(c.observed)} ({c.where})" for c in failed))
+    if failing_flags:
+        parts.append("validity flag(s) the policy fails on: " + ", ".join(failing_flags))
+    return "; ".join(parts)
 
 
-def _render_html(run_dir, table, summary, manifest, policy, criteria, result) -> str:
+def _render_html(run_dir, table, summary, manifest, policy, criteria, flags, result) -> str:
     models = summary.get("models", {})
     authorized = next((m for m, e in models.items() if e["role"] == "authorized"), "–")
     samples_path = run_dir / "samples.png"
@@ -104,12 +119,12 @@ def _render_html(run_dir, table, summary, manifest, policy, criteria, result) ->
     meta = json.loads(samples_meta.read_text()) if samples_meta.is_file() else {}
     headline = table[table.metric != "ssim"].sort_values(["model", "attack", "metric"])
     context = dict(
-        verdict=result, verdict_text=_verdict_text(criteria, result), criteria=criteria,
+        verdict=result, verdict_text=_verdict_text(criteria, flags, result), criteria=criteria,
         policy_name=policy.name, authorized=authorized, n_models=len(models),
         n_attacks=table.attack.nunique(), score_metric=summary.get("score_metric", "score"),
         retention=summary.get("authorized_retention"), worst=summary.get("worst_leakage"),
         suppression=summary.get("suppression_ratio"), models=models,
-        flags=summary.get("flags", []),
+        flags=flags,
         plots=dict(heatmap=plots.leakage_heatmap(table), strength=plots.strength_curves(table),
                    damage=plots.damage_scatter(table), retention=plots.retention_bars(table)),
         samples=(base64.b64encode(samples_path.read_bytes()).decode()
@@ -149,12 +164,21 @@ def _provenance(manifest: dict) -> list[tuple[str, str]]:
     return items
 
 
-def junit_xml(criteria: list[Criterion], suite_name: str) -> str:
-    """One JUnit test case per policy criterion (failures carry the measurement)."""
-    failures = sum(not c.passed for c in criteria)
+def junit_xml(criteria: list[Criterion], flags: list[Flag], suite_name: str) -> str:
+    """One JUnit test case per policy criterion (failures carry the measurement) and one per
+    validity flag that fired (a failure where the policy fails on it)."""
+    failures = sum(not c.passed for c in criteria) + sum(f.failing for f in flags)
     lines = ['<?xml version="1.0" encoding="UTF-8"?>',
              f'<testsuite name={quoteattr("neaudit policy " + suite_name)} '
-             f'tests="{len(criteria)}" failures="{failures}">']
+             f'tests="{len(criteria) + len(flags)}" failures="{failures}">']
+    for flag in flags:
+        lines.append(f'  <testcase classname="neaudit.flags" name={quoteattr(flag.name)}>')
+        text = f"{flag.message} {flag.advice}"
+        if flag.failing:
+            lines.append(f"    <failure message={quoteattr(text)}>{escape(text)}</failure>")
+        else:
+            lines.append(f"    <system-out>{escape('warning: ' + text)}</system-out>")
+        lines.append("  </testcase>")
     for c in criteria:
         lines.append(f'  <testcase classname="neaudit.policy" name={quoteattr(c.title)}>')
         if not c.passed:

@@ -1,0 +1,158 @@
+"""Validity flags: each is provoked by building its situation; a clean audit fires none."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from neaudit import demo_zoo
+from neaudit.attacks import register_attack
+from neaudit.attacks.registry import ATTACKS
+from neaudit.data import load_dataset
+from neaudit.demo import digits_test_set
+from neaudit.engine import audit
+from neaudit.protection import protect
+
+OTHERS = ["demo:convmixer", "demo:small_cnn"]
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("flags") / "release"
+    protect(digits_test_set(120), demo_zoo.AUTHORIZED, out, psnr_target=20,
+            save_originals=True)
+    return out
+
+
+def _policy(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _flags(result) -> dict[str, list]:
+    names: dict[str, list] = {}
+    for flag in result.report.flags:
+        names.setdefault(flag.name, []).append(flag)
+    return names
+
+
+def _audit(data, tmp_path, policy_text="min_authorized_retention = 0.5\n", zoo=OTHERS,
+           suite="smoke", **kwargs):
+    return audit(data, zoo, suite=suite, out=tmp_path / "run", quiet=True,
+                 policy=_policy(tmp_path, policy_text), **kwargs)
+
+
+def test_a_clean_audit_fires_no_flag(release, tmp_path):
+    result = _audit(release, tmp_path)
+    assert result.report.flags == [] and result.report.verdict == "PASS"
+    assert "No evaluation-validity flag fired" in result.report.html.read_text()
+
+
+def test_degenerate_model_flag_and_fail_on(release, tmp_path):
+    factory = tmp_path / "const.py"
+    factory.write_text("import torch, torch.nn as nn\n"
+                       "class Const(nn.Module):\n"
+                       "    def __init__(self):\n"
+                       "        super().__init__()\n"
+                       "        self.conv = nn.Conv2d(3, 4, 3)\n"
+                       "    def forward(self, x):\n"
+                       "        constant = torch.eye(10)[3].expand(len(x), 10)\n"
+                       "        return self.conv(x).mean() * 0 + constant\n"
+                       "def make():\n"
+                       "    return Const()\n")
+    spec = f"python:{factory}:make?input_size=32"
+    result = _audit(release, tmp_path, "min_authorized_retention = 0.5\n"
+                    'fail_on = ["degenerate_model"]\n', zoo=[*OTHERS, spec])
+    flags = _flags(result)
+    assert [f.message.split(" ")[0] for f in flags["degenerate_model"]] == [spec]
+    assert flags["degenerate_model"][0].failing and result.report.verdict == "FAIL"
+    html = result.report.html.read_text()
+    assert html.index("degenerate_model") < html.index('<div class="verdict')
+
+
+def test_wrong_preprocessing_flag_on_a_shuffled_class_order(release, tmp_path):
+    dataset = load_dataset(release)
+    dataset.labels = (dataset.labels + 3) % 10  # a class-order mismatch
+    result = _audit(dataset, tmp_path)
+    flagged = {f.message.split(" ")[0] for f in _flags(result)["wrong_preprocessing"]}
+    assert flagged == set(OTHERS)
+    assert "authorized_failing" in _flags(result)
+
+
+def test_authorized_failing_when_the_protection_breaks_utility(tmp_path):
+    protect(digits_test_set(120), demo_zoo.AUTHORIZED, tmp_path / "weak",
+            method="reference", psnr_target=30, save_originals=True)
+    result = _audit(tmp_path / "weak", tmp_path)
+    assert "authorized_failing" in _flags(result)
+    # the published formula's nominal 30 dB is nowhere near what is released
+    assert "nominal_vs_measured" in _flags(result)
+
+
+def test_nominal_vs_measured_flag(release, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(release, copy)
+    sidecar = json.loads((copy / "neaudit.json").read_text())
+    sidecar["params"]["psnr"] = 35.0
+    (copy / "neaudit.json").write_text(json.dumps(sidecar))
+    result = _audit(copy, tmp_path)
+    message = _flags(result)["nominal_vs_measured"][0].message
+    table = result.table
+    measured = table[(table.metric == "psnr") & (table.attack == "none")].value.iloc[0]
+    assert "recorded PSNR in neaudit.json is 35.0 dB" in message
+    assert f"({measured - 35:+.1f} dB)" in message
+
+
+def test_lossy_and_altered_input_flags(release, tmp_path):
+    jpeg = tmp_path / "jpeg"
+    shutil.copytree(release, jpeg)
+    for png in sorted((jpeg / "protected").rglob("*.png")):
+        Image.open(png).save(png.with_suffix(".jpg"), quality=90)
+        png.unlink()
+    for png in sorted((jpeg / "original").rglob("*.png")):
+        png.rename(png.with_suffix(".jpg"))
+    result = _audit(jpeg, tmp_path / "a")
+    lossy = _flags(result)["lossy_or_altered_input"]
+    assert any("lossy format" in f.message for f in lossy)
+
+    altered = tmp_path / "altered"
+    shutil.copytree(release, altered)
+    victim = sorted((altered / "protected").rglob("*.png"))[5]
+    pixels = np.array(Image.open(victim))
+    pixels[0, 0] ^= 1
+    Image.fromarray(pixels).save(victim)
+    result = _audit(altered, tmp_path / "b")
+    messages = [f.message for f in _flags(result)["lossy_or_altered_input"]]
+    assert any("1 protected file(s) differ" in m and victim.name in m for m in messages)
+
+
+def test_trivial_break_and_too_few_samples(release, tmp_path):
+    result = _audit(release, tmp_path, "max_leakage = 0.5\nmin_authorized_retention = 0.98\n")
+    flags = _flags(result)
+    assert "preprocessing step" in flags["trivial_break"][0].message
+    assert any("min_authorized_retention" in f.message for f in flags["too_few_samples"])
+
+
+def test_nondeterminism_flag(release, tmp_path):
+    if "unseeded_noise" not in ATTACKS:
+        @register_attack("unseeded_noise", "test", "L0", {})
+        def unseeded_noise(images, ctx):
+            """Draws from the global RNG: a bug the flag must catch."""
+            return images + 0.2 * torch.rand(images.shape)
+
+    suite = tmp_path / "s.toml"
+    suite.write_text('[[attack]]\nname = "unseeded_noise"\n')
+    result = _audit(release, tmp_path, suite=suite)
+    assert "unseeded_noise" in _flags(result)["nondeterminism"][0].message
+
+
+def test_missing_threat_levels_flag(release, tmp_path):
+    result = _audit(release, tmp_path, 'min_authorized_retention = 0.5\n'
+                    'levels = ["L0", "L1", "L2", "L3"]\n')
+    message = _flags(result)["missing_threat_levels"][0].message
+    assert "L2, L3" in message
