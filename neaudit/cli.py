@@ -97,7 +97,7 @@ def _demo(args: argparse.Namespace) -> int:
     from neaudit.engine import format_summary
 
     result = demo(args.out, quick=args.quick, psnr=args.psnr, quiet=args.quiet,
-                  policy=args.policy)
+                  policy=args.policy, suite=args.suite)
     print(format_summary(result))
     _print_verdict(result.report)
     print(f"\nOpen the report: {result.report.html.resolve()}")
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="120 images, smoke suite (< 1 min)")
     demo.add_argument("--psnr", type=float, default=20.0, help="target PSNR of the NEs (dB)")
     demo.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
+    demo.add_argument("--suite", help="suite (default: standard; smoke with --quick)")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=_demo)
 

@@ -30,13 +30,14 @@ def digits_test_set(count: int | None = None) -> ImageDataset:
 
 
 def demo(out: str | Path = "reports/demo", quick: bool = False, psnr: float = 20.0,
-         quiet: bool = False, policy: str | Path | None = None) -> AuditResult:
+         quiet: bool = False, policy: str | Path | None = None,
+         suite: str | None = None) -> AuditResult:
     """Protect, audit and report; ``quick`` uses 120 images and the smoke suite."""
     out = Path(out)
     dataset = digits_test_set(QUICK_IMAGES if quick else None)
     protect(dataset, demo_zoo.AUTHORIZED, out / "data", psnr_target=psnr, save_originals=True)
     others = [f"demo:{name}" for name in demo_zoo.ARCHITECTURES
               if f"demo:{name}" != demo_zoo.AUTHORIZED]
-    return audit(out / "data", others, suite="smoke" if quick else "standard",
+    return audit(out / "data", others, suite=suite or ("smoke" if quick else "standard"),
                  out=out / "audit", score="accuracy", quiet=quiet, policy=policy,
                  command=f"neaudit demo --out {out}{' --quick' if quick else ''}")
