@@ -55,7 +55,13 @@ def _audit(args: argparse.Namespace) -> int:
         zoo = resolve_zoo(args.zoo) + zoo
     if not zoo:
         raise NeauditError("no models to audit. Fix: pass --zoo PRESET|SPEC,SPEC or --model SPEC.")
+    executor = None
+    if args.executor == "ray":
+        from neaudit.ray_executor import RayExecutor
+
+        executor = RayExecutor(args.ray_address, args.ray_workers, args.ray_cpus, args.ray_gpus)
     result = audit(args.data, zoo, authorized=args.authorized, suite=args.suite, out=args.out,
+                   executor=executor,
                    device=args.device, seed=args.seed, batch_size=args.batch_size,
                    originals=args.originals, reference=args.reference,
                    max_images=args.max_images, quiet=args.quiet, score=args.score,
@@ -180,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accuracy against labels, or agreement with clean predictions")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
+    run.add_argument("--executor", choices=("local", "ray"), default="local")
+    run.add_argument("--ray-address", help="existing Ray cluster: auto or HOST:PORT")
+    run.add_argument("--ray-workers", type=int, default=2, help="Ray actors")
+    run.add_argument("--ray-cpus", type=float, default=1, help="CPUs each actor asks for")
+    run.add_argument("--ray-gpus", type=float, default=0, help="GPUs each actor asks for")
     run.set_defaults(handler=_audit)
 
     report = sub.add_parser("report", help="re-render a run's HTML report and verdict")

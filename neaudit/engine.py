@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -72,17 +73,61 @@ class AuditResult:
     report: ReportResult | None = None
 
 
+@dataclass(frozen=True)
+class WorkerRecipe:
+    """Everything a worker process needs to rebuild the audit's worker: plain, picklable data
+    (paths, specs, settings). Workers read the data from these paths, not via the driver."""
+
+    data: str
+    originals: str | None
+    max_images: int | None
+    specs: tuple[str, ...]
+    authorized: str
+    out: str
+    config: dict
+    device: str
+    seed: int
+    reference: str | None
+    needs_reference: bool
+    score_metric: str
+
+
+def build_worker(recipe: WorkerRecipe) -> Worker:
+    """The worker a recipe describes (models loaded once, kept for every task it runs)."""
+    dataset = load_dataset(recipe.data, recipe.originals)
+    if recipe.max_images is not None:
+        dataset = dataset.head(recipe.max_images)
+    device = resolve_device(recipe.device)
+    models = {spec: create_model(spec, dataset.class_names).to(device) for spec in recipe.specs}
+    reference = (_reference_images(dataset, recipe.reference, recipe.seed)
+                 if recipe.needs_reference else None)
+    worker = Worker(dataset, models, ResultStore(Path(recipe.out), recipe.config), device,
+                    recipe.seed, reference, recipe.score_metric)
+    worker.extras.update(surrogates=models, authorized=recipe.authorized)
+    return worker
+
+
 class LocalExecutor:
     """Runs tasks in order in this process (clean tasks first, then by shard)."""
 
     name = "local"
 
-    def run(self, tasks: Sequence[Task], fn: Callable[[Task], None],
-            progress: Callable[[], None] | None = None) -> None:
+    def run(self, tasks: Sequence[Task], worker: Callable[[Task], None],
+            recipe: WorkerRecipe | None, progress: Callable[[], None] | None = None) -> None:
         for task in tasks:
-            fn(task)
+            worker(task)
             if progress:
                 progress()
+
+
+class Executor(Protocol):
+    """Runs a list of tasks: locally (:class:`LocalExecutor`) or on a cluster
+    (:class:`neaudit.ray_executor.RayExecutor`), through the same atomic results store."""
+
+    name: str
+
+    def run(self, tasks: Sequence[Task], worker: Callable[[Task], None],
+            recipe: WorkerRecipe | None, progress: Callable[[], None] | None = None) -> None: ...
 
 
 def resolve_device(device: str) -> torch.device:
@@ -268,7 +313,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
           out: str | Path | None = None, device: str = "auto", seed: int = 0,
           batch_size: int = 64, originals: str | Path | None = None,
           reference: str | Path | None = None, max_images: int | None = None,
-          executor: LocalExecutor | None = None, quiet: bool = False,
+          executor: Executor | None = None, quiet: bool = False,
           command: str | None = None, stop_after: int | None = None,
           score: str = "auto", policy: str | Path | None = None) -> AuditResult:
     """Run an audit and return its table; see the module docstring for the plan.
@@ -328,12 +373,16 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
         pending = pending[:stop_after]
     worker = Worker(dataset, models, store, torch_device, seed, reference_images, score_metric)
     worker.extras.update(surrogates=models, authorized=authorized)  # the L3 attacker's zoo
+    recipe = None if isinstance(data, ImageDataset) else WorkerRecipe(
+        str(data), str(originals) if originals else None, max_images, tuple(specs), authorized,
+        str(out), config, device, seed, str(reference) if reference else None,
+        needs_reference, score_metric)
     bar = None
     if not quiet:
         from tqdm import tqdm
 
         bar = tqdm(total=len(pending), desc="audit", unit="task", file=sys.stderr)
-    (executor or LocalExecutor()).run(pending, worker, bar.update if bar else None)
+    (executor or LocalExecutor()).run(pending, worker, recipe, bar.update if bar else None)
     if bar:
         bar.close()
     num_classes = len(dataset.class_names) if dataset.class_names else None

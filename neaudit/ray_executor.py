@@ -1,0 +1,71 @@
+"""Run an audit's tasks on a Ray cluster (``pip install neaudit[ray]``).
+
+Each actor rebuilds the worker from a :class:`~neaudit.engine.WorkerRecipe` (it reads the data
+from the given paths on shared storage and loads every model once), then runs tasks until the
+plan is done. Results go through the same atomic store as the local executor, so a run can be
+resumed by either. A lost actor is restarted and its task retried; task records are keyed by
+task, so a retry overwrites rather than duplicates.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+from neaudit.engine import CLEAN, Task, WorkerRecipe, build_worker
+from neaudit.errors import NeauditError
+
+
+class _AuditActor:
+    def __init__(self, recipe: WorkerRecipe) -> None:
+        self.worker = build_worker(recipe)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, task: Task) -> str:
+        self.worker(task)
+        return task.task_id
+
+
+class RayExecutor:
+    """Ray executor: ``workers`` actors, each asking ``cpus``/``gpus`` as resources."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, workers: int = 2, cpus: float = 1,
+                 gpus: float = 0, max_retries: int = 3, num_cpus: int | None = None) -> None:
+        self.address, self.workers, self.cpus, self.gpus = address, workers, cpus, gpus
+        self.max_retries, self.num_cpus = max_retries, num_cpus
+        self.pids: list[int] = []
+
+    def run(self, tasks: Sequence[Task], worker: Callable[[Task], None],
+            recipe: WorkerRecipe | None, progress: Callable[[], None] | None = None) -> None:
+        try:
+            import ray
+            from ray.util import ActorPool
+        except ImportError as exc:
+            raise NeauditError("the Ray executor needs Ray. Fix: pip install 'neaudit[ray]'."
+                               ) from exc
+        if recipe is None:
+            raise NeauditError("the Ray executor needs the dataset as a path that every worker "
+                               "can read (shared storage), not an in-memory dataset.")
+        if not ray.is_initialized():
+            ray.init(address=self.address, num_cpus=None if self.address else self.num_cpus,
+                     include_dashboard=False, log_to_driver=False)
+        actor = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus,
+                           max_restarts=self.max_retries,
+                           max_task_retries=self.max_retries)(_AuditActor)
+        actors = [actor.remote(recipe) for _ in range(self.workers)]
+        self.pids = ray.get([a.pid.remote() for a in actors])
+        try:
+            # clean tasks first: label-free agreement reads their predictions
+            for phase in ([t for t in tasks if t.attack == CLEAN],
+                          [t for t in tasks if t.attack != CLEAN]):
+                pool = ActorPool(actors)
+                for _ in pool.map_unordered(lambda a, t: a.run.remote(t), phase):
+                    if progress:
+                        progress()
+        finally:
+            for handle in actors:
+                ray.kill(handle)
