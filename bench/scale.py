@@ -40,9 +40,9 @@ def main() -> None:
         one = timed_audit(data, Path(tmp) / "ray1", RayExecutor(workers=1))
         two = timed_audit(data, Path(tmp) / "ray2", RayExecutor(workers=2))
     tasks_note = f"{args.images} images × {len(ZOO)} models × standard suite"
-    print(f"{tasks_note}\n  local     {local:7.1f} s  {args.images / local:6.1f} img/s\\n"
-          f"  ray × 1   {one:7.1f} s  {args.images / one:6.1f} img/s\\n"
-          f"  ray × 2   {two:7.1f} s  {args.images / two:6.1f} img/s\\n"
+    print(f"{tasks_note}\n  local     {local:7.1f} s  {args.images / local:6.1f} img/s\n"
+          f"  ray × 1   {one:7.1f} s  {args.images / one:6.1f} img/s\n"
+          f"  ray × 2   {two:7.1f} s  {args.images / two:6.1f} img/s\n"
           f"  scaling efficiency (1→2 workers) {one / two / 2:.2f}; ray×1 vs local "
           f"{local / one:.2f}")
 
