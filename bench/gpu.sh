@@ -14,3 +14,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 python3 bench/gpu_bench.py
+python3 bench/protect.py --images 256 --batch 64 --device cuda --threads 16
+python3 bench/protect.py --images 64 --batch 32 --device cpu --threads 16

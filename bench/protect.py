@@ -35,10 +35,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    clean = to_float(builtin_dataset("samples", count=args.images, size=224).protected)
-    print(f"{args.images} images 224×224, batch {args.batch}, {args.threads} threads")
+    device = torch.device(args.device)
+    clean = to_float(builtin_dataset("samples", count=args.images, size=224).protected).to(device)
+    print(f"{args.images} images 224×224, batch {args.batch}, {args.threads} threads, {device}")
     print(f"{'stem':<10} {'method':<10} {'recode img/s':>13} {'write img/s':>12} "
           f"{'end-to-end img/s':>17}")
     for label, spec in STEMS.items():
@@ -51,6 +53,8 @@ def main() -> None:
                 for lo in range(0, args.images, args.batch):
                     batch = clean[lo:lo + args.batch]
                     gens = image_generators(0, torch.arange(lo, lo + len(batch)))
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
                     if method == "subspace":
                         seconds, written = timed(
                             lambda: subspace_recode(batch, space, 30.0, gens))  # noqa: B023

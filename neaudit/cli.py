@@ -27,7 +27,7 @@ def _protect(args: argparse.Namespace) -> int:
                      psnr_target=args.psnr, rank=args.rank, threshold=args.threshold,
                      seed=args.seed, key=args.key, store_key=args.store_key,
                      save_originals=args.save_originals, output_format=args.format,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, device=args.device)
     if not args.quiet:
         summary = result.summary
         print(f"wrote {len(result.per_image)} NEs ({args.method}) to {result.out}")
@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--format", choices=("png", "npz"), default="png")
     protect.add_argument("--resize", type=_size, help="resize policy for mixed sizes, H[xW]")
     protect.add_argument("--batch-size", type=int, default=32)
+    protect.add_argument("--device", default="cpu", help="cpu, auto, cuda or cuda:N")
     protect.add_argument("--quiet", action="store_true")
     protect.set_defaults(handler=_protect)
 

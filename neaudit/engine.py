@@ -30,6 +30,7 @@ import torch
 from neaudit import __version__, learning
 from neaudit.attacks import AttackContext, SuiteEntry, get_attack, load_suite
 from neaudit.data import ImageDataset, load_dataset
+from neaudit.device import resolve_device
 from neaudit.errors import NeauditError
 from neaudit.imageio import write_png
 from neaudit.learning import LEARNING
@@ -128,14 +129,6 @@ class Executor(Protocol):
 
     def run(self, tasks: Sequence[Task], worker: Callable[[Task], None],
             recipe: WorkerRecipe | None, progress: Callable[[], None] | None = None) -> None: ...
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NeauditError(f"--device {device}: CUDA is not available here. Fix: use cpu or auto.")
-    return torch.device(device)
 
 
 def plan(dataset: ImageDataset, entries: Sequence[SuiteEntry], batch_size: int) -> list[Task]:

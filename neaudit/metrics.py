@@ -54,15 +54,16 @@ def first_layer_gain(layer: FirstLayer, delta: torch.Tensor) -> torch.Tensor:
 def relative_first_layer_change(layer: FirstLayer, clean: torch.Tensor, delta: torch.Tensor
                                 ) -> torch.Tensor:
     """Per-image ‖W̃δ‖ / ‖W x̃‖ (the clean response without bias)."""
-    normalized = (clean - layer.mean.view(1, -1, 1, 1)) / layer.std.view(1, -1, 1, 1)
-    clean_response = torch.nn.functional.conv2d(normalized, layer.weight, stride=layer.stride,
-                                                padding=layer.padding)
+    normalized = (clean - layer.mean.view(1, -1, 1, 1).to(clean)) / layer.std.view(
+        1, -1, 1, 1).to(clean)
+    clean_response = torch.nn.functional.conv2d(normalized, layer.weight.to(clean),
+                                                stride=layer.stride, padding=layer.padding)
     return layer.response(delta).flatten(1).norm(dim=1) / clean_response.flatten(1).norm(dim=1)
 
 
 def isotropic_like(delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Gaussian noise with the same per-image energy as ``delta``."""
-    noise = torch.randn(delta.shape, generator=generator)
+    noise = torch.randn(delta.shape, generator=generator).to(delta.device)
     scale = delta.flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1)
     return noise * scale.view(-1, 1, 1, 1)
 

@@ -54,10 +54,11 @@ def subspace_recode(clean: torch.Tensor, space: PatchSubspace | FourierSubspace,
     """
     _check_images(clean)
     noise = torch.cat([space.sample((1, *clean.shape[1:]), g) for g in generators])
+    noise = noise.to(clean.device)
     target_norm = (clean[0].numel() * 10 ** (-target_psnr / 10)) ** 0.5
     scale = 1.25 * target_norm / noise.flatten(1).norm(dim=1).clamp_min(1e-12)
     delta = torch.empty_like(clean)
-    todo = torch.arange(len(clean))
+    todo = torch.arange(len(clean), device=clean.device)
     for _ in range(calibration_rounds):
         base = clean[todo]
         start = base + noise[todo] * scale[todo].view(-1, 1, 1, 1)
@@ -90,14 +91,14 @@ def reference_recode(clean: torch.Tensor, layer: FirstLayer, nominal_psnr: float
     """The published construction (steps 3–5); returns unclipped float pixels."""
     _check_images(clean)
     basis = reference_basis(layer, tau)
-    mean = layer.mean.view(1, -1, 1, 1)
-    std = layer.std.view(1, -1, 1, 1)
+    mean = layer.mean.view(1, -1, 1, 1).to(clean)
+    std = layer.std.view(1, -1, 1, 1).to(clean)
     normalized = (clean - mean) / std
     kernel, stride, padding = layer.kernel, layer.stride, layer.padding
     unfolded = F.unfold(normalized, kernel, stride=stride, padding=padding)  # (B, d, L)
     k = basis.shape[1]
-    first = torch.stack([basis @ torch.randn(k, generator=g) for g in generators])
-    second = torch.stack([basis @ torch.randn(k, generator=g) for g in generators])
+    first = torch.stack([basis @ torch.randn(k, generator=g) for g in generators]).to(clean)
+    second = torch.stack([basis @ torch.randn(k, generator=g) for g in generators]).to(clean)
     target_mse = 255.0**2 / 10 ** (nominal_psnr / 10)
     scale = (target_mse / (unfolded + first[:, :, None]).pow(2).mean(dim=(1, 2))).sqrt()
     recoded = unfolded + (scale[:, None] * second)[:, :, None]

@@ -21,6 +21,7 @@ import torch
 
 from neaudit import __version__
 from neaudit.data import ORIGINAL_DIR, PROTECTED_DIR, SIDECAR, ImageDataset, load_dataset
+from neaudit.device import resolve_device
 from neaudit.errors import NeauditError
 from neaudit.imageio import atomic_write, quantize, sha256_file, to_uint8, write_png
 from neaudit.metrics import (
@@ -64,7 +65,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
             rank: int | None = None, threshold: float | None = None, seed: int = 0,
             key: int | None = None, store_key: bool = False, save_originals: bool = False,
             output_format: str = "png", batch_size: int = 32, tau: float = 1e-2,
-            ) -> ProtectResult:
+            device: str = "cpu") -> ProtectResult:
     """Recode ``data`` into NEs for ``authorized`` and write them under ``out``.
 
     ``key`` seeds the noise inside the subspace (defaults to ``seed``); it is recorded in
@@ -78,7 +79,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     dataset = data if isinstance(data, ImageDataset) else load_dataset(data)
     out = Path(out)
     _refuse_input_folder(dataset, out)
-    model = create_model(authorized, dataset.class_names)
+    torch_device = resolve_device(device)
+    model = create_model(authorized, dataset.class_names).to(torch_device)
     size = tuple(model.input_size or dataset.image_shape)
     if tuple(dataset.image_shape) != size:
         dataset.resize = size  # recoding happens at the resolution the stem sees
@@ -89,7 +91,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
 
     rows, written, originals, names = [], [], [], []
     for batch in dataset.batches(batch_size):
-        clean = quantize(batch.protected)
+        clean = quantize(batch.protected).to(torch_device)
         generators = image_generators(noise_key, batch.index)
         if method == "subspace":
             protected = subspace_recode(clean, space, psnr_target, generators)

@@ -19,6 +19,7 @@ have is ``min_gain`` = sqrt(mean of the selected σ²).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -130,6 +131,16 @@ class PatchSubspace:
         z = torch.randn(b, self.rank, count, generator=generator)
         return self._fold(self.basis @ z, torch.zeros(shape))
 
+    @functools.cached_property
+    def _rounding_factor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel order (largest column norm first) and the upper Cholesky factor of the
+        damped inverse Gram matrix in that order, computed once per subspace."""
+        gram = self.matrix.double().T @ self.matrix.double()
+        damp = 1e-2 * float(gram.diagonal().mean())
+        order = gram.diagonal().argsort(descending=True)
+        gram = gram[order][:, order] + damp * torch.eye(gram.shape[0], dtype=gram.dtype)
+        return order, torch.linalg.cholesky(torch.linalg.inv(gram), upper=True).float()
+
     def round_to_grid(self, target: torch.Tensor) -> torch.Tensor:
         """Quantize [0,1] images to the uint8 grid so that the rounding error has the
         smallest first-layer response.
@@ -142,11 +153,7 @@ class PatchSubspace:
         patches = self._unfold(target * 255.0)  # (B, d, L)
         b, d, count = patches.shape
         rows = patches.permute(0, 2, 1).reshape(-1, d)
-        gram = self.matrix.double().T @ self.matrix.double()
-        damp = 1e-2 * float(gram.diagonal().mean())
-        order = gram.diagonal().argsort(descending=True)
-        gram = gram[order][:, order] + damp * torch.eye(d, dtype=gram.dtype)
-        upper = torch.linalg.cholesky(torch.linalg.inv(gram), upper=True).float()
+        order, upper = (t.to(target.device) for t in self._rounding_factor)
         rounded = _compensated_round(rows[:, order], upper)
         rows = torch.empty_like(rounded)
         rows[:, order] = rounded
@@ -162,7 +169,8 @@ def _compensated_round(values: torch.Tensor, upper: torch.Tensor, block: int = 1
     d = columns.shape[0]
     for lo in range(0, d, block):
         hi = min(lo + block, d)
-        errors = torch.empty(hi - lo, columns.shape[1], dtype=columns.dtype)
+        errors = torch.empty(hi - lo, columns.shape[1], dtype=columns.dtype,
+                             device=columns.device)
         for j in range(lo, hi):
             exact = columns[j]
             rounded = exact.round().clamp_(0, 255)
@@ -238,7 +246,8 @@ class FourierSubspace:
         poly = delta.reshape(b, c, n1, sh, n2, sw).permute(0, 1, 3, 5, 2, 4)
         spec = torch.fft.fft2(poly.to(torch.float32), norm="ortho").reshape(b, -1, n1, n2)
         spec = spec.permute(2, 3, 1, 0)  # N1, N2, C·s², B
-        spec = (self.projector @ spec).permute(3, 2, 0, 1).reshape(b, c, sh, sw, n1, n2)
+        projector = self.projector.to(spec.device)
+        spec = (projector @ spec).permute(3, 2, 0, 1).reshape(b, c, sh, sw, n1, n2)
         out = torch.fft.ifft2(spec, norm="ortho").real
         return out.permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w).to(delta.dtype)
 

@@ -43,3 +43,13 @@ def test_audit_on_cuda_matches_cpu(tmp_path):
     assert (accuracy.value_cpu - accuracy.value_gpu).abs().max() <= 3 / 120
     images = merged[merged.metric == "psnr"]
     assert (images.value_cpu - images.value_gpu).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("spec", ["timm:vit_small_patch16_224?img_size=64&num_classes=10",
+                                  "timm:resnet50?num_classes=10&input_size=64"])
+def test_ne_recoding_on_cuda_matches_cpu(spec, tmp_path):
+    cpu = protect("builtin:samples", spec, tmp_path / "cpu", device="cpu").summary
+    gpu = protect("builtin:samples", spec, tmp_path / "gpu", device="cuda").summary
+    assert abs(cpu["psnr"] - gpu["psnr"]) < 0.05
+    assert abs(cpu["gain"] / cpu["isotropic_gain"] - gpu["gain"] / gpu["isotropic_gain"]) < 0.005
+    assert abs(cpu["agreement"] - gpu["agreement"]) <= 1 / 32
