@@ -65,7 +65,8 @@ def _audit(args: argparse.Namespace) -> int:
                    device=args.device, seed=args.seed, batch_size=args.batch_size,
                    originals=args.originals, reference=args.reference,
                    max_images=args.max_images, quiet=args.quiet, score=args.score,
-                   policy=args.policy, command=" ".join(["neaudit", *sys.argv[1:]]))
+                   policy=args.policy, loader_workers=args.loader_workers,
+                   command=" ".join(["neaudit", *sys.argv[1:]]))
     print(format_summary(result))
     if result.report is None:
         print("audit incomplete: re-run the same command to finish it")
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accuracy against labels, or agreement with clean predictions")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
+    run.add_argument("--loader-workers", type=int, default=0,
+                     help="processes reading shards ahead (pinned memory on CUDA)")
     run.add_argument("--executor", choices=("local", "ray"), default="local")
     run.add_argument("--ray-address", help="existing Ray cluster: auto or HOST:PORT")
     run.add_argument("--ray-workers", type=int, default=2, help="Ray actors")

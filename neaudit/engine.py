@@ -18,7 +18,7 @@ import shlex
 import sys
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -99,12 +99,15 @@ def build_worker(recipe: WorkerRecipe) -> Worker:
     if recipe.max_images is not None:
         dataset = dataset.head(recipe.max_images)
     device = resolve_device(recipe.device)
-    models = {spec: create_model(spec, dataset.class_names).to(device) for spec in recipe.specs}
+    models = {spec: create_model(spec, dataset.class_names) for spec in recipe.specs}
+    offload = not fits_on_device(models, device)
+    models = {spec: m if offload else m.to(device) for spec, m in models.items()}
     reference = (_reference_images(dataset, recipe.reference, recipe.seed)
                  if recipe.needs_reference else None)
     worker = Worker(dataset, models, ResultStore(Path(recipe.out), recipe.config), device,
                     recipe.seed, reference, recipe.score_metric)
     worker.extras.update(surrogates=models, authorized=recipe.authorized)
+    worker.offload = offload
     return worker
 
 
@@ -158,8 +161,29 @@ class Worker:
         self.score_metric = score_metric
         self.extras: dict = {}
         self._shard: tuple[int, object] | None = None
+        self._upcoming: Iterator | None = None
+        self.offload = False  # keep models on the CPU, one on the GPU at a time
+
+    def prefetch(self, tasks: Sequence[Task], workers: int) -> None:
+        """Load the shards the tasks will visit, in order, in ``workers`` background processes
+        (pinned memory on CUDA, so copies to the device do not block)."""
+        visits = [(t.shard, t.start, t.stop) for t in tasks if t.attack not in LEARNING]
+        visits = [v for i, v in enumerate(visits) if i == 0 or v[0] != visits[i - 1][0]]
+        if workers > 0 and visits:
+            loader = torch.utils.data.DataLoader(
+                _ShardReader(self.dataset, visits), batch_size=None, num_workers=workers,
+                pin_memory=self.device.type == "cuda")
+            self._upcoming = iter(zip(visits, loader, strict=True))
 
     def _batch(self, task: Task):
+        while self._upcoming is not None and (
+                self._shard is None or self._shard[0] != task.shard):
+            try:
+                (shard, _, _), batch = next(self._upcoming)
+            except StopIteration:
+                self._upcoming = None
+                break
+            self._shard = (shard, batch)
         if self._shard is None or self._shard[0] != task.shard:
             batch = next(self.dataset.batches(task.stop - task.start, task.start, task.stop))
             self._shard = (task.shard, batch)
@@ -171,7 +195,11 @@ class Worker:
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=(
                 self.device.type == "cuda")):
             for spec, model in self.models.items():
+                if self.offload:
+                    model.to(self.device)
                 out[spec] = model(images).float().argmax(1).cpu().numpy()
+                if self.offload:
+                    model.cpu()
         return out
 
     def __call__(self, task: Task) -> None:
@@ -191,7 +219,8 @@ class Worker:
                                 reference=self.reference, originals=batch.original,
                                 cache_dir=self.store.root.parent / ".cache", extras=self.extras)
             attack = get_attack(task.attack)
-            images = attack(images.to(self.device), ctx, **dict(task.params)).cpu()
+            images = attack(images.to(self.device, non_blocking=True), ctx,
+                            **dict(task.params)).cpu()
         predictions = self._predict(images)
         if self.score_metric == "accuracy":
             truth = {spec: batch.labels.numpy() for spec in predictions}
@@ -274,6 +303,29 @@ class Worker:
         return record
 
 
+class _ShardReader(torch.utils.data.Dataset):
+    """Shard visits as a map-style dataset, so a DataLoader can read them in worker processes."""
+
+    def __init__(self, dataset: ImageDataset, visits: list[tuple[int, int, int]]) -> None:
+        self.dataset, self.visits = dataset, visits
+
+    def __len__(self) -> int:
+        return len(self.visits)
+
+    def __getitem__(self, index: int):
+        _, start, stop = self.visits[index]
+        return next(self.dataset.batches(stop - start, start, stop))
+
+
+def fits_on_device(models: dict[str, ImageClassifier], device: torch.device) -> bool:
+    """Whether every model fits in half of the GPU's free memory (else they take turns)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    size = sum(p.numel() * p.element_size() for m in models.values() for p in m.parameters())
+    return size < free / 2
+
+
 def _array_name(spec: str) -> str:
     return "m" + hashlib.sha256(spec.encode()).hexdigest()[:16]
 
@@ -308,13 +360,15 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
           reference: str | Path | None = None, max_images: int | None = None,
           executor: Executor | None = None, quiet: bool = False,
           command: str | None = None, stop_after: int | None = None,
-          score: str = "auto", policy: str | Path | None = None) -> AuditResult:
+          score: str = "auto", policy: str | Path | None = None,
+          loader_workers: int = 0) -> AuditResult:
     """Run an audit and return its table; see the module docstring for the plan.
 
     ``authorized`` defaults to the spec recorded in the dataset's ``neaudit.json``.
     ``score``: ``accuracy`` (needs labels), ``agreement`` (needs originals) or ``auto``
     (accuracy where labels exist). ``stop_after`` computes at most that many new tasks, then
-    stops (used to test resume).
+    stops (used to test resume). ``loader_workers`` > 0 reads shards ahead in that many
+    processes (pinned memory on CUDA).
     """
     started = time.time()
     entries = load_suite(suite)  # validated before any image is read
@@ -345,7 +399,9 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     if score_metric not in ("accuracy", "agreement"):
         raise NeauditError(f"unknown score '{score}'. Fix: use auto, accuracy or agreement.")
     torch_device = resolve_device(device)
-    models = {spec: create_model(spec, dataset.class_names).to(torch_device) for spec in specs}
+    models = {spec: create_model(spec, dataset.class_names) for spec in specs}
+    offload = not fits_on_device(models, torch_device)
+    models = {spec: m if offload else m.to(torch_device) for spec, m in models.items()}
     roles = {spec: "authorized" if spec == authorized else "unauthorized" for spec in specs}
     out = Path(out) if out else default_run_dir(
         data if not isinstance(data, ImageDataset) else "data", str(suite), specs, seed)
@@ -366,6 +422,9 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
         pending = pending[:stop_after]
     worker = Worker(dataset, models, store, torch_device, seed, reference_images, score_metric)
     worker.extras.update(surrogates=models, authorized=authorized)  # the L3 attacker's zoo
+    worker.offload = offload
+    if loader_workers:
+        worker.prefetch(pending, loader_workers)
     recipe = None if isinstance(data, ImageDataset) else WorkerRecipe(
         str(data), str(originals) if originals else None, max_images, tuple(specs), authorized,
         str(out), config, device, seed, str(reference) if reference else None,

@@ -117,3 +117,10 @@ def test_cli_audit_exit_code_follows_the_verdict(protected, tmp_path, capsys):
     assert main(["audit", str(protected), "--model", OTHER, "--suite", "nope",
                  "--out", str(tmp_path / "x")]) == 2
     assert "unknown suite 'nope'" in capsys.readouterr().err
+
+
+def test_prefetching_in_worker_processes_gives_the_same_table(protected, suite, tmp_path):
+    common = dict(suite=suite, score="agreement", batch_size=8, quiet=True)
+    plain = audit(protected, [OTHER], out=tmp_path / "plain", **common).table
+    ahead = audit(protected, [OTHER], out=tmp_path / "ahead", loader_workers=2, **common).table
+    pd.testing.assert_frame_equal(plain, ahead)

@@ -53,3 +53,17 @@ def test_ne_recoding_on_cuda_matches_cpu(spec, tmp_path):
     assert abs(cpu["psnr"] - gpu["psnr"]) < 0.05
     assert abs(cpu["gain"] / cpu["isotropic_gain"] - gpu["gain"] / gpu["isotropic_gain"]) < 0.005
     assert abs(cpu["agreement"] - gpu["agreement"]) <= 1 / 32
+
+
+def test_models_take_turns_on_the_gpu_when_they_do_not_fit(tmp_path, monkeypatch):
+    import neaudit.engine as engine
+
+    dataset = digits_test_set(64)
+    protect(dataset, demo_zoo.AUTHORIZED, tmp_path / "data", psnr_target=20, save_originals=True)
+    common = dict(suite="smoke", score="accuracy", quiet=True, loader_workers=2)
+    resident = audit(tmp_path / "data", ["demo:resnet"], out=tmp_path / "a", device="cuda",
+                     **common).table
+    monkeypatch.setattr(engine, "fits_on_device", lambda models, device: False)
+    turns = audit(tmp_path / "data", ["demo:resnet"], out=tmp_path / "b", device="cuda",
+                  **common).table
+    pd.testing.assert_frame_equal(resident, turns)
