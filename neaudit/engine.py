@@ -509,7 +509,7 @@ def _rerun(tasks: list[Task], worker: Worker, count: int = 2) -> list[str]:
     scratch = ScratchStore(worker.store)
     rerun = Worker(worker.dataset, worker.models, scratch, worker.device, worker.seed,
                    worker.reference, worker.score_metric)
-    rerun.extras = worker.extras
+    rerun.extras, rerun.offload = worker.extras, worker.offload
     differing = []
     for task in candidates[:count]:
         rerun(task)
