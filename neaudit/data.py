@@ -63,7 +63,6 @@ class ImageDataset:
     sidecar: dict | None = None
     source: Path | None = None
     resize: tuple[int, int] | None = None
-    decode_device: torch.device | None = None  # decode JPEG files there (nvJPEG on CUDA)
     image_shape: tuple[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -128,13 +127,8 @@ class ImageDataset:
             images = to_float(items[lo:hi])
             _check_values(images, f"{self.source} ({kind}[{lo}:{hi}])")
             return self._fit(images, [f"{kind}[{i}]" for i in range(lo, hi)])
-        paths = items[lo:hi]
-        if self.decode_device is not None and self.decode_device.type == "cuda" and all(
-                p.suffix.lower() in (".jpg", ".jpeg") for p in paths):
-            images = _decode_jpeg_on(paths, self.decode_device)
-        else:
-            images = [read_image(p) for p in paths]
-        return self._fit(images, [str(p) for p in paths])
+        images = [read_image(p) for p in items[lo:hi]]
+        return self._fit(images, [str(p) for p in items[lo:hi]])
 
     def _fit(self, images: Sequence[torch.Tensor] | torch.Tensor, labels: list[str]
              ) -> torch.Tensor:
@@ -151,15 +145,6 @@ class ImageDataset:
                                       antialias=True, align_corners=False)[0].clamp(0, 1)
             out.append(image)
         return torch.stack(out)
-
-
-def _decode_jpeg_on(paths: Sequence[Path], device: torch.device) -> list[torch.Tensor]:
-    """Batch-decode JPEG files on the GPU with nvJPEG (the bytes are read on the CPU)."""
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
-    decoded = decode_jpeg([read_file(str(p)) for p in paths], mode=ImageReadMode.RGB,
-                          device=device)
-    return [image.float() / 255.0 for image in decoded]
 
 
 def _check_values(images: torch.Tensor, where: str) -> None:

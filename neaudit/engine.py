@@ -108,8 +108,6 @@ def build_worker(recipe: WorkerRecipe) -> Worker:
                     recipe.seed, reference, recipe.score_metric)
     worker.extras.update(surrogates=models, authorized=recipe.authorized)
     worker.offload = offload
-    if device.type == "cuda":
-        dataset.decode_device = device
     return worker
 
 
@@ -243,9 +241,8 @@ class Worker:
                        for spec, pred in predictions.items()},
         }
         if batch.original is not None and task.attack != CLEAN:
-            attacked, original = images.clamp(0, 1).cpu(), batch.original.cpu()
-            p = psnr(attacked, original).clamp(max=100.0)
-            s = ssim(attacked, original)
+            p = psnr(images.clamp(0, 1), batch.original).clamp(max=100.0)
+            s = ssim(images.clamp(0, 1), batch.original)
             record.update(psnr_sum=float(p.sum()), psnr_sq_sum=float(p.pow(2).sum()),
                           ssim_sum=float(s.sum()), ssim_sq_sum=float(s.pow(2).sum()),
                           n_images=len(p))
@@ -428,8 +425,6 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     worker.offload = offload
     if loader_workers:
         worker.prefetch(pending, loader_workers)
-    elif torch_device.type == "cuda":
-        dataset.decode_device = torch_device  # JPEG inputs decode on the GPU (main process)
     recipe = None if isinstance(data, ImageDataset) else WorkerRecipe(
         str(data), str(originals) if originals else None, max_images, tuple(specs), authorized,
         str(out), config, device, seed, str(reference) if reference else None,
@@ -549,8 +544,8 @@ def _write_samples(root: Path, dataset: ImageDataset, entries: Sequence[SuiteEnt
         picks += [int(i) for i in np.flatnonzero(labels == cls)[:2]]
     picks = sorted(picks)[:8]
     batches = [next(dataset.batches(1, i, i + 1)) for i in picks]
-    original = torch.cat([b.original.cpu() for b in batches])
-    protected = torch.cat([b.protected.cpu() for b in batches])
+    original = torch.cat([b.original for b in batches])
+    protected = torch.cat([b.protected for b in batches])
     worst = summary.get("worst_leakage", {}).get("attack")
     by_label = {e.label: e for e in entries}
     attacked = protected
