@@ -438,9 +438,9 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     if bar:
         bar.close()
     num_classes = len(dataset.class_names) if dataset.class_names else None
-    table = build_table(store.records(), roles, score_metric, num_classes)
-    summary = summarize(table, score_metric)
     records = store.records()
+    table = build_table(records, roles, score_metric, num_classes)
+    summary = summarize(table, score_metric)
     if all(store.done(t.task_id) for t in tasks):
         summary["diagnostics"] = _diagnostics(dataset, records, tasks, worker, num_classes)
     if any(e.attack == "surrogate_projection" for e in entries):

@@ -31,6 +31,29 @@ RELAXATION = 1.8
 reaches the box about four times faster than plain projections (ω = 1) on photographs."""
 
 
+def to_patches(images: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) → (B, C·ph·pw, L) non-overlapping patches on the grid anchored at the top
+    left, by reshaping (same layout as ``F.unfold``); a partial border is left out."""
+    b, c, h, w = images.shape
+    ph, pw = patch
+    grid = images[..., : h - h % ph, : w - w % pw].reshape(b, c, h // ph, ph, w // pw, pw)
+    return grid.permute(0, 1, 3, 5, 2, 4).reshape(b, c * ph * pw, -1)
+
+
+def from_patches(patches: torch.Tensor, like: torch.Tensor, patch: tuple[int, int]
+                 ) -> torch.Tensor:
+    """Inverse of :func:`to_patches`; pixels outside the patch grid come from ``like``."""
+    b, c, h, w = like.shape
+    ph, pw = patch
+    nh, nw = h // ph, w // pw
+    grid = patches.reshape(b, c, ph, pw, nh, nw).permute(0, 1, 4, 2, 5, 3)
+    if h % ph == 0 and w % pw == 0:
+        return grid.reshape(b, c, h, w)
+    out = like.clone()
+    out[..., : nh * ph, : nw * pw] = grid.reshape(b, c, nh * ph, nw * pw)
+    return out
+
+
 def _select(singular_values: torch.Tensor, rank: int | None, threshold: float | None
             ) -> torch.Tensor:
     """Boolean mask of the kept (smallest) singular values."""
@@ -78,23 +101,10 @@ class PatchSubspace:
         return self.rank / self.basis.shape[0]
 
     def _unfold(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) → (B, d, L) patches, by reshaping (windows do not overlap)."""
-        b, c, h, w = images.shape
-        ph, pw = self.patch
-        grid = images[..., : h - h % ph, : w - w % pw].reshape(b, c, h // ph, ph, w // pw, pw)
-        return grid.permute(0, 1, 3, 5, 2, 4).reshape(b, c * ph * pw, -1)
+        return to_patches(images, self.patch)
 
     def _fold(self, patches: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`_unfold`; pixels outside the patch grid come from ``like``."""
-        b, c, h, w = like.shape
-        ph, pw = self.patch
-        nh, nw = h // ph, w // pw
-        grid = patches.reshape(b, c, ph, pw, nh, nw).permute(0, 1, 4, 2, 5, 3)
-        if h % ph == 0 and w % pw == 0:
-            return grid.reshape(b, c, h, w)
-        out = like.clone()
-        out[..., : nh * ph, : nw * pw] = grid.reshape(b, c, nh * ph, nw * pw)
-        return out
+        return from_patches(patches, like, self.patch)
 
     def project(self, delta: torch.Tensor) -> torch.Tensor:
         """Orthogonal projection of pixel perturbations onto the subspace (borders the stem

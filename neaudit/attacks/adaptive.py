@@ -20,11 +20,11 @@ Refill and residuals use a Gaussian blur (σ = ``sigma``) as the denoiser.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from neaudit.attacks.preprocess import gaussian_blur
 from neaudit.attacks.registry import AttackContext, register_attack
 from neaudit.errors import NeauditError
+from neaudit.spectral import from_patches, to_patches
 
 
 def _denoise(images: torch.Tensor, ctx: AttackContext, sigma: float) -> torch.Tensor:
@@ -40,7 +40,7 @@ def detect_period(residual: torch.Tensor, max_period: int = 32) -> int:
     h, w = residual.shape[-2:]
     spread = {}
     for period in range(2, min(max_period, h // 2, w // 2) + 1):
-        rows, _ = _patches(residual, period)
+        rows = _patches(residual, period)
         flat = rows.reshape(-1, rows.shape[-1]).double()
         power = torch.linalg.svdvals(flat).pow(2)
         spread[period] = float(power.sum() ** 2 / power.pow(2).sum() / min(flat.shape))
@@ -48,19 +48,13 @@ def detect_period(residual: torch.Tensor, max_period: int = 32) -> int:
     return min(p for p, v in spread.items() if v <= 1.1 * best)
 
 
-def _patches(images: torch.Tensor, period: int) -> tuple[torch.Tensor, tuple]:
-    """(B, C, H, W) → (B, L, C·p²) on the grid anchored at the top left."""
-    b, c, h, w = images.shape
-    core = images[..., : h - h % period, : w - w % period]
-    rows = F.unfold(core, period, stride=period).transpose(1, 2)
-    return rows, core.shape
+def _patches(images: torch.Tensor, period: int) -> torch.Tensor:
+    """(B, C, H, W) → (B, L, C·p²) rows on the grid anchored at the top left."""
+    return to_patches(images, (period, period)).transpose(1, 2)
 
 
-def _unpatch(rows: torch.Tensor, shape: tuple, like: torch.Tensor, period: int) -> torch.Tensor:
-    out = like.clone()
-    folded = F.fold(rows.transpose(1, 2), shape[-2:], period, stride=period)
-    out[..., : shape[-2], : shape[-1]] = folded
-    return out
+def _unpatch(rows: torch.Tensor, like: torch.Tensor, period: int) -> torch.Tensor:
+    return from_patches(rows.transpose(1, 2), like, (period, period))
 
 
 def _grid(images: torch.Tensor, ctx: AttackContext, patch: int, sigma: float) -> int:
@@ -75,10 +69,10 @@ def tile_estimation(images: torch.Tensor, ctx: AttackContext, patch: int, sigma:
                     ) -> torch.Tensor:
     """Estimate a noise tile repeated in every patch (mean residual per image) and subtract it."""
     period = _grid(images, ctx, patch, sigma)
-    residual, shape = _patches(images - _denoise(images, ctx, sigma), period)
+    residual = _patches(images - _denoise(images, ctx, sigma), period)
     tile = residual.mean(dim=1, keepdim=True)  # content averages out, a repeated tile does not
-    rows, _ = _patches(images, period)
-    return _unpatch(rows - tile, shape, images, period)
+    rows = _patches(images, period)
+    return _unpatch(rows - tile, images, period)
 
 
 def principal_directions(rows: torch.Tensor, rank: int) -> torch.Tensor:
@@ -105,11 +99,11 @@ def blind_subspace(images: torch.Tensor, ctx: AttackContext, patch: int, rank: i
     by the denoised copy's (``rank`` 0 = automatic)."""
     period = _grid(images, ctx, patch, sigma)
     smooth = _denoise(images, ctx, sigma)
-    residual, shape = _patches(images - smooth, period)
+    residual = _patches(images - smooth, period)
     flat = residual.reshape(-1, residual.shape[-1])
     basis = principal_directions(flat, int(rank) or enriched_rank(flat))
-    rows, _ = _patches(images, period)
-    return _unpatch(rows - (residual @ basis) @ basis.T, shape, images, period)
+    rows = _patches(images, period)
+    return _unpatch(rows - (residual @ basis) @ basis.T, images, period)
 
 
 @register_attack("clean_patch_prior", "adaptive", "L2", {"patch": 8, "energy": 0.99},
@@ -122,14 +116,14 @@ def clean_patch_prior(images: torch.Tensor, ctx: AttackContext, patch: int, ener
         raise NeauditError("clean_patch_prior needs clean reference images (threat level L2).")
     key = ("clean_prior", int(patch), float(energy))
     if key not in ctx.extras:
-        clean, _ = _patches(ctx.reference.to(images.device), int(patch))
+        clean = _patches(ctx.reference.to(images.device), int(patch))
         flat = clean.reshape(-1, clean.shape[-1])
         spectrum = torch.linalg.svdvals(flat.double()).pow(2)
         keep = int((spectrum.cumsum(0) / spectrum.sum() < energy).sum()) + 1
         ctx.extras[key] = principal_directions(flat, keep)
     basis = ctx.extras[key].to(images)
-    rows, shape = _patches(images, int(patch))
-    return _unpatch((rows @ basis) @ basis.T, shape, images, int(patch))
+    rows = _patches(images, int(patch))
+    return _unpatch((rows @ basis) @ basis.T, images, int(patch))
 
 
 def _subspace(spec: str, model, size: tuple[int, int], ctx: AttackContext):
