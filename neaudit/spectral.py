@@ -24,11 +24,30 @@ import math
 
 import torch
 
+from neaudit.imageio import quantize
 from neaudit.stem import FirstLayer
 
-RELAXATION = 1.8
-"""Over-relaxed alternating projections (ω in (0, 2)): the box step overshoots by ω, which
-reaches the box about four times faster than plain projections (ω = 1) on photographs."""
+RELAXATION = 1.5
+"""Box repair steps (PRIMER §1, "clip and quantize, then repair") are extrapolated
+alternating projections (Pierra): a step moves δ by RELAXATION · ‖v‖²/‖Pv‖² · Pv, with v the
+box violation and P the projector onto the subspace. On photographs this takes a quarter
+fewer patch-steps than a fixed over-relaxation (ω = 1.8) and half fewer than ω = 1.5."""
+
+
+def _extrapolated(violation: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+    """Per row (dim 0) of ``projected`` = P(violation): the extrapolated repair step."""
+    scale = violation.flatten(1).pow(2).sum(1) / projected.flatten(1).pow(2).sum(1).clamp_min(1e-30)
+    return projected * (RELAXATION * scale).view(-1, *[1] * (projected.ndim - 1))
+
+
+HALF_STEP = 0.5 / 255
+"""Box violations smaller than half a uint8 step vanish when the image is rounded."""
+
+
+def _outside(values: torch.Tensor) -> torch.Tensor:
+    """Per row (dim 0): does any value lie more than half a uint8 step outside [0, 1]?"""
+    low, high = values.flatten(1).aminmax(dim=1)
+    return (low < -HALF_STEP) | (high > 1 + HALF_STEP)
 
 
 def to_patches(images: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
@@ -84,7 +103,9 @@ class PatchSubspace:
         d = matrix.shape[1]
         self.singular_values = torch.cat([s, s.new_zeros(d - s.numel())]).float()
         self.mask = _select(self.singular_values, rank, threshold)
-        self.basis = vh[self.mask].T.float().contiguous()  # (d, r)
+        basis = vh[self.mask].T  # (d, r)
+        self.basis = basis.float().contiguous()
+        self.projector = (basis @ basis.T).float()  # (d, d): one GEMM per projection
         self.rank = int(self.mask.sum())
 
     @property
@@ -113,25 +134,32 @@ class PatchSubspace:
         patches = self._unfold(delta)
         return self._fold(basis @ (basis.T @ patches), delta)
 
-    def repair(self, clean: torch.Tensor, images: torch.Tensor, iterations: int) -> torch.Tensor:
-        """Alternate (over-relaxed) projections between the box [0,1] and
-        {clean + δ : δ in the subspace}, patch by patch (the operator is block-diagonal),
-        touching only patches that clip."""
-        rows = self._unfold(images).transpose(1, 2).reshape(-1, self.basis.shape[0])
-        base = self._unfold(clean).transpose(1, 2).reshape(-1, self.basis.shape[0])
-        basis = self.basis.to(images)
-        touched = ((rows < 0) | (rows > 1)).any(1).nonzero().flatten()
-        current, origin = rows[touched], base[touched]
+    def repair(self, images: torch.Tensor, iterations: int) -> torch.Tensor:
+        """Alternate (extrapolated) projections between the box [0,1] and
+        {clean + δ : δ in the subspace}, patch by patch (the operator is block-diagonal).
+        ``images`` must be clean + δ with δ already in the subspace.
+
+        δ stays in the subspace, so each step only projects the box violation. A patch stops
+        once no pixel is more than half a uint8 step outside the box: rounding to the grid
+        absorbs what is left, and most patches get there in two or three steps.
+        """
+        d = self.basis.shape[0]
+        rows = self._unfold(images).transpose(1, 2).reshape(-1, d)
+        projector = self.projector.to(images)
+        active = _outside(rows).nonzero().flatten()
+        positions = rows[active]
+        pending = torch.arange(active.numel(), device=images.device)
         for _ in range(iterations):
-            outside = ((current < 0) | (current > 1)).any(1).nonzero().flatten()
-            if outside.numel() == 0:
+            current = positions[pending]
+            violation = current.clamp(0, 1).sub_(current)
+            far = violation.abs().amax(1) > HALF_STEP
+            pending, violation = pending[far], violation[far]
+            if pending.numel() == 0:
                 break
-            rows_out = current[outside]
-            offset = rows_out + RELAXATION * (rows_out.clamp(0, 1) - rows_out) - origin[outside]
-            current[outside] = origin[outside] + (offset @ basis) @ basis.T
-        rows[touched] = current
+            positions.index_add_(0, pending, _extrapolated(violation, violation @ projector))
+        rows[active] = positions
         b = images.shape[0]
-        patches = rows.view(b, -1, rows.shape[1]).transpose(1, 2)
+        patches = rows.view(b, -1, d).transpose(1, 2)
         return self._fold(patches, images)
 
     def sample(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
@@ -151,7 +179,18 @@ class PatchSubspace:
         gram = gram[order][:, order] + damp * torch.eye(gram.shape[0], dtype=gram.dtype)
         return order, torch.linalg.cholesky(torch.linalg.inv(gram), upper=True).float()
 
-    def round_to_grid(self, target: torch.Tensor) -> torch.Tensor:
+    def compensation_pays(self, noise_rms: float) -> bool:
+        """Can compensated rounding change the written gain of noise with ``noise_rms``
+        (uint8 steps per pixel) by more than 1%?
+
+        Plain rounding adds an isotropic error of 1/12 step² per pixel; its first-layer
+        energy is compared with the noise's own (rms² · min_gain²). Where the subspace only
+        attenuates (a full-rank stem), the rounding error is lost in the noise's own response.
+        """
+        rounding = self.isotropic_gain**2 / 12
+        return rounding > 0.02 * noise_rms**2 * self.min_gain**2
+
+    def round_to_grid(self, target: torch.Tensor, compensate: bool = True) -> torch.Tensor:
         """Quantize [0,1] images to the uint8 grid so that the rounding error has the
         smallest first-layer response.
 
@@ -159,37 +198,46 @@ class PatchSubspace:
         update): each pixel's rounding error is pushed onto the not-yet-rounded pixels of its
         patch along the direction that W̃ cannot see. Plain rounding leaves an isotropic
         error whose first-layer gain is that of isotropic noise; this leaves about half.
+        ``compensate=False`` rounds plainly.
         """
+        if not compensate:
+            return quantize(target)
         patches = self._unfold(target * 255.0)  # (B, d, L)
         b, d, count = patches.shape
-        rows = patches.permute(0, 2, 1).reshape(-1, d)
         order, upper = (t.to(target.device) for t in self._rounding_factor)
-        rounded = _compensated_round(rows[:, order], upper)
-        rows = torch.empty_like(rounded)
-        rows[:, order] = rounded
-        patches = rows.view(b, count, d).permute(0, 2, 1)
-        return self._fold(patches, torch.round(target.clamp(0, 1) * 255.0)) / 255.0
+        # one contiguous row per pixel position, in rounding order
+        columns = patches.permute(1, 0, 2).reshape(d, -1)[order]
+        _compensated_round(columns, upper)
+        rounded = torch.empty_like(columns)
+        rounded[order] = columns
+        patches = rounded.view(d, b, count).permute(1, 0, 2)
+        h, w = target.shape[-2:]
+        covered = h % self.patch[0] == 0 and w % self.patch[1] == 0
+        border = target if covered else quantize(target) * 255.0
+        return self._fold(patches, border) / 255.0
 
 
-def _compensated_round(values: torch.Tensor, upper: torch.Tensor, block: int = 128
-                       ) -> torch.Tensor:
-    """Round each row of ``values`` to integers in [0, 255] column by column, feeding each
-    column's error forward through the upper Cholesky factor of the inverse Gram matrix."""
-    columns = values.T.contiguous()  # (d, N): one contiguous row per pixel position
+def _compensated_round(columns: torch.Tensor, upper: torch.Tensor, block: int = 32) -> None:
+    """Round ``columns`` (d, N: one row per pixel position, N patches) in place to integers
+    in [0, 255], row by row, feeding each row's error forward through the upper Cholesky
+    factor of the inverse Gram matrix.
+
+    Within a block of rows the error moves on by in-place rank-1 updates; the block's errors
+    reach the later rows in one GEMM (small blocks keep the rank-1 traffic in cache).
+    """
     d = columns.shape[0]
     for lo in range(0, d, block):
         hi = min(lo + block, d)
-        errors = torch.empty(hi - lo, columns.shape[1], dtype=columns.dtype,
-                             device=columns.device)
+        errors = columns.new_empty(hi - lo, columns.shape[1])
         for j in range(lo, hi):
-            exact = columns[j]
+            exact, error = columns[j], errors[j - lo]
             rounded = exact.round().clamp_(0, 255)
-            err = (exact - rounded) / upper[j, j]
-            columns[j] = rounded
-            columns[j + 1 : hi] -= upper[j, j + 1 : hi, None] * err
-            errors[j - lo] = err
-        columns[hi:] -= upper[lo:hi, hi:].T @ errors
-    return columns.T
+            torch.sub(exact, rounded, out=error).div_(upper[j, j])
+            exact.copy_(rounded)
+            if j + 1 < hi:
+                columns[j + 1 : hi].addr_(upper[j, j + 1 : hi], error, alpha=-1)
+        if hi < d:
+            columns[hi:].addmm_(upper[lo:hi, hi:].T, errors, alpha=-1)
 
 
 class FourierSubspace:
@@ -261,17 +309,18 @@ class FourierSubspace:
         out = torch.fft.ifft2(spec, norm="ortho").real
         return out.permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w).to(delta.dtype)
 
-    def repair(self, clean: torch.Tensor, images: torch.Tensor, iterations: int) -> torch.Tensor:
-        """Alternate (over-relaxed) projections between the box [0,1] and
-        {clean + δ : δ in the subspace}, for the images that leave the box."""
+    def repair(self, images: torch.Tensor, iterations: int) -> torch.Tensor:
+        """Alternate (extrapolated) projections between the box [0,1] and
+        {clean + δ : δ in the subspace}, for the images that leave the box; ``images`` must
+        be clean + δ with δ already in the subspace (see :meth:`PatchSubspace.repair`)."""
         images = images.clone()
         for _ in range(iterations):
-            outside = ((images < 0) | (images > 1)).flatten(1).any(1).nonzero().flatten()
+            outside = _outside(images).nonzero().flatten()
             if outside.numel() == 0:
                 break
-            base, current = clean[outside], images[outside]
-            offset = current + RELAXATION * (current.clamp(0, 1) - current) - base
-            images[outside] = base + self.project(offset)
+            current = images[outside]
+            violation = current.clamp(0, 1).sub_(current)
+            images[outside] = current + _extrapolated(violation, self.project(violation))
         return images
 
     def sample(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
@@ -279,9 +328,13 @@ class FourierSubspace:
         scale = math.sqrt(noise[0].numel() / self.rank)
         return self.project(noise) * scale
 
-    def round_to_grid(self, target: torch.Tensor) -> torch.Tensor:
-        """Plain rounding: the Fourier operator has no per-patch structure to compensate in."""
-        return torch.round(target.clamp(0, 1) * 255.0) / 255.0
+    def compensation_pays(self, noise_rms: float) -> bool:
+        """The Fourier operator has no per-patch structure to compensate in."""
+        return False
+
+    def round_to_grid(self, target: torch.Tensor, compensate: bool = False) -> torch.Tensor:
+        """Plain rounding (see :meth:`compensation_pays`)."""
+        return quantize(target)
 
 
 def low_sensitivity_subspace(layer: FirstLayer, image_size: tuple[int, int],

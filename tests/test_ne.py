@@ -8,7 +8,7 @@ from neaudit.data import builtin_dataset
 from neaudit.imageio import quantize, to_float
 from neaudit.metrics import first_layer_gain, isotropic_like, logit_cosine, psnr
 from neaudit.ne import image_generators, reference_recode, subspace_recode
-from neaudit.spectral import FourierSubspace, PatchSubspace, low_sensitivity_subspace
+from neaudit.spectral import HALF_STEP, FourierSubspace, PatchSubspace, low_sensitivity_subspace
 from neaudit.stem import first_layer
 from neaudit.zoo import create_model
 
@@ -140,3 +140,31 @@ def test_recoding_is_deterministic_and_keyed(clean):
     # the noise of an image depends on its index, not on how it was batched
     d = subspace_recode(clean[2:4], space, 30.0, image_generators(3, torch.arange(2, 4)))
     assert torch.equal(a[2:], d)
+
+
+def test_patch_repair_keeps_the_noise_in_the_subspace_and_reaches_the_box(clean):
+    space = low_sensitivity_subspace(first_layer(create_model(VIT)), (64, 64))
+    noise = space.sample(clean.shape, torch.Generator().manual_seed(0))
+    start = clean + noise * (0.1 / noise.std())  # ~25 uint8 steps: most patches clip
+    assert (start.clamp(0, 1) - start).abs().amax() > 0.1
+    repaired = space.repair(start, iterations=20)
+    delta = repaired - clean
+    assert torch.allclose(space.project(delta), delta, atol=1e-4)
+    assert (repaired.clamp(0, 1) - repaired).abs().amax() <= HALF_STEP
+    assert delta.norm() > 0.8 * (start - clean).norm()  # the repair keeps most of the energy
+
+
+def test_compensated_rounding_is_used_where_it_changes_the_gain(clean):
+    """A null space needs compensated rounding; a full-rank stem's weak directions do not
+    (the rounding error is lost in the noise's own response), so it is skipped there."""
+    noise_rms = 255 * 10 ** (-30 / 20)
+    null = low_sensitivity_subspace(first_layer(create_model(VIT)), (64, 64))
+    assert null.compensation_pays(noise_rms)
+    layer = first_layer(create_model("timm:vit_base_patch16_224?img_size=64&num_classes=10"))
+    square = low_sensitivity_subspace(layer, (64, 64))
+    assert square.min_gain > 0.1 * square.isotropic_gain and not square.compensation_pays(noise_rms)
+    noise = square.sample(clean.shape, torch.Generator().manual_seed(0))
+    exact = square.repair(clean + noise * (noise_rms / 255), iterations=10)
+    plain = first_layer_gain(layer, square.round_to_grid(exact, compensate=False) - clean)
+    shaped = first_layer_gain(layer, square.round_to_grid(exact, compensate=True) - clean)
+    assert (plain.mean() / shaped.mean() - 1).abs() < 0.01
