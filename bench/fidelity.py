@@ -1,7 +1,8 @@
 """Fidelity of both NE constructions across stems, measured on the written uint8 images.
 
 One row per (architecture, method) on the 32 built-in photo crops at 64×64, random-init
-models. Run: ``python bench/fidelity.py``.
+models; ``subspace¼`` puts the same energy into a quarter of the patches (patch stems only).
+Run: ``python bench/fidelity.py``.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ def main() -> None:
         model = create_model(spec)
         layer = first_layer(model)
         stem = f"{'overlap' if layer.overlapping else 'patch'} {layer.kernel[0]}/{layer.stride[0]}"
-        for method in ("subspace", "reference"):
+        variants = [("subspace", "subspace", 1.0), ("reference", "reference", 1.0)]
+        if not layer.overlapping:
+            variants.insert(1, ("subspace¼", "subspace", 0.25))
+        for label, method, fraction in variants:
             with tempfile.TemporaryDirectory() as tmp:
-                s = protect("builtin:samples", model, tmp, method=method).summary
+                s = protect("builtin:samples", model, tmp, method=method,
+                            patch_fraction=fraction).summary
             name = spec.split(":")[1].split("?")[0]
-            print(f"{name:<24} {stem:<12} {method:<9} {s['gain']:>7.4f} "
+            print(f"{name:<24} {stem:<12} {label:<9} {s['gain']:>7.4f} "
                   f"{s['isotropic_gain']:>7.4f} {s['gain'] / s['isotropic_gain']:>7.4f} "
                   f"{s['relative_change']:>8.4f} {s['agreement']:>6.3f} "
                   f"{s['noise_agreement']:>6.3f} {s['psnr']:>6.2f} "

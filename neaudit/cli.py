@@ -27,7 +27,8 @@ def _protect(args: argparse.Namespace) -> int:
                      psnr_target=args.psnr, rank=args.rank, threshold=args.threshold,
                      seed=args.seed, key=args.key, store_key=args.store_key,
                      save_originals=args.save_originals, output_format=args.format,
-                     batch_size=args.batch_size, device=args.device)
+                     batch_size=args.batch_size, patch_fraction=args.patch_fraction,
+                     device=args.device)
     if not args.quiet:
         summary = result.summary
         print(f"wrote {len(result.per_image)} NEs ({args.method}) to {result.out}")
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--rank", type=int, help="subspace dimensions kept")
     protect.add_argument("--threshold", type=float,
                          help="keep singular values ≤ threshold × the largest (instead of rank)")
+    protect.add_argument("--patch-fraction", type=float, default=1.0,
+                         help="share of each image's patches that carry noise (patch stems): "
+                              "lower reaches the authorized model less and protects less")
     protect.add_argument("--seed", type=int, default=0)
     protect.add_argument("--key", type=int, help="secret seed of the noise (default: --seed)")
     protect.add_argument("--store-key", action="store_true", help="record the key in neaudit.json")

@@ -44,7 +44,8 @@ def image_generators(seed: int, indices: torch.Tensor) -> list[torch.Generator]:
 
 def subspace_recode(clean: torch.Tensor, space: PatchSubspace | FourierSubspace,
                     target_psnr: float, generators: list[torch.Generator],
-                    repair_iterations: int = 10, calibration_rounds: int = 4) -> torch.Tensor:
+                    patch_fraction: float = 1.0, repair_iterations: int = 10,
+                    calibration_rounds: int = 4) -> torch.Tensor:
     """Recode clean [0,1] images into NEs on the uint8 grid at ``target_psnr`` (measured).
 
     Convention: ``clean`` should already be on the uint8 grid (what was read from files);
@@ -53,9 +54,14 @@ def subspace_recode(clean: torch.Tensor, space: PatchSubspace | FourierSubspace,
     Strength: the noise starts a little too strong, is repaired into the box, and is then
     scaled down to the target energy; scaling towards ``clean`` keeps it inside both the box
     and the subspace, so only images that clipping left too weak are repaired again.
+    ``patch_fraction`` < 1 puts the noise into that share of patches only (see
+    :meth:`PatchSubspace.sample`).
     """
     _check_images(clean)
-    noise = torch.cat([space.sample((1, *clean.shape[1:]), g) for g in generators])
+    if not 0.0 < patch_fraction <= 1.0:
+        raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
+    noise = torch.cat([space.sample((1, *clean.shape[1:]), g, patch_fraction)
+                       for g in generators])
     noise = noise.to(clean.device)
     target_norm = (clean[0].numel() * 10 ** (-target_psnr / 10)) ** 0.5
     scale = 1.25 * target_norm / noise.flatten(1).norm(dim=1).clamp_min(1e-12)

@@ -65,15 +65,20 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
             rank: int | None = None, threshold: float | None = None, seed: int = 0,
             key: int | None = None, store_key: bool = False, save_originals: bool = False,
             output_format: str = "png", batch_size: int = 32, tau: float = 1e-2,
-            device: str = "cpu") -> ProtectResult:
+            patch_fraction: float = 1.0, device: str = "cpu") -> ProtectResult:
     """Recode ``data`` into NEs for ``authorized`` and write them under ``out``.
 
     ``key`` seeds the noise inside the subspace (defaults to ``seed``); it is recorded in
     the sidecar only with ``store_key=True``. For ``reference``, ``psnr_target`` is the
-    paper's *nominal* PSNR; the measured one is reported next to it.
+    paper's *nominal* PSNR; the measured one is reported next to it. ``patch_fraction`` < 1
+    (``subspace``, patch stems) puts the noise into that share of each image's patches: the
+    authorized model sees less of it, the other models more of the clean image.
     """
     if method not in METHODS:
         raise NeauditError(f"unknown method '{method}'. Fix: use one of {', '.join(METHODS)}.")
+    if not 0.0 < patch_fraction <= 1.0:
+        raise NeauditError(f"--patch-fraction {patch_fraction} is outside (0, 1]. Fix: give "
+                           "the share of patches that carry noise, e.g. 0.25.")
     if output_format not in ("png", "npz"):
         raise NeauditError(f"unknown format '{output_format}'. Fix: use png or npz.")
     dataset = data if isinstance(data, ImageDataset) else load_dataset(data)
@@ -87,6 +92,9 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         dataset.image_shape = size
     layer = first_layer(model, size)
     space = low_sensitivity_subspace(layer, size, rank, threshold) if method == "subspace" else None
+    if patch_fraction < 1.0 and (space is None or layer.overlapping):
+        raise NeauditError(f"--patch-fraction applies to the subspace method on a patch stem; "
+                           f"{model.name} with --method {method} has none. Fix: drop the option.")
     noise_key = seed if key is None else key
 
     rows, written, originals, names = [], [], [], []
@@ -94,7 +102,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         clean = quantize(batch.protected).to(torch_device)
         generators = image_generators(noise_key, batch.index)
         if method == "subspace":
-            protected = subspace_recode(clean, space, psnr_target, generators)
+            protected = subspace_recode(clean, space, psnr_target, generators, patch_fraction)
             floats = None
         else:
             floats = reference_recode(clean, layer, psnr_target, generators, tau)
@@ -114,8 +122,16 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
                    np.concatenate(originals) if save_originals else None)
     summary = {col: float(per_image[col].mean()) for col in per_image.columns if col != "name"}
     summary["min_gain"] = space.min_gain if space is not None else float("nan")
-    sidecar = _sidecar(out, dataset, model, method, psnr_target, rank, threshold, tau, seed,
-                       noise_key if store_key else None, space, size, summary, output_format)
+    params = {
+        "psnr": psnr_target, "psnr_is_nominal": method == "reference",
+        "rank": space.rank if space is not None else None,
+        "rank_requested": rank, "threshold": threshold,
+        "tau": tau if method == "reference" else None,
+        "patch_fraction": patch_fraction if method == "subspace" else None,
+        "seed": seed, "key": noise_key if store_key else None, "key_stored": store_key,
+        "image_size": list(size),
+    }
+    sidecar = _sidecar(out, dataset, model, method, params, summary, output_format)
     return ProtectResult(out, per_image, summary, sidecar)
 
 
@@ -190,8 +206,7 @@ def _write_npz(out: Path, dataset: ImageDataset, protected: np.ndarray,
     atomic_write(out / "protected.npz", write)
 
 
-def _sidecar(out, dataset, model, method, psnr_target, rank, threshold, tau, seed, key,
-             space, size, summary, output_format) -> dict:
+def _sidecar(out, dataset, model, method, params, summary, output_format) -> dict:
     files = (sorted((out / PROTECTED_DIR).rglob("*.png")) if output_format == "png"
              else [out / "protected.npz"])
     lines = [f"{sha256_file(f)}  {f.relative_to(out).as_posix()}" for f in files]
@@ -201,14 +216,7 @@ def _sidecar(out, dataset, model, method, psnr_target, rank, threshold, tau, see
         "neaudit_version": __version__,
         "authorized": model.name,
         "method": method,
-        "params": {
-            "psnr": psnr_target, "psnr_is_nominal": method == "reference",
-            "rank": space.rank if space is not None else None,
-            "rank_requested": rank, "threshold": threshold,
-            "tau": tau if method == "reference" else None,
-            "seed": seed, "key": key, "key_stored": key is not None,
-            "image_size": list(size),
-        },
+        "params": params,
         "count": len(dataset),
         "format": output_format,
         "class_names": dataset.class_names,

@@ -162,11 +162,22 @@ class PatchSubspace:
         patches = rows.view(b, -1, d).transpose(1, 2)
         return self._fold(patches, images)
 
-    def sample(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-        """Gaussian noise with unit variance per subspace coordinate, independent per patch."""
+    def sample(self, shape: torch.Size, generator: torch.Generator,
+               patch_fraction: float = 1.0) -> torch.Tensor:
+        """Gaussian noise with unit variance per subspace coordinate, independent per patch.
+
+        With ``patch_fraction`` < 1 only that share of each image's patches, drawn from
+        ``generator``, carries noise. Rounding to uint8 leaves a residual first-layer response
+        in every noisy patch whatever its strength, so the same energy in fewer patches
+        reaches the authorized model less (and leaves the other patches untouched).
+        """
         b, _, h, w = shape
         count = (h // self.patch[0]) * (w // self.patch[1])
         z = torch.randn(b, self.rank, count, generator=generator)
+        if patch_fraction < 1.0:
+            noisy = max(1, round(patch_fraction * count))
+            for image in z:
+                image[:, torch.randperm(count, generator=generator)[noisy:]] = 0.0
         return self._fold(self.basis @ z, torch.zeros(shape))
 
     @functools.cached_property
@@ -323,7 +334,14 @@ class FourierSubspace:
             images[outside] = current + _extrapolated(violation, self.project(violation))
         return images
 
-    def sample(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, shape: torch.Size, generator: torch.Generator,
+               patch_fraction: float = 1.0) -> torch.Tensor:
+        """Noise spread over the whole operator's subspace; an overlapping stem has no patches
+        to leave out, so ``patch_fraction`` must be 1."""
+        if patch_fraction != 1.0:
+            raise ValueError("patch_fraction applies to non-overlapping stems (patch "
+                             f"embeddings); this stem {self.layer.kernel}/{self.layer.stride} "
+                             "overlaps. Fix: leave it at 1.")
         noise = torch.randn(shape, generator=generator)
         scale = math.sqrt(noise[0].numel() / self.rank)
         return self.project(noise) * scale

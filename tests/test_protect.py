@@ -9,6 +9,7 @@ import torch
 
 from neaudit.cli import main
 from neaudit.data import load_dataset
+from neaudit.errors import NeauditError
 from neaudit.imageio import read_image, sha256_file
 from neaudit.protection import protect
 
@@ -78,3 +79,15 @@ def test_cli_protect_and_bad_input_exit_codes(tmp_path, capsys):
                  str(tmp_path / "y")]) == 2
     assert "timm has no model 'not_a_model'" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_patch_fraction_is_recorded_and_refused_where_it_has_no_meaning(tmp_path):
+    result = protect("builtin:samples", VIT, tmp_path / "sparse", patch_fraction=0.25)
+    assert result.sidecar["params"]["patch_fraction"] == 0.25
+    assert result.summary["gain"] <= 0.01 * result.summary["isotropic_gain"]
+    with pytest.raises(NeauditError, match="outside \\(0, 1\\]"):
+        protect("builtin:samples", VIT, tmp_path / "zero", patch_fraction=0.0)
+    with pytest.raises(NeauditError, match="patch stem"):
+        protect("builtin:samples", "timm:resnet18?num_classes=10", tmp_path / "overlap",
+                patch_fraction=0.5)
+    assert not (tmp_path / "zero").exists() and not (tmp_path / "overlap").exists()
