@@ -66,7 +66,7 @@ def _audit(args: argparse.Namespace) -> int:
                    device=args.device, seed=args.seed, batch_size=args.batch_size,
                    originals=args.originals, reference=args.reference,
                    max_images=args.max_images, quiet=args.quiet, score=args.score,
-                   policy=args.policy, loader_workers=args.loader_workers,
+                   policy=args.policy, loader_workers=args.loader_workers, decode=args.decode,
                    command=" ".join(["neaudit", *sys.argv[1:]]))
     print(format_summary(result))
     if result.report is None:
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
     run.add_argument("--loader-workers", type=int, default=0,
                      help="processes reading shards ahead (pinned memory on CUDA)")
+    run.add_argument("--decode", choices=("cpu", "device"), default="cpu",
+                     help="where JPEG inputs are decoded: cpu (libjpeg-turbo, the same pixels "
+                          "on every machine) or device (nvJPEG on CUDA; flagged)")
     run.add_argument("--executor", choices=("local", "ray"), default="local")
     run.add_argument("--ray-address", help="existing Ray cluster: auto or HOST:PORT")
     run.add_argument("--ray-workers", type=int, default=2, help="Ray actors")

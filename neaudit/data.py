@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from neaudit.errors import DataError
-from neaudit.imageio import IMAGE_SUFFIXES, image_size, read_image, to_float
+from neaudit.imageio import (
+    IMAGE_SUFFIXES,
+    JPEG_SUFFIXES,
+    image_size,
+    read_image,
+    read_jpegs_on,
+    to_float,
+)
 
 SIDECAR = "neaudit.json"
 PROTECTED_DIR = "protected"
@@ -63,6 +70,7 @@ class ImageDataset:
     sidecar: dict | None = None
     source: Path | None = None
     resize: tuple[int, int] | None = None
+    decode_device: torch.device | None = None  # a CUDA device: JPEG shards decode with nvJPEG
     image_shape: tuple[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -127,8 +135,13 @@ class ImageDataset:
             images = to_float(items[lo:hi])
             _check_values(images, f"{self.source} ({kind}[{lo}:{hi}])")
             return self._fit(images, [f"{kind}[{i}]" for i in range(lo, hi)])
-        images = [read_image(p) for p in items[lo:hi]]
-        return self._fit(images, [str(p) for p in items[lo:hi]])
+        paths = items[lo:hi]
+        if self.decode_device is not None and self.decode_device.type == "cuda" and all(
+                p.suffix.lower() in JPEG_SUFFIXES for p in paths):
+            images = read_jpegs_on(paths, self.decode_device)
+        else:
+            images = [read_image(p) for p in paths]
+        return self._fit(images, [str(p) for p in paths])
 
     def _fit(self, images: Sequence[torch.Tensor] | torch.Tensor, labels: list[str]
              ) -> torch.Tensor:

@@ -32,7 +32,7 @@ from neaudit.attacks import AttackContext, SuiteEntry, get_attack, load_suite
 from neaudit.data import ImageDataset, load_dataset
 from neaudit.device import resolve_device
 from neaudit.errors import NeauditError
-from neaudit.imageio import write_png
+from neaudit.imageio import JPEG_SUFFIXES, write_png
 from neaudit.learning import LEARNING
 from neaudit.metrics import psnr, ssim
 from neaudit.reporting import ReportResult, render_report
@@ -91,6 +91,7 @@ class WorkerRecipe:
     reference: str | None
     needs_reference: bool
     score_metric: str
+    decode: str = "cpu"
 
 
 def build_worker(recipe: WorkerRecipe) -> Worker:
@@ -99,6 +100,8 @@ def build_worker(recipe: WorkerRecipe) -> Worker:
     if recipe.max_images is not None:
         dataset = dataset.head(recipe.max_images)
     device = resolve_device(recipe.device)
+    if recipe.decode == "device":
+        dataset.decode_device = device
     models = {spec: create_model(spec, dataset.class_names) for spec in recipe.specs}
     offload = not fits_on_device(models, device)
     models = {spec: m if offload else m.to(device) for spec, m in models.items()}
@@ -361,14 +364,15 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
           executor: Executor | None = None, quiet: bool = False,
           command: str | None = None, stop_after: int | None = None,
           score: str = "auto", policy: str | Path | None = None,
-          loader_workers: int = 0) -> AuditResult:
+          loader_workers: int = 0, decode: str = "cpu") -> AuditResult:
     """Run an audit and return its table; see the module docstring for the plan.
 
     ``authorized`` defaults to the spec recorded in the dataset's ``neaudit.json``.
     ``score``: ``accuracy`` (needs labels), ``agreement`` (needs originals) or ``auto``
     (accuracy where labels exist). ``stop_after`` computes at most that many new tasks, then
     stops (used to test resume). ``loader_workers`` > 0 reads shards ahead in that many
-    processes (pinned memory on CUDA).
+    processes (pinned memory on CUDA). ``decode="device"`` decodes JPEG inputs with nvJPEG on
+    the CUDA device (opt-in: its pixels differ from libjpeg-turbo's, and the audit says so).
     """
     started = time.time()
     entries = load_suite(suite)  # validated before any image is read
@@ -399,6 +403,9 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     if score_metric not in ("accuracy", "agreement"):
         raise NeauditError(f"unknown score '{score}'. Fix: use auto, accuracy or agreement.")
     torch_device = resolve_device(device)
+    _check_decode(decode, torch_device, loader_workers)
+    if decode == "device":
+        dataset.decode_device = torch_device
     models = {spec: create_model(spec, dataset.class_names) for spec in specs}
     offload = not fits_on_device(models, torch_device)
     models = {spec: m if offload else m.to(torch_device) for spec, m in models.items()}
@@ -409,7 +416,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
         "dataset": _dataset_hash(dataset), "count": len(dataset), "models": specs,
         "authorized": authorized, "suite": [e.label for e in entries], "seed": seed,
         "batch_size": batch_size, "score_metric": score_metric,
-        "reference": str(reference) if reference else None,
+        "reference": str(reference) if reference else None, "decode": decode,
     }
     store = ResultStore(out, config)
     needs_reference = any(e.threat == "L2" for e in entries)
@@ -428,7 +435,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     recipe = None if isinstance(data, ImageDataset) else WorkerRecipe(
         str(data), str(originals) if originals else None, max_images, tuple(specs), authorized,
         str(out), config, device, seed, str(reference) if reference else None,
-        needs_reference, score_metric)
+        needs_reference, score_metric, decode)
     bar = None
     if not quiet:
         from tqdm import tqdm
@@ -475,7 +482,28 @@ def _diagnostics(dataset: ImageDataset, records: list[dict], tasks: list[Task], 
                     "method": (dataset.sidecar or {}).get("method")} if params else None,
         "files": _file_checks(dataset),
         "nondeterministic_tasks": _rerun(tasks, worker),
+        "device_decoded_jpegs": _device_decoded_jpegs(dataset),
     }
+
+
+def _device_decoded_jpegs(dataset: ImageDataset) -> int:
+    """How many input files (protected and originals) nvJPEG decoded."""
+    if dataset.decode_device is None:
+        return 0
+    files = [items for items in (dataset.protected, dataset.original)
+             if items is not None and not isinstance(items, np.ndarray)]
+    return sum(f.suffix.lower() in JPEG_SUFFIXES for items in files for f in items)
+
+
+def _check_decode(decode: str, device: torch.device, loader_workers: int) -> None:
+    if decode not in ("cpu", "device"):
+        raise NeauditError(f"unknown --decode '{decode}'. Fix: use cpu or device.")
+    if decode == "device" and device.type != "cuda":
+        raise NeauditError(f"--decode device needs a CUDA device (the audit runs on {device}). "
+                           "Fix: add --device cuda, or drop --decode device.")
+    if decode == "device" and loader_workers:
+        raise NeauditError("--decode device decodes in the process that owns the GPU, not in "
+                           "--loader-workers processes. Fix: drop one of the two options.")
 
 
 def _file_checks(dataset: ImageDataset, limit: int = 5000) -> dict:

@@ -14,7 +14,8 @@ import pandas as pd
 
 FLAG_NAMES = ("degenerate_model", "wrong_preprocessing", "authorized_failing",
               "nominal_vs_measured", "lossy_or_altered_input", "trivial_break",
-              "too_few_samples", "nondeterminism", "missing_threat_levels")
+              "too_few_samples", "nondeterminism", "missing_threat_levels",
+              "device_decoding")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,14 @@ def evaluate_flags(table: pd.DataFrame, summary: dict, policy) -> list[Flag]:
             f"hashes written by neaudit protect (e.g. {files['altered_example']}): they were "
             "re-encoded, resampled or edited after protection.",
             "Re-run neaudit protect, or audit exactly the files in hashes.sha256."))
+    decoded = diagnostics.get("device_decoded_jpegs") or 0
+    if decoded:
+        found.append(Flag(
+            "device_decoding", f"{decoded} JPEG input file(s) were decoded with nvJPEG on the "
+            "GPU (--decode device). Its IDCT and chroma upsampling differ from libjpeg-turbo's "
+            "by up to tens of levels at colour edges, so these figures can differ from an "
+            "audit of the same files on another machine.",
+            "For figures comparable across machines, audit with --decode cpu (the default)."))
     max_leakage = policy.rules.get("max_leakage")
     if max_leakage is not None:
         leak = table[(table.metric == "leakage") & (table.family == "preprocess")

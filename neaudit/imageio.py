@@ -11,7 +11,7 @@ import hashlib
 import io
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from neaudit.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
-LOSSY_SUFFIXES = (".jpg", ".jpeg")
+JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -36,6 +36,24 @@ def read_image(path: Path) -> torch.Tensor:
             "or list only readable files in a manifest."
         ) from exc
     return to_float(np.asarray(rgb)[None])[0]
+
+
+def read_jpegs_on(paths: Sequence[Path], device: torch.device) -> list[torch.Tensor]:
+    """Decode JPEG files as one nvJPEG batch on ``device``; returns (3, H, W) float tensors
+    in [0, 1] on the CPU, like :func:`read_image`.
+
+    nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: pixels can differ by tens of
+    levels at colour edges, which is why this is opt-in (``--decode device``). A batch that
+    nvJPEG refuses is decoded on the CPU, which names any unreadable file.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    try:
+        decoded = decode_jpeg([read_file(str(p)) for p in paths], mode=ImageReadMode.RGB,
+                              device=device)
+    except RuntimeError:
+        return [read_image(p) for p in paths]
+    return [image.cpu().float() / 255.0 for image in decoded]
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -100,7 +118,7 @@ def write_png(path: Path, image: np.ndarray) -> None:
 def is_lossy(path: Path) -> bool:
     """JPEG, or WebP without a lossless (VP8L) bitstream."""
     suffix = path.suffix.lower()
-    if suffix in LOSSY_SUFFIXES:
+    if suffix in JPEG_SUFFIXES:
         return True
     if suffix == ".webp":
         with open(path, "rb") as handle:

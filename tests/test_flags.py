@@ -15,7 +15,9 @@ from neaudit.attacks.registry import ATTACKS
 from neaudit.data import load_dataset
 from neaudit.demo import digits_test_set
 from neaudit.engine import audit
+from neaudit.errors import NeauditError
 from neaudit.protection import protect
+from neaudit.reporting import render_report
 
 OTHERS = ["demo:convmixer", "demo:small_cnn"]
 
@@ -156,3 +158,22 @@ def test_missing_threat_levels_flag(release, tmp_path):
                     'levels = ["L0", "L1", "L2", "L3"]\n')
     message = _flags(result)["missing_threat_levels"][0].message
     assert "L2, L3" in message
+
+
+def test_device_decoding_needs_cuda_and_is_flagged(release, tmp_path):
+    with pytest.raises(NeauditError, match="needs a CUDA device"):
+        _audit(release, tmp_path, device="cpu", decode="device")
+    with pytest.raises(NeauditError, match="unknown --decode"):
+        _audit(release, tmp_path, device="cpu", decode="gpu")
+    result = _audit(release, tmp_path, device="cpu")
+    assert "device_decoding" not in _flags(result)
+    assert json.loads((result.out / "run.json").read_text())["config"]["decode"] == "cpu"
+    # what an audit with --decode device on JPEG inputs records (run on a GPU in test_gpu.py)
+    summary_path = result.out / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["diagnostics"]["device_decoded_jpegs"] = 7
+    summary_path.write_text(json.dumps(summary))
+    report = render_report(result.out, _policy(tmp_path, 'fail_on = ["device_decoding"]\n'))
+    flag = next(f for f in report.flags if f.name == "device_decoding")
+    assert flag.message.startswith("7 JPEG input file(s) were decoded with nvJPEG")
+    assert flag.failing and report.verdict == "FAIL"

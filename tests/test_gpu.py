@@ -67,3 +67,34 @@ def test_models_take_turns_on_the_gpu_when_they_do_not_fit(tmp_path, monkeypatch
     turns = audit(tmp_path / "data", ["demo:resnet"], out=tmp_path / "b", device="cuda",
                   **common).table
     pd.testing.assert_frame_equal(resident, turns)
+
+
+def test_jpeg_inputs_decode_on_the_gpu_when_asked(tmp_path):
+    from PIL import Image
+
+    from neaudit.data import load_dataset
+
+    protect(digits_test_set(64), demo_zoo.AUTHORIZED, tmp_path / "png", psnr_target=20,
+            save_originals=True)
+    jpeg = tmp_path / "jpeg"
+    for png in sorted((tmp_path / "png").rglob("*.png")):
+        target = jpeg / png.relative_to(tmp_path / "png").with_suffix(".jpg")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(png).save(target, quality=95)
+    on_device = load_dataset(jpeg)
+    on_device.decode_device = torch.device("cuda")
+    gpu_pixels = next(on_device.batches(64)).protected
+    cpu_pixels = next(load_dataset(jpeg).batches(64)).protected
+    difference = (gpu_pixels - cpu_pixels).abs()
+    assert difference.mean() < 1 / 255, "nvJPEG decodes about like libjpeg-turbo on average"
+
+    common = dict(suite="smoke", score="accuracy", quiet=True, device="cuda",
+                  authorized=demo_zoo.AUTHORIZED)
+    device = audit(jpeg, ["demo:resnet"], out=tmp_path / "a", decode="device", **common)
+    host = audit(jpeg, ["demo:resnet"], out=tmp_path / "b", **common)
+    flags = {f.name: f for f in device.report.flags}
+    assert flags["device_decoding"].message.startswith("128 JPEG input file(s)")
+    assert "device_decoding" not in {f.name for f in host.report.flags}
+    merged = pd.merge(host.table, device.table, on=["model", "attack", "metric"])
+    accuracy = merged[merged.metric == "accuracy"]
+    assert (accuracy.value_x - accuracy.value_y).abs().max() <= 4 / 64
