@@ -60,9 +60,8 @@ def subspace_recode(clean: torch.Tensor, space: PatchSubspace | FourierSubspace,
     _check_images(clean)
     if not 0.0 < patch_fraction <= 1.0:
         raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
-    noise = torch.cat([space.sample((1, *clean.shape[1:]), g, patch_fraction)
+    noise = torch.cat([space.sample((1, *clean.shape[1:]), g, patch_fraction, clean.device)
                        for g in generators])
-    noise = noise.to(clean.device)
     target_norm = (clean[0].numel() * 10 ** (-target_psnr / 10)) ** 0.5
     scale = 1.25 * target_norm / noise.flatten(1).norm(dim=1).clamp_min(1e-12)
     delta = torch.empty_like(clean)

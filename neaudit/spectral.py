@@ -163,8 +163,10 @@ class PatchSubspace:
         return self._fold(patches, images)
 
     def sample(self, shape: torch.Size, generator: torch.Generator,
-               patch_fraction: float = 1.0) -> torch.Tensor:
-        """Gaussian noise with unit variance per subspace coordinate, independent per patch.
+               patch_fraction: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
+        """Gaussian noise with unit variance per subspace coordinate, independent per patch,
+        drawn from ``generator`` (on the CPU, so every device gets the same draw) and shaped on
+        ``device``.
 
         With ``patch_fraction`` < 1 only that share of each image's patches, drawn from
         ``generator``, carries noise. Rounding to uint8 leaves a residual first-layer response
@@ -178,7 +180,8 @@ class PatchSubspace:
             noisy = max(1, round(patch_fraction * count))
             for image in z:
                 image[:, torch.randperm(count, generator=generator)[noisy:]] = 0.0
-        return self._fold(self.basis @ z, torch.zeros(shape))
+        z = z.to(device)
+        return self._fold(self.basis.to(z) @ z, torch.zeros(shape, device=z.device))
 
     @functools.cached_property
     def _rounding_factor(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,14 +338,15 @@ class FourierSubspace:
         return images
 
     def sample(self, shape: torch.Size, generator: torch.Generator,
-               patch_fraction: float = 1.0) -> torch.Tensor:
-        """Noise spread over the whole operator's subspace; an overlapping stem has no patches
-        to leave out, so ``patch_fraction`` must be 1."""
+               patch_fraction: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
+        """Noise spread over the whole operator's subspace, drawn on the CPU and projected on
+        ``device``; an overlapping stem has no patches to leave out, so ``patch_fraction``
+        must be 1."""
         if patch_fraction != 1.0:
             raise ValueError("patch_fraction applies to non-overlapping stems (patch "
                              f"embeddings); this stem {self.layer.kernel}/{self.layer.stride} "
                              "overlaps. Fix: leave it at 1.")
-        noise = torch.randn(shape, generator=generator)
+        noise = torch.randn(shape, generator=generator).to(device)
         scale = math.sqrt(noise[0].numel() / self.rank)
         return self.project(noise) * scale
 
