@@ -28,6 +28,7 @@ def _protect(args: argparse.Namespace) -> int:
                      seed=args.seed, key=args.key, store_key=args.store_key,
                      save_originals=args.save_originals, output_format=args.format,
                      batch_size=args.batch_size, patch_fraction=args.patch_fraction,
+                     l2=args.l2,
                      device=args.device)
     if not args.quiet:
         summary = result.summary
@@ -155,8 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--authorized", required=True, help="model spec, e.g. timm:resnet50")
     protect.add_argument("--out", required=True, help="output folder (never the input)")
     protect.add_argument("--method", choices=("subspace", "reference"), default="subspace")
-    protect.add_argument("--psnr", type=float, default=30.0,
-                         help="target PSNR in dB (measured for subspace, nominal for reference)")
+    strength = protect.add_mutually_exclusive_group()
+    strength.add_argument("--psnr", type=float, default=30.0,
+                          help="target PSNR in dB (measured for subspace, nominal for reference)")
+    strength.add_argument("--l2", type=float,
+                          help="target L2 norm of each perturbation in [0, 1] pixel units "
+                               "(subspace; instead of --psnr)")
     protect.add_argument("--rank", type=int, help="subspace dimensions kept")
     protect.add_argument("--threshold", type=float,
                          help="keep singular values ≤ threshold × the largest (instead of rank)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from neaudit.zoo import ImageClassifier, create_model
 
 FIDELITY_COLUMNS = {
     "psnr": "measured PSNR of the written image (dB)",
+    "l2": "L2 norm of the written perturbation ([0, 1] pixel units)",
     "ssim": "SSIM of the written image",
     "gain": "first-layer gain ‖W̃δ‖/‖δ‖ of the written perturbation",
     "isotropic_gain": "gain of isotropic noise with the same energy",
@@ -65,17 +67,24 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
             rank: int | None = None, threshold: float | None = None, seed: int = 0,
             key: int | None = None, store_key: bool = False, save_originals: bool = False,
             output_format: str = "png", batch_size: int = 32, tau: float = 1e-2,
-            patch_fraction: float = 1.0, device: str = "cpu") -> ProtectResult:
+            patch_fraction: float = 1.0, l2: float | None = None,
+            device: str = "cpu") -> ProtectResult:
     """Recode ``data`` into NEs for ``authorized`` and write them under ``out``.
 
     ``key`` seeds the noise inside the subspace (defaults to ``seed``); it is recorded in
     the sidecar only with ``store_key=True``. For ``reference``, ``psnr_target`` is the
-    paper's *nominal* PSNR; the measured one is reported next to it. ``patch_fraction`` < 1
+    paper's *nominal* PSNR; the measured one is reported next to it. ``l2`` (``subspace``)
+    sets the strength as the L2 norm of each written perturbation in [0, 1] pixel units
+    instead, the convention of L2 robustness benchmarks. ``patch_fraction`` < 1
     (``subspace``, patch stems) puts the noise into that share of each image's patches: the
     authorized model sees less of it, the other models more of the clean image.
     """
     if method not in METHODS:
         raise NeauditError(f"unknown method '{method}'. Fix: use one of {', '.join(METHODS)}.")
+    if l2 is not None and (method != "subspace" or not l2 > 0):
+        raise NeauditError(f"--l2 {l2}: an L2 strength needs the subspace method and a positive "
+                           "norm (the published construction sets its strength from a nominal "
+                           "PSNR). Fix: use --method subspace with --l2 > 0, or --psnr.")
     if not 0.0 < patch_fraction <= 1.0:
         raise NeauditError(f"--patch-fraction {patch_fraction} is outside (0, 1]. Fix: give "
                            "the share of patches that carry noise, e.g. 0.25.")
@@ -91,6 +100,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         dataset.resize = size  # recoding happens at the resolution the stem sees
         dataset.image_shape = size
     layer = first_layer(model, size)
+    if l2 is not None:  # the PSNR of a perturbation with this norm: one target for every image
+        psnr_target = 10 * math.log10(3 * size[0] * size[1] / l2**2)
     space = low_sensitivity_subspace(layer, size, rank, threshold) if method == "subspace" else None
     if patch_fraction < 1.0 and (space is None or layer.overlapping):
         raise NeauditError(f"--patch-fraction applies to the subspace method on a patch stem; "
@@ -123,7 +134,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     summary = {col: float(per_image[col].mean()) for col in per_image.columns if col != "name"}
     summary["min_gain"] = space.min_gain if space is not None else float("nan")
     params = {
-        "psnr": psnr_target, "psnr_is_nominal": method == "reference",
+        "psnr": psnr_target, "psnr_is_nominal": method == "reference", "l2": l2,
         "rank": space.rank if space is not None else None,
         "rank_requested": rank, "threshold": threshold,
         "tau": tau if method == "reference" else None,
@@ -154,6 +165,7 @@ def _fidelity(model, layer, clean, protected, floats, seed, index) -> pd.DataFra
     top = logits_clean.argmax(1)
     frame = {
         "psnr": psnr(protected, clean),
+        "l2": delta.flatten(1).norm(dim=1),
         "ssim": ssim(protected, clean),
         "gain": first_layer_gain(layer, delta),
         "isotropic_gain": first_layer_gain(layer, noise),

@@ -91,3 +91,14 @@ def test_patch_fraction_is_recorded_and_refused_where_it_has_no_meaning(tmp_path
         protect("builtin:samples", "timm:resnet18?num_classes=10", tmp_path / "overlap",
                 patch_fraction=0.5)
     assert not (tmp_path / "zero").exists() and not (tmp_path / "overlap").exists()
+
+
+def test_strength_as_an_l2_norm(tmp_path):
+    result = protect("builtin:samples", VIT, tmp_path / "l2", l2=2.0)
+    assert result.per_image["l2"].between(1.98, 2.02).all(), result.per_image["l2"].describe()
+    assert result.sidecar["params"]["l2"] == 2.0
+    with pytest.raises(NeauditError, match="needs the subspace method"):
+        protect("builtin:samples", VIT, tmp_path / "ref", method="reference", l2=2.0)
+    with pytest.raises(SystemExit):
+        main(["protect", "builtin:samples", "--authorized", VIT, "--out", str(tmp_path / "c"),
+              "--psnr", "30", "--l2", "2"])
