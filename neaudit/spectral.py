@@ -35,10 +35,17 @@ fewer patch-steps than a fixed over-relaxation (ω = 1.8) and half fewer than ω
 
 
 def _extrapolated(violation: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
-    """Per row (dim 0) of ``projected`` = P(violation): the extrapolated repair step."""
+    """Per row (dim 0) of ``projected`` = P(violation): the extrapolated repair step.
+
+    The factor ‖v‖²/‖Pv‖² is about d/r for a spread-out violation; it is capped so that a
+    violation the subspace can barely reach (Pv ≈ 0) cannot throw δ far away.
+    """
     scale = violation.flatten(1).pow(2).sum(1) / projected.flatten(1).pow(2).sum(1).clamp_min(1e-30)
+    scale = scale.clamp(max=MAX_EXTRAPOLATION)
     return projected * (RELAXATION * scale).view(-1, *[1] * (projected.ndim - 1))
 
+
+MAX_EXTRAPOLATION = 10.0
 
 HALF_STEP = 0.5 / 255
 """Box violations smaller than half a uint8 step vanish when the image is rounded."""
