@@ -31,7 +31,10 @@ RELAXATION = 1.5
 """Box repair steps (PRIMER §1, "clip and quantize, then repair") are extrapolated
 alternating projections (Pierra): a step moves δ by RELAXATION · ‖v‖²/‖Pv‖² · Pv, with v the
 box violation and P the projector onto the subspace. On photographs this takes a quarter
-fewer patch-steps than a fixed over-relaxation (ω = 1.8) and half fewer than ω = 1.5."""
+fewer patch-steps than a fixed over-relaxation (ω = 1.8), and about half as many as ω = 1.5."""
+
+MAX_EXTRAPOLATION = 10.0
+"""Cap on ‖v‖²/‖Pv‖² (about d/r for a violation spread over a patch)."""
 
 
 def _extrapolated(violation: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
@@ -44,8 +47,6 @@ def _extrapolated(violation: torch.Tensor, projected: torch.Tensor) -> torch.Ten
     scale = scale.clamp(max=MAX_EXTRAPOLATION)
     return projected * (RELAXATION * scale).view(-1, *[1] * (projected.ndim - 1))
 
-
-MAX_EXTRAPOLATION = 10.0
 
 HALF_STEP = 0.5 / 255
 """Box violations smaller than half a uint8 step vanish when the image is rounded."""
