@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from neaudit.attacks import AttackContext, get_attack, load_suite
+from neaudit.auditing import audit
 from neaudit.data import builtin_dataset, load_dataset
-from neaudit.engine import audit
 from neaudit.imageio import to_float, write_png
 from neaudit.zoo import create_model
 

@@ -13,9 +13,9 @@ import torch
 
 from neaudit import demo_zoo
 from neaudit.attacks import load_suite
+from neaudit.auditing import audit
 from neaudit.data import builtin_dataset
 from neaudit.demo import digits_test_set
-from neaudit.engine import audit
 from neaudit.imageio import read_image, read_jpegs_on
 from neaudit.protection import protect
 
@@ -51,7 +51,7 @@ def main() -> None:
     attacks = len(load_suite("standard")) + 2
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        protect(dataset, demo_zoo.AUTHORIZED, Path(tmp) / "data", psnr_target=20,
+        protect(dataset, demo_zoo.AUTHORIZED, Path(tmp) / "data", psnr=20,
                 save_originals=True)
         print(f"protect (CPU path) {len(dataset)} images: {time.perf_counter() - start:.2f} s")
         for device in ("cuda", "cpu"):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import ray
 
-from neaudit.engine import audit
-from neaudit.ray_executor import RayExecutor
+from neaudit.auditing import audit
+from neaudit.executors import RayExecutor
 
 # the release and zoo of bench/audit.py, loaded from beside this file (bench/ is not a package)
 _spec = importlib.util.spec_from_file_location("bench_audit", Path(__file__).with_name("audit.py"))

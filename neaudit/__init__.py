@@ -1,17 +1,39 @@
-"""neaudit: audit non-transferable examples before release."""
+"""neaudit: audit non-transferable examples before release.
 
-__version__ = "0.1.0"
+The public API, one function per CLI command (each returns plain objects)::
 
-from neaudit.data import ImageDataset, load_dataset  # noqa: E402
-from neaudit.engine import AuditResult, audit  # noqa: E402
-from neaudit.protection import ProtectResult, protect  # noqa: E402
-from neaudit.reporting import ReportResult  # noqa: E402
-from neaudit.reporting import render_report as report  # noqa: E402
-from neaudit.stem import FirstLayer, first_layer  # noqa: E402
-from neaudit.zoo import PRESETS, ImageClassifier, create_model, wrap  # noqa: E402
+    neaudit.protect(...)  -> ProtectResult   # neaudit protect
+    neaudit.audit(...)    -> AuditResult     # neaudit audit (the measurements)
+    neaudit.report(...)   -> ReportResult    # neaudit report (verdict, HTML, JUnit)
+    neaudit.diff(...)     -> DiffResult      # neaudit diff
+    neaudit.demo.demo(...) -> DemoResult     # neaudit demo
 
-__all__ = [
-    "AuditResult", "FirstLayer", "ImageClassifier", "ImageDataset", "PRESETS", "ProtectResult",
-    "ReportResult", "audit", "create_model", "first_layer", "load_dataset", "protect", "report",
-    "wrap",
-]
+Names are imported on first use, so ``import neaudit`` (and ``neaudit --help``) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from neaudit._version import __version__
+
+_EXPORTS = {
+    "AuditResult": "neaudit.auditing", "audit": "neaudit.auditing",
+    "ImageDataset": "neaudit.data", "load_dataset": "neaudit.data",
+    "ProtectResult": "neaudit.protection", "protect": "neaudit.protection",
+    "ReportResult": "neaudit.reporting", "report": "neaudit.reporting",
+    "DiffResult": "neaudit.reporting.diff", "diff": "neaudit.reporting.diff",
+    "FirstLayer": "neaudit.stem", "first_layer": "neaudit.stem",
+    "PRESETS": "neaudit.zoo", "ImageClassifier": "neaudit.zoo",
+    "create_model": "neaudit.zoo", "wrap": "neaudit.zoo",
+}
+_RENAMED = {"report": "render_report", "diff": "diff_runs"}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'neaudit' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    return getattr(module, _RENAMED.get(name, name))

@@ -7,8 +7,10 @@ is FAIL, 2 on usage or input errors.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from neaudit.errors import NeauditError
 
@@ -24,7 +26,7 @@ def _protect(args: argparse.Namespace) -> int:
 
     dataset = load_dataset(args.data, originals=None, resize=args.resize)
     result = protect(dataset, args.authorized, args.out, method=args.method,
-                     psnr_target=args.psnr, rank=args.rank, threshold=args.threshold,
+                     psnr=args.psnr, rank=args.rank, threshold=args.threshold,
                      seed=args.seed, key=args.key, store_key=args.store_key,
                      save_originals=args.save_originals, output_format=args.format,
                      batch_size=args.batch_size, patch_fraction=args.patch_fraction,
@@ -48,8 +50,11 @@ def _protect(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from neaudit.engine import audit, format_summary
+    from neaudit.auditing import audit
+    from neaudit.policy import Policy
+    from neaudit.reporting import render_report
 
+    policy = Policy.load(args.policy)  # a bad policy fails before any work
     zoo = list(args.model or [])
     if args.zoo:
         from neaudit.zoo import resolve_zoo
@@ -59,7 +64,7 @@ def _audit(args: argparse.Namespace) -> int:
         raise NeauditError("no models to audit. Fix: pass --zoo PRESET|SPEC,SPEC or --model SPEC.")
     executor = None
     if args.executor == "ray":
-        from neaudit.ray_executor import RayExecutor
+        from neaudit.executors import RayExecutor
 
         executor = RayExecutor(args.ray_address, args.ray_workers, args.ray_cpus, args.ray_gpus)
     result = audit(args.data, zoo, authorized=args.authorized, suite=args.suite, out=args.out,
@@ -67,14 +72,41 @@ def _audit(args: argparse.Namespace) -> int:
                    device=args.device, seed=args.seed, batch_size=args.batch_size,
                    originals=args.originals, reference=args.reference,
                    max_images=args.max_images, quiet=args.quiet, score=args.score,
-                   policy=args.policy, loader_workers=args.loader_workers, decode=args.decode,
+                   loader_workers=args.loader_workers, decode=args.decode,
                    command=" ".join(["neaudit", *sys.argv[1:]]))
-    print(format_summary(result))
-    if result.report is None:
+    print(format_summary(result.summary, result.out))
+    if not result.complete:
         print("audit incomplete: re-run the same command to finish it")
         return 1
-    _print_verdict(result.report)
-    return result.report.exit_code
+    report = render_report(result.out, policy)
+    _print_verdict(report)
+    return report.exit_code
+
+
+def format_summary(summary: dict, out: Path) -> str:
+    """Plain-text table of an audit's summary for the terminal."""
+    lines = [f"{'model':<48} {'role':<12} {'clean':>6} {'NE':>6} {'worst attack':<28} "
+             f"{'worst':>6}"]
+    for model, entry in summary["models"].items():
+        worst = entry.get("worst_leakage", entry.get("worst_utility_retention"))
+        lines.append(
+            f"{model[:48]:<48} {entry['role']:<12} {_number(entry.get('clean'))} "
+            f"{_number(entry['protected'])} {entry.get('worst_attack', '-')[:28]:<28} "
+            f"{_number(worst)}")
+    lines.append(f"({summary['score_metric']}; 'worst' is leakage for unauthorized models, "
+                 "retention for the authorized one)")
+    if "suppression_ratio" in summary:
+        lines.append(f"suppression ratio {summary['suppression_ratio']:.2f}")
+    if "worst_leakage" in summary:
+        w = summary["worst_leakage"]
+        lines.append(f"worst-case leakage {w['value']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
+                     f" by {w['model']} under {w['attack']} ({w['threat']})")
+    lines.append(f"results: {out / 'results.csv'}")
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return f"{math.nan if value is None else value:>6.3f}"
 
 
 def _print_verdict(report) -> None:
@@ -103,11 +135,10 @@ def _diff(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from neaudit.demo import demo
-    from neaudit.engine import format_summary
 
     result = demo(args.out, quick=args.quick, psnr=args.psnr, quiet=args.quiet,
                   policy=args.policy, suite=args.suite)
-    print(format_summary(result))
+    print(format_summary(result.audit.summary, result.audit.out))
     _print_verdict(result.report)
     print(f"\nOpen the report: {result.report.html.resolve()}")
     return 0
@@ -117,8 +148,6 @@ def _zoo(args: argparse.Namespace) -> int:
     from neaudit.zoo import PRESETS
 
     if args.zoo_command == "train-demo":
-        from pathlib import Path
-
         from neaudit import demo_zoo
 
         demo_zoo.train_all(Path(args.out) if args.out else demo_zoo.WEIGHTS, seed=args.seed)
@@ -176,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--format", choices=("png", "npz"), default="png")
     protect.add_argument("--resize", type=_size, help="resize policy for mixed sizes, H[xW]")
     protect.add_argument("--batch-size", type=int, default=32)
-    protect.add_argument("--device", default="cpu", help="cpu, auto, cuda or cuda:N")
+    protect.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     protect.add_argument("--quiet", action="store_true")
     protect.set_defaults(handler=_protect)
 

@@ -7,14 +7,17 @@ models (all trained by the project, each ≥ 95% test accuracy), and renders the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from neaudit import demo_zoo
+from neaudit.auditing import AuditResult, audit
 from neaudit.data import ImageDataset
-from neaudit.engine import AuditResult, audit
+from neaudit.policy import Policy
 from neaudit.protection import protect
+from neaudit.reporting import ReportResult, render_report
 
 QUICK_IMAGES = 120
 
@@ -29,15 +32,25 @@ def digits_test_set(count: int | None = None) -> ImageDataset:
                         source=Path("builtin:digits-test"))
 
 
+@dataclass
+class DemoResult:
+    """What ``demo`` returns: the audit and its report."""
+
+    audit: AuditResult
+    report: ReportResult
+
+
 def demo(out: str | Path = "reports/demo", quick: bool = False, psnr: float = 20.0,
          quiet: bool = False, policy: str | Path | None = None,
-         suite: str | None = None) -> AuditResult:
+         suite: str | None = None) -> DemoResult:
     """Protect, audit and report; ``quick`` uses 120 images and the smoke suite."""
     out = Path(out)
+    checked = Policy.load(policy)
     dataset = digits_test_set(QUICK_IMAGES if quick else None)
-    protect(dataset, demo_zoo.AUTHORIZED, out / "data", psnr_target=psnr, save_originals=True)
+    protect(dataset, demo_zoo.AUTHORIZED, out / "data", psnr=psnr, save_originals=True)
     others = [f"demo:{name}" for name in demo_zoo.ARCHITECTURES
               if f"demo:{name}" != demo_zoo.AUTHORIZED]
-    return audit(out / "data", others, suite=suite or ("smoke" if quick else "standard"),
-                 out=out / "audit", score="accuracy", quiet=quiet, policy=policy,
-                 command=f"neaudit demo --out {out}{' --quick' if quick else ''}")
+    result = audit(out / "data", others, suite=suite or ("smoke" if quick else "standard"),
+                   out=out / "audit", score="accuracy", quiet=quiet,
+                   command=f"neaudit demo --out {out}{' --quick' if quick else ''}")
+    return DemoResult(result, render_report(result.out, checked))

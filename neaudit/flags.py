@@ -8,9 +8,12 @@ failures of the verdict.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
+
+from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, UNAUTHORIZED
 
 FLAG_NAMES = ("degenerate_model", "wrong_preprocessing", "authorized_failing",
               "nominal_vs_measured", "lossy_or_altered_input", "trivial_break",
@@ -26,7 +29,11 @@ class Flag:
     failing: bool = False
 
 
-def evaluate_flags(table: pd.DataFrame, summary: dict, policy) -> list[Flag]:
+def evaluate_flags(table: pd.DataFrame, summary: dict, policy, criteria: Sequence = ()
+                   ) -> list[Flag]:
+    """Every flag that fires for this run; ``policy`` (rules, levels, fail_on) sets the
+    thresholds some flags compare with and which flags fail the verdict; ``criteria`` are
+    the policy's evaluated criteria (a threshold inside an interval is flagged)."""
     diagnostics = summary.get("diagnostics", {})
     found: list[Flag] = []
     metric = summary.get("score_metric", "accuracy")
@@ -42,9 +49,9 @@ def evaluate_flags(table: pd.DataFrame, summary: dict, policy) -> list[Flag]:
                 "say nothing about the protection.",
                 "Use trained weights (check the spec's pretrained/weights option) or drop it."))
     if metric == "accuracy" and chance:
-        for row in scores[scores.attack == "clean"].itertuples():
+        for row in scores[scores.attack == CLEAN].itertuples():
             if row.value < 2 * chance:
-                name = ("authorized_failing" if row.role == "authorized"
+                name = ("authorized_failing" if row.role == AUTHORIZED
                         else "wrong_preprocessing")
                 found.append(Flag(
                     name, f"{row.model} scores {row.value:.3f} on the clean originals, near "
@@ -52,8 +59,8 @@ def evaluate_flags(table: pd.DataFrame, summary: dict, policy) -> list[Flag]:
                     "mismatch, or the wrong weights.",
                     "Check mean/std/input_size and that class folders match the model's "
                     "class order."))
-    retention = table[(table.role == "authorized") & (table.metric == "utility_retention")
-                      & (table.attack == "none")]
+    retention = table[(table.role == AUTHORIZED) & (table.metric == "utility_retention")
+                      & (table.attack == NONE)]
     for row in retention.itertuples():
         if row.value < 0.9:
             found.append(Flag(
@@ -61,7 +68,7 @@ def evaluate_flags(table: pd.DataFrame, summary: dict, policy) -> list[Flag]:
                 "clean score on the unattacked NEs: the protection breaks utility before any "
                 "attack.", "Lower the strength (higher PSNR) or check the authorized spec."))
     sidecar = diagnostics.get("sidecar") or {}
-    measured = table[(table.metric == "psnr") & (table.attack == "none")].value
+    measured = table[(table.metric == "psnr") & (table.attack == NONE)].value
     if sidecar.get("psnr") is not None and len(measured):
         gap = float(measured.iloc[0]) - float(sidecar["psnr"])
         if abs(gap) > 1.0:
@@ -95,7 +102,7 @@ def evaluate_flags(table: pd.DataFrame, summary: dict, policy) -> list[Flag]:
     max_leakage = policy.rules.get("max_leakage")
     if max_leakage is not None:
         leak = table[(table.metric == "leakage") & (table.family == "preprocess")
-                     & (table.role == "unauthorized")]
+                     & (table.role == UNAUTHORIZED)]
         broken = leak[leak.value > max_leakage]
         if len(broken):
             worst = broken.loc[broken.value.idxmax()]
@@ -103,12 +110,12 @@ def evaluate_flags(table: pd.DataFrame, summary: dict, policy) -> list[Flag]:
                 "trivial_break", f"A single ordinary preprocessing step ({worst.attack}) already "
                 f"gives {worst.model} leakage {worst.value:.3f} > {max_leakage:g}.",
                 "No adaptive attack is needed to break this release."))
-    for criterion in summary.get("criteria", []):
-        low, high = criterion["ci_low"], criterion["ci_high"]
-        if low == low and high == high and low < criterion["threshold"] < high:
+    for criterion in criteria:
+        low, high = criterion.ci_low, criterion.ci_high
+        if low == low and high == high and low < criterion.threshold < high:
             found.append(Flag(
-                "too_few_samples", f"{criterion['title']}: the threshold "
-                f"{criterion['threshold']:g} lies inside the 95% interval [{low:.3f}, "
+                "too_few_samples", f"{criterion.title}: the threshold "
+                f"{criterion.threshold:g} lies inside the 95% interval [{low:.3f}, "
                 f"{high:.3f}], so the verdict could flip with more images.",
                 "Audit more images before relying on this criterion."))
     unstable = diagnostics.get("nondeterministic_tasks") or []

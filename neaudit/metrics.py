@@ -1,4 +1,4 @@
-"""Metrics, defined once (PRIMER §4). Images are float NCHW in [0, 1].
+"""Metrics, defined once (docs/method.md §4). Images are float NCHW in [0, 1].
 
 * PSNR = 10·log10(1 / MSE) per image; SSIM from Kornia (11×11 Gaussian window), per image.
 * Wilson score interval, 95%: (p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n).
@@ -9,6 +9,7 @@
 * Leakage above chance = (score − chance) / (clean score − chance) (:func:`above_chance`).
 * Suppression ratio = authorized score / best unauthorized score (Variational Feature
   Compression's figure of merit).
+* SLC-AUC = area under fine-tuning accuracy vs ln(fraction), NEs minus clean.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 
 import kornia
+import numpy as np
 import torch
 
 from neaudit.stem import FirstLayer
@@ -80,6 +82,14 @@ def score_ratio(score: float, clean_score: float) -> float:
 def above_chance(score: float, clean_score: float, chance: float) -> float:
     """(score − chance) / (clean score − chance): 0 at chance, 1 at the clean level."""
     return score_ratio(score - chance, clean_score - chance)
+
+
+def slc_auc(fractions: list[float], protected: list[float], clean: list[float]) -> float:
+    """SLC-AUC (Non-Transferable Pruning): the area under accuracy vs ln(fraction) of the
+    fine-tuning curve on NEs minus that on clean data (trapezoid rule); negative means the
+    protection makes learning harder."""
+    x = np.log(np.asarray(fractions, dtype=float))
+    return float(np.trapezoid(protected, x) - np.trapezoid(clean, x))
 
 
 def suppression_ratio(authorized_score: float, unauthorized_scores: list[float]) -> float:

@@ -22,18 +22,21 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 
 from neaudit.errors import NeauditError
+from neaudit.flags import FLAG_NAMES, Flag, evaluate_flags
+from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, UNAUTHORIZED
 
 DEFAULT_POLICY = Path(__file__).parent / "reporting" / "default_policy.toml"
 KEYS = ("min_authorized_retention", "max_leakage", "max_leakage_above_chance",
         "min_suppression_ratio", "min_psnr")
 LIST_KEYS = ("fail_on", "levels")
-EXCLUDED_ATTACKS = ("clean",)
+EXCLUDED_ATTACKS = (CLEAN,)
 EXCLUDED_FAMILIES = ("test",)
 
 
@@ -76,8 +79,6 @@ class Policy:
         raw.pop("description", None)
         name = raw.pop("name", path.stem)
         lists = {key: tuple(raw.pop(key, ())) for key in LIST_KEYS}
-        from neaudit.flags import FLAG_NAMES
-
         unknown_flags = sorted(set(lists["fail_on"]) - set(FLAG_NAMES))
         if unknown_flags:
             raise NeauditError(f"{path}: fail_on names unknown flag(s) {', '.join(unknown_flags)}."
@@ -100,8 +101,27 @@ class Policy:
         return criteria
 
 
-def verdict(criteria: list[Criterion]) -> str:
-    return "PASS" if criteria and all(c.passed for c in criteria) else "FAIL"
+    def judge(self, table: pd.DataFrame, summary: dict) -> Judgement:
+        """The criteria, the validity flags and the verdict for one run's table."""
+        criteria = self.evaluate(table, summary)
+        flags = evaluate_flags(table, summary, self, criteria)
+        return Judgement(criteria, flags, verdict(criteria, flags))
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A policy applied to a run: what the report, the terminal, JUnit and diff all show."""
+
+    criteria: list[Criterion]
+    flags: list[Flag]
+    verdict: str
+
+
+def verdict(criteria: Sequence[Criterion], flags: Sequence[Flag] = ()) -> str:
+    """The one verdict rule: PASS when at least one criterion was evaluated, every criterion
+    passed and no validity flag that the policy fails on fired; FAIL otherwise."""
+    passed = bool(criteria) and all(c.passed for c in criteria)
+    return "PASS" if passed and not any(f.failing for f in flags) else "FAIL"
 
 
 def _check_keys(path: Path, rules: dict, where: str) -> None:
@@ -124,16 +144,16 @@ def _check(key: str, threshold: float, table: pd.DataFrame, summary: dict,
         return Criterion(key, scope, threshold, observed, math.nan, math.nan,
                          observed >= threshold, "unattacked NEs")
     if key == "min_authorized_retention":
-        chosen = rows[(rows.metric == "utility_retention") & (rows.role == "authorized")]
+        chosen = rows[(rows.metric == "utility_retention") & (rows.role == AUTHORIZED)]
         if family is None:
-            chosen = chosen[chosen.attack == "none"]
+            chosen = chosen[chosen.attack == NONE]
         return _extreme(key, scope, threshold, chosen, lowest=True)
     if key == "min_psnr":
-        chosen = rows[(rows.metric == "psnr") & (rows.attack == "none")]
+        chosen = rows[(rows.metric == "psnr") & (rows.attack == NONE)]
         criterion = _extreme(key, scope, threshold, chosen.head(1), lowest=True)
         return criterion and replace(criterion, where="the released NEs (no attack)")
     metric = "leakage" if key == "max_leakage" else "leakage_above_chance"
-    chosen = rows[(rows.metric == metric) & (rows.role == "unauthorized")]
+    chosen = rows[(rows.metric == metric) & (rows.role == UNAUTHORIZED)]
     return _extreme(key, scope, threshold, chosen, lowest=False)
 
 

@@ -13,14 +13,14 @@ import hashlib
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from neaudit import __version__
+from neaudit._version import __version__
 from neaudit.data import ORIGINAL_DIR, PROTECTED_DIR, SIDECAR, ImageDataset, load_dataset
 from neaudit.device import resolve_device
 from neaudit.errors import NeauditError
@@ -29,14 +29,19 @@ from neaudit.metrics import (
     first_layer_gain,
     isotropic_like,
     logit_cosine,
-    psnr,
     relative_first_layer_change,
     ssim,
 )
+from neaudit.metrics import psnr as measured_psnr
 from neaudit.ne import METHODS, image_generators, reference_recode, subspace_recode
-from neaudit.spectral import low_sensitivity_subspace
-from neaudit.stem import first_layer
+from neaudit.seeding import generator
+from neaudit.spectral import Subspace, low_sensitivity_subspace
+from neaudit.stem import FirstLayer, first_layer
 from neaudit.zoo import ImageClassifier, create_model
+
+MAX_PSNR = 55.0
+"""Uint8 rounding alone is a 59 dB perturbation: a higher measured target cannot be written
+(the published construction's *nominal* PSNR counts the image itself and has no such bound)."""
 
 FIDELITY_COLUMNS = {
     "psnr": "measured PSNR of the written image (dB)",
@@ -63,62 +68,117 @@ class ProtectResult:
 
 
 def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
-            out: str | Path, method: str = "subspace", psnr_target: float = 30.0,
+            out: str | Path, method: str = "subspace", psnr: float = 30.0,
             rank: int | None = None, threshold: float | None = None, seed: int = 0,
             key: int | None = None, store_key: bool = False, save_originals: bool = False,
             output_format: str = "png", batch_size: int = 32, tau: float = 1e-2,
             patch_fraction: float = 1.0, l2: float | None = None,
-            device: str = "cpu") -> ProtectResult:
+            device: str = "auto") -> ProtectResult:
     """Recode ``data`` into NEs for ``authorized`` and write them under ``out``.
 
     ``key`` seeds the noise inside the subspace (defaults to ``seed``); it is recorded in
-    the sidecar only with ``store_key=True``. For ``reference``, ``psnr_target`` is the
-    paper's *nominal* PSNR; the measured one is reported next to it. ``l2`` (``subspace``)
-    sets the strength as the L2 norm of each written perturbation in [0, 1] pixel units
-    instead, the convention of L2 robustness benchmarks. ``patch_fraction`` < 1
-    (``subspace``, patch stems) puts the noise into that share of each image's patches: the
-    authorized model sees less of it, the other models more of the clean image.
+    the sidecar only with ``store_key=True``. For ``reference``, ``psnr`` is the paper's
+    *nominal* PSNR; the measured one is reported next to it. ``l2`` (``subspace``) sets the
+    strength as the L2 norm of each written perturbation in [0, 1] pixel units instead, the
+    convention of L2 robustness benchmarks. ``patch_fraction`` < 1 (``subspace``, patch
+    stems) puts the noise into that share of each image's patches: the authorized model sees
+    less of it, the other models more of the clean image.
     """
-    if method not in METHODS:
-        raise NeauditError(f"unknown method '{method}'. Fix: use one of {', '.join(METHODS)}.")
-    if l2 is not None and (method != "subspace" or not l2 > 0):
-        raise NeauditError(f"--l2 {l2}: an L2 strength needs the subspace method and a positive "
-                           "norm (the published construction sets its strength from a nominal "
-                           "PSNR). Fix: use --method subspace with --l2 > 0, or --psnr.")
-    if not 0.0 < patch_fraction <= 1.0:
-        raise NeauditError(f"--patch-fraction {patch_fraction} is outside (0, 1]. Fix: give "
-                           "the share of patches that carry noise, e.g. 0.25.")
-    if output_format not in ("png", "npz"):
-        raise NeauditError(f"unknown format '{output_format}'. Fix: use png or npz.")
+    _check_options(method, psnr, l2, rank, patch_fraction, output_format, batch_size)
     dataset = data if isinstance(data, ImageDataset) else load_dataset(data)
     out = Path(out)
     _refuse_input_folder(dataset, out)
     torch_device = resolve_device(device)
     model = create_model(authorized, dataset.class_names).to(torch_device)
     size = tuple(model.input_size or dataset.image_shape)
-    if tuple(dataset.image_shape) != size:
-        dataset.resize = size  # recoding happens at the resolution the stem sees
-        dataset.image_shape = size
+    if tuple(dataset.image_shape) != size:  # recode at the resolution the stem sees
+        dataset = replace(dataset, resize=size)
     layer = first_layer(model, size)
     if l2 is not None:  # the PSNR of a perturbation with this norm: one target for every image
-        psnr_target = 10 * math.log10(3 * size[0] * size[1] / l2**2)
+        psnr = 10 * math.log10(3 * size[0] * size[1] / l2**2)
     space = low_sensitivity_subspace(layer, size, rank, threshold) if method == "subspace" else None
     if patch_fraction < 1.0 and (space is None or layer.overlapping):
         raise NeauditError(f"--patch-fraction applies to the subspace method on a patch stem; "
                            f"{model.name} with --method {method} has none. Fix: drop the option.")
     noise_key = seed if key is None else key
+    recoding = _Recoding(model, layer, space, method, psnr, noise_key, seed, tau,
+                         patch_fraction)
+    per_image = _recode_all(dataset, recoding, out, batch_size, save_originals, output_format)
+    summary = {col: float(per_image[col].mean()) for col in per_image.columns if col != "name"}
+    summary["min_gain"] = space.min_gain if space is not None else float("nan")
+    params = {
+        "psnr": psnr, "psnr_is_nominal": method == "reference", "l2": l2,
+        "rank": space.rank if space is not None else None,
+        "rank_requested": rank, "threshold": threshold,
+        "tau": tau if method == "reference" else None,
+        "patch_fraction": patch_fraction if method == "subspace" else None,
+        "seed": seed, "key": noise_key if store_key else None, "key_stored": store_key,
+        "image_size": list(size),
+    }
+    sidecar = _sidecar(out, dataset, model, method, params, summary, output_format)
+    return ProtectResult(out, per_image, summary, sidecar)
 
+
+def _check_options(method: str, psnr: float, l2: float | None, rank: int | None,
+                   patch_fraction: float, output_format: str, batch_size: int) -> None:
+    """Refuse settings that would write something other than what was asked for."""
+    if method not in METHODS:
+        raise NeauditError(f"unknown method '{method}'. Fix: use one of {', '.join(METHODS)}.")
+    highest = MAX_PSNR if method == "subspace" else math.inf  # reference: a nominal figure
+    if not (math.isfinite(psnr) and 0 < psnr <= highest):
+        raise NeauditError(f"--psnr {psnr}: the strength must be a finite PSNR in (0, "
+                           f"{highest:g}] dB (above {MAX_PSNR:g} dB uint8 rounding alone is as "
+                           "large as the noise). Fix: give e.g. --psnr 30.")
+    if l2 is not None and (method != "subspace" or not (math.isfinite(l2) and l2 > 0)):
+        raise NeauditError(f"--l2 {l2}: an L2 strength needs the subspace method and a positive "
+                           "norm (the published construction sets its strength from a nominal "
+                           "PSNR). Fix: use --method subspace with --l2 > 0, or --psnr.")
+    if rank is not None and rank < 1:
+        raise NeauditError(f"--rank {rank}: the subspace needs at least one dimension. Fix: "
+                           "give a positive rank, or leave it out for the default.")
+    if not 0.0 < patch_fraction <= 1.0:
+        raise NeauditError(f"--patch-fraction {patch_fraction} is outside (0, 1]. Fix: give "
+                           "the share of patches that carry noise, e.g. 0.25.")
+    if output_format not in ("png", "npz"):
+        raise NeauditError(f"unknown format '{output_format}'. Fix: use png or npz.")
+    if batch_size < 1:
+        raise NeauditError(f"--batch-size {batch_size}: must be at least 1.")
+
+
+@dataclass(frozen=True)
+class _Recoding:
+    """The recoding of one run: the authorized model, its stem and subspace, and settings."""
+
+    model: ImageClassifier
+    layer: FirstLayer
+    space: Subspace | None
+    method: str
+    psnr: float
+    key: int
+    seed: int
+    tau: float
+    patch_fraction: float
+
+    def __call__(self, clean: torch.Tensor, index: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The written NEs (on the uint8 grid) and, for ``reference``, the float output."""
+        generators = image_generators(self.key, index)
+        if self.method == "subspace":
+            return subspace_recode(clean, self.space, self.psnr, generators,
+                                   self.patch_fraction), None
+        floats = reference_recode(clean, self.layer, self.psnr, generators, self.tau)
+        return quantize(floats), floats
+
+
+def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path, batch_size: int,
+                save_originals: bool, output_format: str) -> pd.DataFrame:
+    """Recode and write every batch; returns the per-image fidelity table."""
+    device = recoding.model.mean.device
     rows, written, originals, names = [], [], [], []
     for batch in dataset.batches(batch_size):
-        clean = quantize(batch.protected).to(torch_device)
-        generators = image_generators(noise_key, batch.index)
-        if method == "subspace":
-            protected = subspace_recode(clean, space, psnr_target, generators, patch_fraction)
-            floats = None
-        else:
-            floats = reference_recode(clean, layer, psnr_target, generators, tau)
-            protected = quantize(floats)
-        rows.append(_fidelity(model, layer, clean, protected, floats, seed, batch.index))
+        clean = quantize(batch.protected).to(device)
+        protected, floats = recoding(clean, batch.index)
+        rows.append(_fidelity(recoding, clean, protected, floats, batch.index))
         labels = batch.labels.tolist() if batch.labels is not None else [None] * len(clean)
         paths = [_png_name(n, lab, dataset.class_names) for n, lab in zip(batch.names, labels,
                                                                           strict=True)]
@@ -131,19 +191,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     if output_format == "npz":
         _write_npz(out, dataset, np.concatenate(written),
                    np.concatenate(originals) if save_originals else None)
-    summary = {col: float(per_image[col].mean()) for col in per_image.columns if col != "name"}
-    summary["min_gain"] = space.min_gain if space is not None else float("nan")
-    params = {
-        "psnr": psnr_target, "psnr_is_nominal": method == "reference", "l2": l2,
-        "rank": space.rank if space is not None else None,
-        "rank_requested": rank, "threshold": threshold,
-        "tau": tau if method == "reference" else None,
-        "patch_fraction": patch_fraction if method == "subspace" else None,
-        "seed": seed, "key": noise_key if store_key else None, "key_stored": store_key,
-        "image_size": list(size),
-    }
-    sidecar = _sidecar(out, dataset, model, method, params, summary, output_format)
-    return ProtectResult(out, per_image, summary, sidecar)
+    return per_image
 
 
 def _refuse_input_folder(dataset: ImageDataset, out: Path) -> None:
@@ -155,16 +203,18 @@ def _refuse_input_folder(dataset: ImageDataset, out: Path) -> None:
                            "never writes into its input. Fix: choose a separate --out folder.")
 
 
-def _fidelity(model, layer, clean, protected, floats, seed, index) -> pd.DataFrame:
+def _fidelity(recoding: _Recoding, clean: torch.Tensor, protected: torch.Tensor,
+              floats: torch.Tensor | None, index: torch.Tensor) -> pd.DataFrame:
+    """Per-image fidelity of the written NEs, beside isotropic noise of the same energy."""
+    model, layer = recoding.model, recoding.layer
     delta = protected - clean
-    generator = torch.Generator().manual_seed(seed + 7919 + int(index[0]))
-    noise = isotropic_like(delta, generator)
+    noise = isotropic_like(delta, generator(recoding.seed, "noise-control", int(index[0])))
     noisy = quantize(clean + noise)
     with torch.inference_mode():
         logits_clean, logits_ne, logits_noise = model(clean), model(protected), model(noisy)
     top = logits_clean.argmax(1)
     frame = {
-        "psnr": psnr(protected, clean),
+        "psnr": measured_psnr(protected, clean),
         "l2": delta.flatten(1).norm(dim=1),
         "ssim": ssim(protected, clean),
         "gain": first_layer_gain(layer, delta),
@@ -179,7 +229,7 @@ def _fidelity(model, layer, clean, protected, floats, seed, index) -> pd.DataFra
     if floats is not None:  # reference: what the paper evaluated, before materializing
         with torch.inference_mode():
             logits_float = model(floats)
-        frame["psnr_float"] = psnr(floats, clean)
+        frame["psnr_float"] = measured_psnr(floats, clean)
         frame["agreement_float"] = (logits_float.argmax(1) == top).float()
     return pd.DataFrame({k: v.detach().cpu().numpy() for k, v in frame.items()})
 

@@ -1,6 +1,6 @@
 """From task records to the tidy results table and the per-model summary.
 
-Metrics (names are stable; PRIMER §4):
+Metrics (names are stable; docs/method.md §4):
 
 * ``accuracy`` (labels) or ``agreement`` (top-1 equals the model's own prediction on the clean
   original): proportion with a 95% Wilson interval.
@@ -23,8 +23,15 @@ from collections import defaultdict
 
 import pandas as pd
 
-from neaudit.learning import slc_auc
-from neaudit.metrics import Z95, above_chance, score_ratio, suppression_ratio, wilson_interval
+from neaudit.metrics import (
+    Z95,
+    above_chance,
+    score_ratio,
+    slc_auc,
+    suppression_ratio,
+    wilson_interval,
+)
+from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, THREAT_LEVELS, UNAUTHORIZED, ratio_metric
 
 COLUMNS = ["model", "role", "attack", "family", "threat", "params", "metric", "value", "ci_low",
            "ci_high", "n"]
@@ -59,63 +66,63 @@ def build_table(records: list[dict], roles: dict[str, str], score_metric: str,
     rows = []
     for (model, attack), (correct, n) in sorted(counts.items()):
         family, threat, params = meta[attack]
-        role = roles[model]
-        base = dict(model=model, role=role, attack=attack, family=family, threat=threat,
-                    params=params)
-        score = correct / n if n else math.nan
-        low, high = wilson_interval(correct, n)
-        rows.append({**base, "metric": score_metric, "value": score, "ci_low": low,
-                     "ci_high": high, "n": n})
-        clean_correct, clean_n = counts.get((model, "clean"), (0, 0))
-        if attack != "clean" and clean_n:
-            clean = clean_correct / clean_n
-            ratio = "utility_retention" if role == "authorized" else "leakage"
-            rows.append({**base, "metric": ratio, "value": score_ratio(score, clean),
-                         "ci_low": score_ratio(low, clean), "ci_high": score_ratio(high, clean),
-                         "n": n})
-            chance = _chance(score_metric, num_classes, histograms.get(model))
-            if chance is not None and role == "unauthorized":
-                rows.append({**base, "metric": "leakage_above_chance",
-                             "value": above_chance(score, clean, chance),
-                             "ci_low": above_chance(low, clean, chance),
-                             "ci_high": above_chance(high, clean, chance), "n": n})
+        base = dict(model=model, role=roles[model], attack=attack, family=family,
+                    threat=threat, params=params)
+        clean_correct, clean_n = counts.get((model, CLEAN), (0, 0))
+        clean = clean_correct / clean_n if attack != CLEAN and clean_n else None
+        chance = _chance(score_metric, num_classes, histograms.get(model))
+        rows += score_rows(base, score_metric, (correct, n), clean, chance)
         if attack in images and images[attack][4]:
-            for metric, (total, squares) in (("psnr", images[attack][0:2]),
-                                             ("ssim", images[attack][2:4])):
-                m = images[attack][4]
-                mean = total / m
-                sd = math.sqrt(max(squares / m - mean * mean, 0.0))
-                half = Z95 * sd / math.sqrt(m)
-                rows.append({**base, "metric": metric, "value": mean, "ci_low": mean - half,
-                             "ci_high": mean + half, "n": m})
+            rows += _image_rows(base, images[attack])
     for record in learned:
         rows += _learning_rows(record, roles, num_classes)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def score_rows(base: dict, score_metric: str, counts: tuple[int, int], clean: float | None,
+               chance: float | None) -> list[dict]:
+    """The rows of one (model, attack): its score with a Wilson interval and, where the clean
+    score is known, utility retention or leakage, and leakage above chance."""
+    correct, n = counts
+    score = correct / n if n else math.nan
+    low, high = wilson_interval(correct, n)
+    rows = [{**base, "metric": score_metric, "value": score, "ci_low": low, "ci_high": high,
+             "n": n}]
+    if clean is None:
+        return rows
+    rows.append({**base, "metric": ratio_metric(base["role"]),
+                 "value": score_ratio(score, clean), "ci_low": score_ratio(low, clean),
+                 "ci_high": score_ratio(high, clean), "n": n})
+    if chance is not None and base["role"] == UNAUTHORIZED:
+        rows.append({**base, "metric": "leakage_above_chance",
+                     "value": above_chance(score, clean, chance),
+                     "ci_low": above_chance(low, clean, chance),
+                     "ci_high": above_chance(high, clean, chance), "n": n})
+    return rows
+
+
+def _image_rows(base: dict, sums: list[float]) -> list[dict]:
+    """PSNR and SSIM means with a normal 95% interval, from per-image sums and squares."""
+    rows = []
+    m = sums[4]
+    for metric, (total, squares) in (("psnr", sums[0:2]), ("ssim", sums[2:4])):
+        mean = total / m
+        half = Z95 * math.sqrt(max(squares / m - mean * mean, 0.0)) / math.sqrt(m)
+        rows.append({**base, "metric": metric, "value": mean, "ci_low": mean - half,
+                     "ci_high": mean + half, "n": m})
+    return rows
+
+
 def _learning_rows(record: dict, roles: dict[str, str], num_classes: int | None) -> list[dict]:
     """Rows of a learning attack: accuracy and leakage against the clean-data baseline, per
     probe or per fine-tuning fraction, and SLC-AUC for the fine-tuning curve."""
-    rows = []
+    rows: list[dict] = []
     chance = 1.0 / num_classes if num_classes else None
 
     def add(model: str, attack: str, params: str, counts, baseline) -> None:
         base = dict(model=model, role=roles[model], attack=attack, family="learning",
                     threat="learning", params=params)
-        correct, n = counts
-        score, (low, high) = correct / n, wilson_interval(correct, n)
-        clean = baseline[0] / baseline[1]
-        ratio = "utility_retention" if roles[model] == "authorized" else "leakage"
-        rows.append({**base, "metric": "accuracy", "value": score, "ci_low": low,
-                     "ci_high": high, "n": n})
-        rows.append({**base, "metric": ratio, "value": score_ratio(score, clean),
-                     "ci_low": score_ratio(low, clean), "ci_high": score_ratio(high, clean),
-                     "n": n})
-        if chance is not None and roles[model] == "unauthorized":
-            rows.append({**base, "metric": "leakage_above_chance",
-                         "value": above_chance(score, clean, chance),
-                         "ci_low": above_chance(low, clean, chance),
-                         "ci_high": above_chance(high, clean, chance), "n": n})
+        rows.extend(score_rows(base, "accuracy", counts, baseline[0] / baseline[1], chance))
 
     if "baseline" in record:
         for model, counts in record["models"].items():
@@ -128,9 +135,9 @@ def _learning_rows(record: dict, roles: dict[str, str], num_classes: int | None)
                 json.dumps({"fraction": fraction}), prot, clean)
         area = slc_auc(curve["fractions"], [c / n for c, n in curve["protected"]],
                        [c / n for c, n in curve["clean"]])
-        rows.append(dict(model=model, role=roles[model], attack="finetune", family="learning",
-                         threat="learning", params=record["params"], metric="slc_auc",
-                         value=area, ci_low=math.nan, ci_high=math.nan,
+        rows.append(dict(model=model, role=roles[model], attack=record["attack"],
+                         family="learning", threat="learning", params=record["params"],
+                         metric="slc_auc", value=area, ci_low=math.nan, ci_high=math.nan,
                          n=len(curve["fractions"])))
     return rows
 
@@ -152,38 +159,37 @@ def summarize(table: pd.DataFrame, score_metric: str) -> dict:
     for model, rows in table.groupby("model", sort=False):
         role = rows.role.iloc[0]
         own = scores[scores.model == model].set_index("attack").value
-        entry = {"role": role, "clean": _get(own, "clean"), "protected": _get(own, "none")}
-        ratio = "utility_retention" if role == "authorized" else "leakage"
-        attacked = rows[(rows.metric == ratio) & (rows.attack != "none")].dropna(subset="value")
+        entry = {"role": role, "clean": _get(own, CLEAN), "protected": _get(own, NONE)}
+        ratio = ratio_metric(role)
+        attacked = rows[(rows.metric == ratio) & (rows.attack != NONE)].dropna(subset="value")
         if len(attacked):
-            pick = attacked.value.idxmin() if role == "authorized" else attacked.value.idxmax()
+            pick = attacked.value.idxmin() if role == AUTHORIZED else attacked.value.idxmax()
             worst = attacked.loc[pick]
             entry.update(worst_attack=worst.attack, worst_family=worst.family,
                          worst_threat=worst.threat, **{f"worst_{ratio}": float(worst.value)})
-        none_ratio = rows[(rows.metric == ratio) & (rows.attack == "none")]
+        none_ratio = rows[(rows.metric == ratio) & (rows.attack == NONE)]
         if len(none_ratio):
             entry[ratio] = float(none_ratio.value.iloc[0])
         summary["models"][model] = entry
     roles = {m: e["role"] for m, e in summary["models"].items()}
-    authorized = [m for m, r in roles.items() if r == "authorized"]
-    others = [m for m, r in roles.items() if r == "unauthorized"]
+    authorized = [m for m, r in roles.items() if r == AUTHORIZED]
+    others = [m for m, r in roles.items() if r == UNAUTHORIZED]
     scores = [summary["models"][m]["protected"] for m in authorized + others]
     if authorized and others and None not in scores:
         summary["suppression_ratio"] = suppression_ratio(scores[0], scores[1:])
-    leak = table[(table.metric == "leakage") & (table.attack != "clean")].dropna(subset="value")
+    leak = table[(table.metric == "leakage") & (table.attack != CLEAN)].dropna(subset="value")
     if len(leak):
         worst = leak.loc[leak.value.idxmax()]
         summary["worst_leakage"] = {"model": worst.model, "attack": worst.attack,
                                     "value": float(worst.value), "ci_low": float(worst.ci_low),
                                     "ci_high": float(worst.ci_high), "threat": worst.threat}
-    if len(leak):
-        by_threat = leak[leak.threat.isin(["L0", "L1", "L2", "L3", "learning"])]
+        by_threat = leak[leak.threat.isin(list(THREAT_LEVELS))]
         summary["worst_by_threat"] = {
             level: {"model": row.model, "attack": row.attack, "value": float(row.value),
                     "ci_low": float(row.ci_low), "ci_high": float(row.ci_high)}
             for level, group in by_threat.groupby("threat")
             for row in [group.loc[group.value.idxmax()]]}
-    retention = table[(table.metric == "utility_retention") & (table.attack == "none")]
+    retention = table[(table.metric == "utility_retention") & (table.attack == NONE)]
     if len(retention):
         summary["authorized_retention"] = float(retention.value.iloc[0])
     return summary

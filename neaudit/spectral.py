@@ -1,6 +1,6 @@
 """Low-sensitivity subspaces of a first layer, as operators on pixel perturbations.
 
-Two exact descriptions of the same idea (PRIMER §1):
+Two exact descriptions of the same idea (docs/method.md §2), both :class:`Subspace`:
 
 * :class:`PatchSubspace` for non-overlapping stems (stride = kernel, no padding: patch
   embeddings, ConvNeXt/Swin stems). The image operator is block-diagonal, one copy of the
@@ -19,66 +19,13 @@ have is ``min_gain`` = sqrt(mean of the selected σ²).
 
 from __future__ import annotations
 
-import functools
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
-from neaudit.imageio import quantize
+from neaudit.patches import from_patches, to_patches
 from neaudit.stem import FirstLayer
-
-RELAXATION = 1.5
-"""Box repair steps (PRIMER §1, "clip and quantize, then repair") are extrapolated
-alternating projections (Pierra): a step moves δ by RELAXATION · ‖v‖²/‖Pv‖² · Pv, with v the
-box violation and P the projector onto the subspace. On photographs this takes a quarter
-fewer patch-steps than a fixed over-relaxation (ω = 1.8), and about half as many as ω = 1.5."""
-
-MAX_EXTRAPOLATION = 10.0
-"""Cap on ‖v‖²/‖Pv‖² (about d/r for a violation spread over a patch)."""
-
-
-def _extrapolated(violation: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
-    """Per row (dim 0) of ``projected`` = P(violation): the extrapolated repair step.
-
-    The factor ‖v‖²/‖Pv‖² is about d/r for a spread-out violation; it is capped so that a
-    violation the subspace can barely reach (Pv ≈ 0) cannot throw δ far away.
-    """
-    scale = violation.flatten(1).pow(2).sum(1) / projected.flatten(1).pow(2).sum(1).clamp_min(1e-30)
-    scale = scale.clamp(max=MAX_EXTRAPOLATION)
-    return projected * (RELAXATION * scale).view(-1, *[1] * (projected.ndim - 1))
-
-
-HALF_STEP = 0.5 / 255
-"""Box violations smaller than half a uint8 step vanish when the image is rounded."""
-
-
-def _outside(values: torch.Tensor) -> torch.Tensor:
-    """Per row (dim 0): does any value lie more than half a uint8 step outside [0, 1]?"""
-    low, high = values.flatten(1).aminmax(dim=1)
-    return (low < -HALF_STEP) | (high > 1 + HALF_STEP)
-
-
-def to_patches(images: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
-    """(B, C, H, W) → (B, C·ph·pw, L) non-overlapping patches on the grid anchored at the top
-    left, by reshaping (same layout as ``F.unfold``); a partial border is left out."""
-    b, c, h, w = images.shape
-    ph, pw = patch
-    grid = images[..., : h - h % ph, : w - w % pw].reshape(b, c, h // ph, ph, w // pw, pw)
-    return grid.permute(0, 1, 3, 5, 2, 4).reshape(b, c * ph * pw, -1)
-
-
-def from_patches(patches: torch.Tensor, like: torch.Tensor, patch: tuple[int, int]
-                 ) -> torch.Tensor:
-    """Inverse of :func:`to_patches`; pixels outside the patch grid come from ``like``."""
-    b, c, h, w = like.shape
-    ph, pw = patch
-    nh, nw = h // ph, w // pw
-    grid = patches.reshape(b, c, ph, pw, nh, nw).permute(0, 1, 4, 2, 5, 3)
-    if h % ph == 0 and w % pw == 0:
-        return grid.reshape(b, c, h, w)
-    out = like.clone()
-    out[..., : nh * ph, : nw * pw] = grid.reshape(b, c, nh * ph, nw * pw)
-    return out
 
 
 def _select(singular_values: torch.Tensor, rank: int | None, threshold: float | None
@@ -98,7 +45,58 @@ def _select(singular_values: torch.Tensor, rank: int | None, threshold: float | 
     return singular_values <= cutoff
 
 
-class PatchSubspace:
+class Subspace(ABC):
+    """A low-sensitivity subspace of a first layer: the kept directions (``mask`` over the
+    operator's ``singular_values``), projection onto them, and noise spread over them.
+
+    Box repair works on *rows* (:meth:`to_rows`): the smallest pieces of an image that the
+    subspace constrains independently (a patch for a patch stem, the whole image otherwise).
+    """
+
+    layer: FirstLayer
+    singular_values: torch.Tensor
+    mask: torch.Tensor
+    rank: int
+
+    @property
+    def min_gain(self) -> float:
+        """The smallest gain ‖W̃δ‖/‖δ‖ noise spread over the subspace can have."""
+        return float(self.singular_values[self.mask].pow(2).mean().sqrt())
+
+    @property
+    def isotropic_gain(self) -> float:
+        """The gain of isotropic noise."""
+        return float(self.singular_values.pow(2).mean().sqrt())
+
+    @property
+    @abstractmethod
+    def kept_fraction(self) -> float:
+        """Share of all pixel dimensions the subspace spans."""
+
+    @abstractmethod
+    def project(self, delta: torch.Tensor) -> torch.Tensor:
+        """Orthogonal projection of pixel perturbations (NCHW) onto the subspace."""
+
+    @abstractmethod
+    def sample(self, shape: torch.Size, generator: torch.Generator,
+               patch_fraction: float = 1.0, device: torch.device | None = None
+               ) -> torch.Tensor:
+        """Noise in the subspace, drawn from ``generator`` on the CPU, shaped on ``device``."""
+
+    @abstractmethod
+    def to_rows(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, d) rows that the subspace constrains independently."""
+
+    @abstractmethod
+    def from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_rows` (pixels no row covers come from ``like``)."""
+
+    @abstractmethod
+    def project_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`project` on rows."""
+
+
+class PatchSubspace(Subspace):
     """Exact per-patch subspace of a non-overlapping stem; noise is independent per patch."""
 
     def __init__(self, layer: FirstLayer, rank: int | None = None,
@@ -117,14 +115,6 @@ class PatchSubspace:
         self.rank = int(self.mask.sum())
 
     @property
-    def min_gain(self) -> float:
-        return float(self.singular_values[self.mask].pow(2).mean().sqrt())
-
-    @property
-    def isotropic_gain(self) -> float:
-        return float(self.singular_values.pow(2).mean().sqrt())
-
-    @property
     def kept_fraction(self) -> float:
         """Share of all pixel dimensions the subspace spans (``rank`` is per patch)."""
         return self.rank / self.basis.shape[0]
@@ -135,40 +125,23 @@ class PatchSubspace:
     def _fold(self, patches: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return from_patches(patches, like, self.patch)
 
+    def to_rows(self, images: torch.Tensor) -> torch.Tensor:
+        """One row per patch, (B·L, d)."""
+        return self._unfold(images).transpose(1, 2).reshape(-1, self.basis.shape[0])
+
+    def from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        patches = rows.view(like.shape[0], -1, self.basis.shape[0]).transpose(1, 2)
+        return self._fold(patches, like)
+
+    def project_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows @ self.projector.to(rows)
+
     def project(self, delta: torch.Tensor) -> torch.Tensor:
         """Orthogonal projection of pixel perturbations onto the subspace (borders the stem
         never sees are left as they are)."""
         basis = self.basis.to(delta)
         patches = self._unfold(delta)
         return self._fold(basis @ (basis.T @ patches), delta)
-
-    def repair(self, images: torch.Tensor, iterations: int) -> torch.Tensor:
-        """Alternate (extrapolated) projections between the box [0,1] and
-        {clean + δ : δ in the subspace}, patch by patch (the operator is block-diagonal).
-        ``images`` must be clean + δ with δ already in the subspace.
-
-        δ stays in the subspace, so each step only projects the box violation. A patch stops
-        once no pixel is more than half a uint8 step outside the box: rounding to the grid
-        absorbs what is left, and most patches get there in two or three steps.
-        """
-        d = self.basis.shape[0]
-        rows = self._unfold(images).transpose(1, 2).reshape(-1, d)
-        projector = self.projector.to(images)
-        active = _outside(rows).nonzero().flatten()
-        positions = rows[active]
-        pending = torch.arange(active.numel(), device=images.device)
-        for _ in range(iterations):
-            current = positions[pending]
-            violation = current.clamp(0, 1).sub_(current)
-            far = violation.abs().amax(1) > HALF_STEP
-            pending, violation = pending[far], violation[far]
-            if pending.numel() == 0:
-                break
-            positions.index_add_(0, pending, _extrapolated(violation, violation @ projector))
-        rows[active] = positions
-        b = images.shape[0]
-        patches = rows.view(b, -1, d).transpose(1, 2)
-        return self._fold(patches, images)
 
     def sample(self, shape: torch.Size, generator: torch.Generator,
                patch_fraction: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
@@ -191,78 +164,7 @@ class PatchSubspace:
         z = z.to(device)
         return self._fold(self.basis.to(z) @ z, torch.zeros(shape, device=z.device))
 
-    @functools.cached_property
-    def _rounding_factor(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixel order (largest column norm first) and the upper Cholesky factor of the
-        damped inverse Gram matrix in that order, computed once per subspace."""
-        gram = self.matrix.double().T @ self.matrix.double()
-        damp = 1e-2 * float(gram.diagonal().mean())
-        order = gram.diagonal().argsort(descending=True)
-        gram = gram[order][:, order] + damp * torch.eye(gram.shape[0], dtype=gram.dtype)
-        return order, torch.linalg.cholesky(torch.linalg.inv(gram), upper=True).float()
-
-    def compensation_pays(self, noise_rms: float) -> bool:
-        """Can compensated rounding change the written gain of noise with ``noise_rms``
-        (uint8 steps per pixel) by more than 1%?
-
-        Plain rounding adds an isotropic error of 1/12 step² per pixel; its first-layer
-        energy is compared with the noise's own (rms² · min_gain²). Where the subspace only
-        attenuates (a full-rank stem), the rounding error is lost in the noise's own response.
-        """
-        rounding = self.isotropic_gain**2 / 12
-        return rounding > 0.02 * noise_rms**2 * self.min_gain**2
-
-    def round_to_grid(self, target: torch.Tensor, compensate: bool = True) -> torch.Tensor:
-        """Quantize [0,1] images to the uint8 grid so that the rounding error has the
-        smallest first-layer response.
-
-        Sequential rounding with error compensation in the metric of W̃ᵀW̃ (the OBQ/GPTQ
-        update): each pixel's rounding error is pushed onto the not-yet-rounded pixels of its
-        patch along the direction that W̃ cannot see. Plain rounding leaves an isotropic
-        error whose first-layer gain is that of isotropic noise; this leaves about half.
-        ``compensate=False`` rounds plainly.
-        """
-        if not compensate:
-            return quantize(target)
-        patches = self._unfold(target * 255.0)  # (B, d, L)
-        b, d, count = patches.shape
-        order, upper = (t.to(target.device) for t in self._rounding_factor)
-        # one contiguous row per pixel position, in rounding order
-        columns = patches.permute(1, 0, 2).reshape(d, -1)[order]
-        _compensated_round(columns, upper)
-        rounded = torch.empty_like(columns)
-        rounded[order] = columns
-        patches = rounded.view(d, b, count).permute(1, 0, 2)
-        h, w = target.shape[-2:]
-        covered = h % self.patch[0] == 0 and w % self.patch[1] == 0
-        border = target if covered else quantize(target) * 255.0
-        return self._fold(patches, border) / 255.0
-
-
-def _compensated_round(columns: torch.Tensor, upper: torch.Tensor, block: int = 32) -> None:
-    """Round ``columns`` (d, N: one row per pixel position, N patches) in place to integers
-    in [0, 255], row by row, feeding each row's error forward through the upper Cholesky
-    factor of the inverse Gram matrix.
-
-    Within a block of rows the error moves on by in-place rank-1 updates; the block's errors
-    reach the later rows in one GEMM (small blocks keep the rank-1 traffic in cache).
-    """
-    d = columns.shape[0]
-    for lo in range(0, d, block):
-        hi = min(lo + block, d)
-        errors = columns.new_empty(hi - lo, columns.shape[1])
-        for j in range(lo, hi):
-            exact, error = columns[j], errors[j - lo]
-            rounded = exact.round().clamp_(0, 255)
-            torch.sub(exact, rounded, out=error).div_(upper[j, j])
-            exact.copy_(rounded)
-            if j + 1 < hi:
-                columns[j + 1 : hi].addr_(upper[j, j + 1 : hi], error, alpha=-1)
-        if hi < d:
-            columns[hi:].addmm_(upper[lo:hi, hi:].T, errors, alpha=-1)
-
-
-class FourierSubspace:
+class FourierSubspace(Subspace):
     """Whole-operator subspace of an overlapping (strided) convolution, built per frequency."""
 
     def __init__(self, layer: FirstLayer, image_size: tuple[int, int], rank: int | None = None,
@@ -307,17 +209,20 @@ class FourierSubspace:
         return spectrum.conj().permute(2, 3, 0, 1)
 
     @property
-    def min_gain(self) -> float:
-        return float(self.singular_values[self.mask].pow(2).mean().sqrt())
-
-    @property
-    def isotropic_gain(self) -> float:
-        return float(self.singular_values.pow(2).mean().sqrt())
-
-    @property
     def kept_fraction(self) -> float:
         """Share of all pixel dimensions the subspace spans."""
         return self.rank / self.mask.numel()
+
+    def to_rows(self, images: torch.Tensor) -> torch.Tensor:
+        """One row per image: the operator couples every pixel."""
+        return images.flatten(1).clone()
+
+    def from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return rows.view_as(like)
+
+    def project_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        shape = (rows.shape[0], self.layer.weight.shape[1], *self.image_size)
+        return self.project(rows.view(shape)).flatten(1)
 
     def project(self, delta: torch.Tensor) -> torch.Tensor:
         b, c, h, w = delta.shape
@@ -330,20 +235,6 @@ class FourierSubspace:
         spec = (projector @ spec).permute(3, 2, 0, 1).reshape(b, c, sh, sw, n1, n2)
         out = torch.fft.ifft2(spec, norm="ortho").real
         return out.permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w).to(delta.dtype)
-
-    def repair(self, images: torch.Tensor, iterations: int) -> torch.Tensor:
-        """Alternate (extrapolated) projections between the box [0,1] and
-        {clean + δ : δ in the subspace}, for the images that leave the box; ``images`` must
-        be clean + δ with δ already in the subspace (see :meth:`PatchSubspace.repair`)."""
-        images = images.clone()
-        for _ in range(iterations):
-            outside = _outside(images).nonzero().flatten()
-            if outside.numel() == 0:
-                break
-            current = images[outside]
-            violation = current.clamp(0, 1).sub_(current)
-            images[outside] = current + _extrapolated(violation, self.project(violation))
-        return images
 
     def sample(self, shape: torch.Size, generator: torch.Generator,
                patch_fraction: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
@@ -358,25 +249,17 @@ class FourierSubspace:
         scale = math.sqrt(noise[0].numel() / self.rank)
         return self.project(noise) * scale
 
-    def compensation_pays(self, noise_rms: float) -> bool:
-        """The Fourier operator has no per-patch structure to compensate in."""
-        return False
-
-    def round_to_grid(self, target: torch.Tensor, compensate: bool = False) -> torch.Tensor:
-        """Plain rounding (see :meth:`compensation_pays`)."""
-        return quantize(target)
-
 
 def low_sensitivity_subspace(layer: FirstLayer, image_size: tuple[int, int],
                              rank: int | None = None, threshold: float | None = None
-                             ) -> PatchSubspace | FourierSubspace:
+                             ) -> Subspace:
     """The exact construction for this stem: per patch when windows do not overlap."""
     if not layer.overlapping:
         return PatchSubspace(layer, rank, threshold)
     return FourierSubspace(layer, image_size, rank, threshold)
 
 
-def misalignment(space: PatchSubspace | FourierSubspace, other: FirstLayer
+def misalignment(space: Subspace, other: FirstLayer
                  ) -> tuple[float, float]:
     """Principal angles between ``other``'s first-layer row space and ``space``, as (mean
     angle in degrees, predicted gain of noise spread over ``space`` / isotropic gain).

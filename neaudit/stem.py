@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from neaudit.errors import ModelSpecError
+from neaudit.seeding import generator
 from neaudit.zoo import ImageClassifier
 
 
@@ -70,8 +71,7 @@ def first_layer(model: ImageClassifier, image_size: tuple[int, int] | None = Non
 
     handles = [m.register_forward_pre_hook(hook) for m in model.net.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))]
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(1, 3, *size, generator=generator).to(model.mean.device)
+    images = torch.rand(1, 3, *size, generator=generator("stem-probe")).to(model.mean.device)
     try:
         with torch.no_grad():
             model(images)

@@ -1,18 +1,25 @@
-"""The results store of one audit run: one JSON file per finished task, written atomically.
+"""The results store of one audit run: one JSON file per finished task, written atomically,
+and the run's outputs beside them (the tidy table, ``run.json``).
 
 Re-running the same audit finds the finished tasks here and skips them, so a run killed at
-any point resumes and ends with the same table. Everything stored is plain JSON or ``.npz``
-arrays (no pickle).
+any point resumes and ends with the same table. Everything stored is plain JSON, Parquet/CSV
+or ``.npz`` arrays (no pickle).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import platform
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
 
+from neaudit._version import __version__
 from neaudit.errors import NeauditError
 from neaudit.imageio import atomic_write
 
@@ -76,3 +83,51 @@ class ScratchStore:
 
     def record(self, key: str) -> dict:
         return json.loads((self.backing.tasks_dir / f"{key}.json").read_text())
+
+
+def write_table(root: Path, table: pd.DataFrame) -> None:
+    """``results.csv`` and ``results.parquet``, each replaced atomically."""
+    atomic_write(root / "results.csv", lambda h: table.to_csv(h, index=False))
+    atomic_write(root / "results.parquet", lambda h: table.to_parquet(h, index=False))
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A short digest of a model's state dict: which weights a figure was measured with."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def write_run_manifest(store: ResultStore, *, command: str, config: dict, complete: bool,
+                       device: torch.device, source: str, count: int,
+                       models: dict[str, torch.nn.Module], seconds: float) -> None:
+    """``run.json``: the provenance of a run (command, config, versions, weights, device)."""
+    import kornia
+    import open_clip
+    import timm
+
+    manifest = {
+        "command": command,
+        "config": config,
+        "seed": config["seed"],
+        "complete": complete,
+        "versions": {"neaudit": __version__, "torch": torch.__version__,
+                     "timm": timm.__version__, "open_clip": open_clip.__version__,
+                     "kornia": kornia.__version__, "python": platform.python_version()},
+        "device": str(device),
+        "dataset": {"source": source, "hash": config["dataset"], "count": count},
+        "weights": {spec: weights_hash(model) for spec, model in models.items()},
+        "seconds": seconds,
+    }
+    store.write_text("run.json", json.dumps(manifest, indent=2, default=json_default))
+
+
+def json_default(value: object) -> object:
+    """JSON for numpy/torch scalars and dataclasses; anything else as its text."""
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    return str(value)

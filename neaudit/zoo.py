@@ -22,7 +22,6 @@ an error that says how to provide it.
 from __future__ import annotations
 
 import importlib.util
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from neaudit.errors import ModelSpecError
+from neaudit.seeding import seeded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -150,9 +150,7 @@ def create_model(spec: str | ModelSpec | ImageClassifier,
     parsed = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
     # Random-init weights are seeded from the spec text, so one spec names one network in
     # every process (protect and audit see the same random-init model).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(zlib.crc32(parsed.text.encode()))
-        model = BUILDERS[parsed.scheme](parsed, class_names)
+    model = seeded(lambda: BUILDERS[parsed.scheme](parsed, class_names), "model", parsed.text)
     return model.eval().requires_grad_(False)
 
 

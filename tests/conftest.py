@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,7 @@ import pytest
 import torch
 
 from neaudit.data import builtin_dataset
-from neaudit.imageio import write_png
-
-VIT = "timm:vit_small_patch16_224?img_size=64&num_classes=10"
-RESNET = "timm:resnet50?num_classes=10"
+from neaudit.imageio import sha256_file, write_png
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +35,23 @@ def image_folder(tmp_path: Path, photos: np.ndarray) -> Path:
     return root
 
 
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``folder`` with its size and mtime, to prove nothing changed."""
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
-            if p.is_file()}
+@pytest.fixture(scope="session")
+def vit_spec() -> str:
+    """A random-init ViT-S/16 at 64×64: a patch stem with a real null space."""
+    return "timm:vit_small_patch16_224?img_size=64&num_classes=10"
+
+
+@pytest.fixture(scope="session")
+def resnet_spec() -> str:
+    """A random-init ResNet-50: an overlapping 7×7/2 stem."""
+    return "timm:resnet50?num_classes=10"
+
+
+def _tree_state(folder: Path) -> dict[str, str]:
+    return {str(p): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def snapshot() -> Callable[[Path], dict[str, str]]:
+    """Every file under a folder with its SHA-256, to prove nothing changed."""
+    return _tree_state

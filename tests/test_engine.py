@@ -6,21 +6,20 @@ import pandas as pd
 import pytest
 
 from neaudit.attacks import load_suite
+from neaudit.auditing import audit
 from neaudit.cli import main
 from neaudit.data import load_dataset
-from neaudit.engine import audit, plan
 from neaudit.errors import NeauditError
+from neaudit.plan import plan
 from neaudit.protection import protect
-
-from .conftest import VIT
 
 OTHER = "timm:convnext_atto?num_classes=10&input_size=64"
 
 
 @pytest.fixture(scope="module")
-def protected(tmp_path_factory) -> Path:
+def protected(tmp_path_factory, vit_spec) -> Path:
     out = tmp_path_factory.mktemp("ne") / "release"
-    protect("builtin:samples", VIT, out, save_originals=True)
+    protect("builtin:samples", vit_spec, out, save_originals=True)
     return out
 
 
@@ -38,12 +37,12 @@ def _value(table: pd.DataFrame, model: str, attack: str, metric: str) -> float:
     return float(rows.value.iloc[0])
 
 
-def test_audit_measures_retention_leakage_and_plumbing(protected, suite, tmp_path):
+def test_audit_measures_retention_leakage_and_plumbing(protected, suite, tmp_path, vit_spec):
     result = audit(protected, [OTHER], suite=suite, out=tmp_path / "run", score="agreement",
                    batch_size=16, quiet=True)
     table = result.table
     assert set(table.role) == {"authorized", "unauthorized"}
-    assert _value(table, VIT, "none", "agreement") >= 0.99  # authorized from neaudit.json
+    assert _value(table, vit_spec, "none", "agreement") >= 0.99  # authorized from neaudit.json
     # the unauthorized model is input-sensitive and its agreement drops on the NEs
     assert _value(table, OTHER, "none", "agreement") < 0.95
     # an attack that returns the originals must give leakage exactly 1

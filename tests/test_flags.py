@@ -3,6 +3,7 @@
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,11 +11,10 @@ import torch
 from PIL import Image
 
 from neaudit import demo_zoo
-from neaudit.attacks import register_attack
-from neaudit.attacks.registry import ATTACKS
+from neaudit.attacks import ATTACKS, Attack
+from neaudit.auditing import audit
 from neaudit.data import load_dataset
 from neaudit.demo import digits_test_set
-from neaudit.engine import audit
 from neaudit.errors import NeauditError
 from neaudit.protection import protect
 from neaudit.reporting import render_report
@@ -25,7 +25,7 @@ OTHERS = ["demo:convmixer", "demo:small_cnn"]
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("flags") / "release"
-    protect(digits_test_set(120), demo_zoo.AUTHORIZED, out, psnr_target=20,
+    protect(digits_test_set(120), demo_zoo.AUTHORIZED, out, psnr=20,
             save_originals=True)
     return out
 
@@ -45,9 +45,11 @@ def _flags(result) -> dict[str, list]:
 
 
 def _audit(data, tmp_path, policy_text="min_authorized_retention = 0.5\n", zoo=OTHERS,
-           suite="smoke", **kwargs):
-    return audit(data, zoo, suite=suite, out=tmp_path / "run", quiet=True,
-                 policy=_policy(tmp_path, policy_text), **kwargs)
+           suite="smoke", **kwargs) -> SimpleNamespace:
+    """Audit, then render the report under the policy: what ``neaudit audit`` does."""
+    result = audit(data, zoo, suite=suite, out=tmp_path / "run", quiet=True, **kwargs)
+    report = render_report(result.out, _policy(tmp_path, policy_text))
+    return SimpleNamespace(table=result.table, out=result.out, report=report)
 
 
 def test_a_clean_audit_fires_no_flag(release, tmp_path):
@@ -89,7 +91,7 @@ def test_wrong_preprocessing_flag_on_a_shuffled_class_order(release, tmp_path):
 
 def test_authorized_failing_when_the_protection_breaks_utility(tmp_path):
     protect(digits_test_set(120), demo_zoo.AUTHORIZED, tmp_path / "weak",
-            method="reference", psnr_target=30, save_originals=True)
+            method="reference", psnr=30, save_originals=True)
     result = _audit(tmp_path / "weak", tmp_path)
     assert "authorized_failing" in _flags(result)
     # the published formula's nominal 30 dB is nowhere near what is released
@@ -140,12 +142,13 @@ def test_trivial_break_and_too_few_samples(release, tmp_path):
     assert any("min_authorized_retention" in f.message for f in flags["too_few_samples"])
 
 
-def test_nondeterminism_flag(release, tmp_path):
-    if "unseeded_noise" not in ATTACKS:
-        @register_attack("unseeded_noise", "test", "L0", {})
-        def unseeded_noise(images, ctx):
-            """Draws from the global RNG: a bug the flag must catch."""
-            return images + 0.2 * torch.rand(images.shape)
+def test_nondeterminism_flag(release, tmp_path, monkeypatch):
+    def unseeded_noise(images, ctx):
+        """Draws from the global RNG: a bug the flag must catch."""
+        return images + 0.2 * torch.rand(images.shape)
+
+    monkeypatch.setitem(ATTACKS, "unseeded_noise",
+                        Attack("unseeded_noise", "test", "L0", unseeded_noise, {}))
 
     suite = tmp_path / "s.toml"
     suite.write_text('[[attack]]\nname = "unseeded_noise"\n')

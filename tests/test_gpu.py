@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from neaudit import demo_zoo
+from neaudit.auditing import audit
 from neaudit.demo import digits_test_set
-from neaudit.engine import audit
 from neaudit.protection import protect
 from neaudit.zoo import create_model
 
@@ -30,7 +30,7 @@ def test_cpu_and_cuda_predictions_agree(name):
 
 def test_audit_on_cuda_matches_cpu(tmp_path):
     dataset = digits_test_set(120)
-    protect(dataset, demo_zoo.AUTHORIZED, tmp_path / "data", psnr_target=20,
+    protect(dataset, demo_zoo.AUTHORIZED, tmp_path / "data", psnr=20,
             save_originals=True)
     others = ["demo:resnet", "demo:convmixer", "demo:vit"]
     common = dict(suite="smoke", score="accuracy", quiet=True, batch_size=64)
@@ -59,7 +59,7 @@ def test_models_take_turns_on_the_gpu_when_they_do_not_fit(tmp_path, monkeypatch
     import neaudit.engine as engine
 
     dataset = digits_test_set(64)
-    protect(dataset, demo_zoo.AUTHORIZED, tmp_path / "data", psnr_target=20, save_originals=True)
+    protect(dataset, demo_zoo.AUTHORIZED, tmp_path / "data", psnr=20, save_originals=True)
     common = dict(suite="smoke", score="accuracy", quiet=True, loader_workers=2)
     resident = audit(tmp_path / "data", ["demo:resnet"], out=tmp_path / "a", device="cuda",
                      **common).table
@@ -74,7 +74,7 @@ def test_jpeg_inputs_decode_on_the_gpu_when_asked(tmp_path):
 
     from neaudit.data import load_dataset
 
-    protect(digits_test_set(64), demo_zoo.AUTHORIZED, tmp_path / "png", psnr_target=20,
+    protect(digits_test_set(64), demo_zoo.AUTHORIZED, tmp_path / "png", psnr=20,
             save_originals=True)
     jpeg = tmp_path / "jpeg"
     for png in sorted((tmp_path / "png").rglob("*.png")):

@@ -7,12 +7,18 @@ import torch.nn.functional as F
 from neaudit.data import builtin_dataset
 from neaudit.imageio import quantize, to_float
 from neaudit.metrics import first_layer_gain, isotropic_like, logit_cosine, psnr
-from neaudit.ne import image_generators, reference_recode, subspace_recode
-from neaudit.spectral import HALF_STEP, FourierSubspace, PatchSubspace, low_sensitivity_subspace
+from neaudit.ne import (
+    HALF_STEP,
+    box_repair,
+    compensation_pays,
+    image_generators,
+    reference_recode,
+    round_to_grid,
+    subspace_recode,
+)
+from neaudit.spectral import FourierSubspace, PatchSubspace, low_sensitivity_subspace
 from neaudit.stem import first_layer
 from neaudit.zoo import create_model
-
-from .conftest import RESNET, VIT
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +32,13 @@ def _predictions(model, images):
 
 
 @pytest.mark.parametrize(("patch_fraction", "max_gain_ratio"), [(1.0, 0.02), (0.25, 0.01)])
-def test_subspace_nes_on_a_vit_hold_on_written_images(clean, patch_fraction, max_gain_ratio):
+def test_subspace_nes_on_a_vit_hold_on_written_images(clean, patch_fraction, max_gain_ratio,
+                                                      vit_spec):
     """Rounding to uint8 leaves a first-layer residual in every noisy patch (compensated
     rounding: about 1.8% of isotropic noise's gain with noise in every patch); the same
     energy in a quarter of the patches brings it under 1%."""
     torch.manual_seed(0)
-    model = create_model(VIT)
+    model = create_model(vit_spec)
     layer = first_layer(model)
     space = low_sensitivity_subspace(layer, (64, 64))
     assert isinstance(space, PatchSubspace) and space.rank == 768 - 384
@@ -66,19 +73,19 @@ def test_subspace_nes_on_a_vit_hold_on_written_images(clean, patch_fraction, max
     assert ne_change < 0.01 * noise_change, (ne_change, noise_change)
 
 
-def test_compensated_rounding_halves_the_residual_of_plain_rounding(clean):
-    layer = first_layer(create_model(VIT))
+def test_compensated_rounding_halves_the_residual_of_plain_rounding(clean, vit_spec):
+    layer = first_layer(create_model(vit_spec))
     space = low_sensitivity_subspace(layer, (64, 64))
     fresh = space.sample(clean.shape, torch.Generator().manual_seed(5))
-    exact = space.repair(clean + fresh * (8 / 255 / fresh.std()), iterations=10)
+    exact = box_repair(space, clean + fresh * (8 / 255 / fresh.std()), iterations=10)
     plain_gain = first_layer_gain(layer, quantize(exact) - clean)
-    shaped_gain = first_layer_gain(layer, space.round_to_grid(exact) - clean)
+    shaped_gain = first_layer_gain(layer, round_to_grid(space, exact) - clean)
     assert shaped_gain.mean() < 0.6 * plain_gain.mean(), (shaped_gain.mean(), plain_gain.mean())
 
 
-def test_subspace_nes_on_an_overlapping_resnet_stem_reach_the_operator_bound(clean):
+def test_subspace_nes_on_an_overlapping_resnet_stem_reach_the_operator_bound(clean, resnet_spec):
     torch.manual_seed(0)
-    model = create_model(RESNET)
+    model = create_model(resnet_spec)
     layer = first_layer(model, (64, 64))
     assert layer.overlapping
     rank = 3 * 64 * 64 // 64
@@ -98,8 +105,8 @@ def test_subspace_nes_on_an_overlapping_resnet_stem_reach_the_operator_bound(cle
     assert gain.mean() < 0.6 * iso.mean(), (gain.mean(), iso.mean())
 
 
-def test_fourier_projector_is_an_orthogonal_projection_onto_weak_directions():
-    model = create_model(RESNET)
+def test_fourier_projector_is_an_orthogonal_projection_onto_weak_directions(resnet_spec):
+    model = create_model(resnet_spec)
     layer = first_layer(model, (32, 32))
     space = FourierSubspace(layer, (32, 32), rank=3 * 32 * 32 // 4)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -113,9 +120,9 @@ def test_fourier_projector_is_an_orthogonal_projection_onto_weak_directions():
     assert float(energy) <= float(space.singular_values[space.mask].max()) + 1e-3
 
 
-def test_reference_nes_repeat_one_tile_and_lose_fidelity_when_written(clean):
+def test_reference_nes_repeat_one_tile_and_lose_fidelity_when_written(clean, vit_spec):
     torch.manual_seed(0)
-    model = create_model(VIT)
+    model = create_model(vit_spec)
     layer = first_layer(model)
     floats = reference_recode(clean[:4], layer, 30.0, image_generators(0, torch.arange(4)))
     delta = (floats - clean[:4]) / layer.std.view(1, -1, 1, 1)  # normalized-space noise
@@ -140,8 +147,8 @@ def test_reference_on_overlapping_stem_sums_windows():
     assert (floats - flat).abs().mean() > 0.5
 
 
-def test_recoding_is_deterministic_and_keyed(clean):
-    model = create_model(VIT)
+def test_recoding_is_deterministic_and_keyed(clean, vit_spec):
+    model = create_model(vit_spec)
     space = low_sensitivity_subspace(first_layer(model), (64, 64))
     a = subspace_recode(clean[:4], space, 30.0, image_generators(3, torch.arange(4)))
     b = subspace_recode(clean[:4], space, 30.0, image_generators(3, torch.arange(4)))
@@ -152,29 +159,30 @@ def test_recoding_is_deterministic_and_keyed(clean):
     assert torch.equal(a[2:], d)
 
 
-def test_patch_repair_keeps_the_noise_in_the_subspace_and_reaches_the_box(clean):
-    space = low_sensitivity_subspace(first_layer(create_model(VIT)), (64, 64))
+def test_patch_repair_keeps_the_noise_in_the_subspace_and_reaches_the_box(clean, vit_spec):
+    space = low_sensitivity_subspace(first_layer(create_model(vit_spec)), (64, 64))
     noise = space.sample(clean.shape, torch.Generator().manual_seed(0))
     start = clean + noise * (0.1 / noise.std())  # ~25 uint8 steps: most patches clip
     assert (start.clamp(0, 1) - start).abs().amax() > 0.1
-    repaired = space.repair(start, iterations=20)
+    repaired = box_repair(space, start, iterations=20)
     delta = repaired - clean
     assert torch.allclose(space.project(delta), delta, atol=1e-4)
     assert (repaired.clamp(0, 1) - repaired).abs().amax() <= HALF_STEP
     assert delta.norm() > 0.8 * (start - clean).norm()  # the repair keeps most of the energy
 
 
-def test_compensated_rounding_is_used_where_it_changes_the_gain(clean):
+def test_compensated_rounding_is_used_where_it_changes_the_gain(clean, vit_spec):
     """A null space needs compensated rounding; a full-rank stem's weak directions do not
     (the rounding error is lost in the noise's own response), so it is skipped there."""
     noise_rms = 255 * 10 ** (-30 / 20)
-    null = low_sensitivity_subspace(first_layer(create_model(VIT)), (64, 64))
-    assert null.compensation_pays(noise_rms)
+    null = low_sensitivity_subspace(first_layer(create_model(vit_spec)), (64, 64))
+    assert compensation_pays(null, noise_rms)
     layer = first_layer(create_model("timm:vit_base_patch16_224?img_size=64&num_classes=10"))
     square = low_sensitivity_subspace(layer, (64, 64))
-    assert square.min_gain > 0.1 * square.isotropic_gain and not square.compensation_pays(noise_rms)
+    assert square.min_gain > 0.1 * square.isotropic_gain
+    assert not compensation_pays(square, noise_rms)
     noise = square.sample(clean.shape, torch.Generator().manual_seed(0))
-    exact = square.repair(clean + noise * (noise_rms / 255), iterations=10)
-    plain = first_layer_gain(layer, square.round_to_grid(exact, compensate=False) - clean)
-    shaped = first_layer_gain(layer, square.round_to_grid(exact, compensate=True) - clean)
+    exact = box_repair(square, clean + noise * (noise_rms / 255), iterations=10)
+    plain = first_layer_gain(layer, round_to_grid(square, exact, compensate=False) - clean)
+    shaped = first_layer_gain(layer, round_to_grid(square, exact, compensate=True) - clean)
     assert (plain.mean() / shaped.mean() - 1).abs() < 0.01

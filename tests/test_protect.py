@@ -13,17 +13,16 @@ from neaudit.errors import NeauditError
 from neaudit.imageio import read_image, sha256_file
 from neaudit.protection import protect
 
-from .conftest import VIT, snapshot
 
-
-def test_protect_writes_pngs_sidecar_and_measures_what_it_wrote(image_folder: Path, tmp_path):
+def test_protect_writes_pngs_sidecar_and_measures_what_it_wrote(image_folder: Path, tmp_path,
+                                                                vit_spec, snapshot):
     before = snapshot(image_folder)
     out = tmp_path / "ne"
-    result = protect(image_folder / "original", VIT, out, save_originals=True, key=11,
+    result = protect(image_folder / "original", vit_spec, out, save_originals=True, key=11,
                      store_key=True)
     assert snapshot(image_folder) == before, "the input folder must not change"
     sidecar = json.loads((out / "neaudit.json").read_text())
-    assert sidecar["authorized"] == VIT and sidecar["params"]["key"] == 11
+    assert sidecar["authorized"] == vit_spec and sidecar["params"]["key"] == 11
     assert sidecar["count"] == 12 and sidecar["method"] == "subspace"
     # the hashes file verifies every written PNG
     for line in (out / "hashes.sha256").read_text().splitlines():
@@ -41,13 +40,13 @@ def test_protect_writes_pngs_sidecar_and_measures_what_it_wrote(image_folder: Pa
     assert result.summary["agreement"] >= result.summary["noise_agreement"]
 
 
-def test_key_is_not_stored_unless_asked(tmp_path):
-    result = protect("builtin:samples", VIT, tmp_path / "a", key=5)
+def test_key_is_not_stored_unless_asked(tmp_path, vit_spec):
+    result = protect("builtin:samples", vit_spec, tmp_path / "a", key=5)
     assert result.sidecar["params"]["key"] is None and not result.sidecar["params"]["key_stored"]
 
 
-def test_npz_output_and_reference_method(tmp_path):
-    result = protect("builtin:samples", VIT, tmp_path / "r", method="reference",
+def test_npz_output_and_reference_method(tmp_path, vit_spec):
+    result = protect("builtin:samples", vit_spec, tmp_path / "r", method="reference",
                      output_format="npz", save_originals=True)
     arrays = np.load(tmp_path / "r" / "protected.npz")
     assert arrays["protected"].dtype == np.uint8 and arrays["protected"].shape == (32, 64, 64, 3)
@@ -58,13 +57,13 @@ def test_npz_output_and_reference_method(tmp_path):
     assert result.sidecar["params"]["psnr_is_nominal"]
 
 
-def test_protect_refuses_to_write_into_its_input(image_folder: Path):
+def test_protect_refuses_to_write_into_its_input(image_folder: Path, vit_spec):
     with pytest.raises(ValueError, match="never writes into its input"):
-        protect(image_folder, VIT, image_folder / "out")
+        protect(image_folder, vit_spec, image_folder / "out")
 
 
-def test_cli_protect_and_bad_input_exit_codes(tmp_path, capsys):
-    code = main(["protect", "builtin:samples", "--authorized", VIT, "--out",
+def test_cli_protect_and_bad_input_exit_codes(tmp_path, capsys, vit_spec):
+    code = main(["protect", "builtin:samples", "--authorized", vit_spec, "--out",
                  str(tmp_path / "cli"), "--psnr", "28"])
     out = capsys.readouterr().out
     assert code == 0 and "agreement" in out and "wrote 32 NEs" in out
@@ -72,7 +71,7 @@ def test_cli_protect_and_bad_input_exit_codes(tmp_path, capsys):
     assert read_image(tmp_path / "cli" / "protected" / "china" / "000.png").shape == (3, 64, 64)
 
     (tmp_path / "empty").mkdir()
-    assert main(["protect", str(tmp_path / "empty"), "--authorized", VIT, "--out",
+    assert main(["protect", str(tmp_path / "empty"), "--authorized", vit_spec, "--out",
                  str(tmp_path / "x")]) == 2
     assert "no images found" in capsys.readouterr().err
     assert main(["protect", "builtin:samples", "--authorized", "timm:not_a_model", "--out",
@@ -81,24 +80,24 @@ def test_cli_protect_and_bad_input_exit_codes(tmp_path, capsys):
     assert not (tmp_path / "y").exists()
 
 
-def test_patch_fraction_is_recorded_and_refused_where_it_has_no_meaning(tmp_path):
-    result = protect("builtin:samples", VIT, tmp_path / "sparse", patch_fraction=0.25)
+def test_patch_fraction_is_recorded_and_refused_where_it_has_no_meaning(tmp_path, vit_spec):
+    result = protect("builtin:samples", vit_spec, tmp_path / "sparse", patch_fraction=0.25)
     assert result.sidecar["params"]["patch_fraction"] == 0.25
     assert result.summary["gain"] <= 0.01 * result.summary["isotropic_gain"]
     with pytest.raises(NeauditError, match="outside \\(0, 1\\]"):
-        protect("builtin:samples", VIT, tmp_path / "zero", patch_fraction=0.0)
+        protect("builtin:samples", vit_spec, tmp_path / "zero", patch_fraction=0.0)
     with pytest.raises(NeauditError, match="patch stem"):
         protect("builtin:samples", "timm:resnet18?num_classes=10", tmp_path / "overlap",
                 patch_fraction=0.5)
     assert not (tmp_path / "zero").exists() and not (tmp_path / "overlap").exists()
 
 
-def test_strength_as_an_l2_norm(tmp_path):
-    result = protect("builtin:samples", VIT, tmp_path / "l2", l2=2.0)
+def test_strength_as_an_l2_norm(tmp_path, vit_spec):
+    result = protect("builtin:samples", vit_spec, tmp_path / "l2", l2=2.0)
     assert result.per_image["l2"].between(1.98, 2.02).all(), result.per_image["l2"].describe()
     assert result.sidecar["params"]["l2"] == 2.0
     with pytest.raises(NeauditError, match="needs the subspace method"):
-        protect("builtin:samples", VIT, tmp_path / "ref", method="reference", l2=2.0)
+        protect("builtin:samples", vit_spec, tmp_path / "ref", method="reference", l2=2.0)
     with pytest.raises(SystemExit):
-        main(["protect", "builtin:samples", "--authorized", VIT, "--out", str(tmp_path / "c"),
+        main(["protect", "builtin:samples", "--authorized", vit_spec, "--out", str(tmp_path / "c"),
               "--psnr", "30", "--l2", "2"])

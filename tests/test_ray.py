@@ -10,13 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from neaudit.engine import audit
+from neaudit.auditing import audit
 from neaudit.protection import protect
 
-from .conftest import VIT
-
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'neaudit[ray]'")
-RayExecutor = pytest.importorskip("neaudit.ray_executor").RayExecutor
+RayExecutor = pytest.importorskip("neaudit.executors").RayExecutor
 
 OTHER = "timm:convnext_atto?num_classes=10&input_size=64"
 
@@ -29,9 +27,9 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory) -> Path:
+def release(tmp_path_factory, vit_spec) -> Path:
     out = tmp_path_factory.mktemp("ray") / "release"
-    protect("builtin:samples", VIT, out, save_originals=True)
+    protect("builtin:samples", vit_spec, out, save_originals=True)
     return out
 
 

@@ -118,6 +118,32 @@ def test_diff_reports_flipped_criteria_and_moves(tmp_path, capsys):
     assert "FLIPPED max_leakage" in capsys.readouterr().out
 
 
+def test_report_terminal_junit_and_diff_agree_on_a_run_failed_by_a_flag(tmp_path, capsys):
+    """Every criterion passes, but a validity flag the policy fails on fires: the report,
+    the terminal, JUnit and diff must all say FAIL (one verdict rule)."""
+    run = make_run(tmp_path / "run", leak=30)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["diagnostics"] = {"clean_predictions": {
+        EVIL: {"distinct": 1, "top_share": 1.0, "classes": 10}}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    policy = tmp_path / "flagged.toml"
+    policy.write_text('fail_on = ["degenerate_model"]\n' + policy_file(tmp_path, 0.5).read_text())
+    report = render_report(run, policy)
+    assert all(c.passed for c in report.criteria)
+    assert report.verdict == "FAIL" and verdict(report.criteria, report.flags) == "FAIL"
+    assert verdict(report.criteria) == "PASS"  # the same criteria without the flag
+    assert main(["report", str(run), "--policy", str(policy)]) == 1
+    assert "verdict: FAIL" in capsys.readouterr().out
+    junit = ET.parse(run / "junit.xml").getroot()
+    failed = [case.get("name") for case in junit if case.find("failure") is not None]
+    assert failed == ["degenerate_model"]
+    passing = make_run(tmp_path / "passing", leak=30)
+    result = diff_runs(passing, run, policy)
+    assert result.verdicts == ("PASS", "FAIL")
+    assert result.failing_flags == ([], ["degenerate_model"])
+    assert "flags failing run b: degenerate_model" in result.text()
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -126,9 +152,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_report_renders_in_headless_chromium_without_errors_or_requests(tmp_path):
     run = make_run(tmp_path / "run", leak=60)
     html = render_report(run).html
-    artifacts = Path(__file__).parent / "artifacts"
-    artifacts.mkdir(exist_ok=True)
-    screenshot, netlog = artifacts / "report.png", tmp_path / "netlog.json"
+    screenshot, netlog = tmp_path / "report.png", tmp_path / "netlog.json"
     done = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",

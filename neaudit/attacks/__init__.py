@@ -1,15 +1,21 @@
 """Attack library: one registry (:mod:`neaudit.attacks.registry`), attacks by family, suites."""
 
-from neaudit.attacks import adaptive, preprocess, purify  # noqa: F401  (registers the attacks)
+from neaudit.attacks import adaptive, learning, preprocess, purify  # noqa: F401  (registers)
 from neaudit.attacks.registry import (
     ATTACKS,
+    BATCH,
+    CLEAN,
+    DATASET,
+    NONE,
     THREAT_LEVELS,
     Attack,
     AttackContext,
+    DatasetContext,
     get_attack,
     register_attack,
 )
 from neaudit.attacks.suites import SuiteEntry, load_suite
 
-__all__ = ["ATTACKS", "THREAT_LEVELS", "Attack", "AttackContext", "SuiteEntry", "get_attack",
-           "load_suite", "register_attack"]
+__all__ = ["ATTACKS", "BATCH", "CLEAN", "DATASET", "NONE", "THREAT_LEVELS", "Attack",
+           "AttackContext", "DatasetContext", "SuiteEntry", "get_attack", "load_suite",
+           "register_attack"]

@@ -1,4 +1,4 @@
-"""Adaptive attacks that exploit the structure of NEs (PRIMER §3), by threat level.
+"""Adaptive attacks that exploit the structure of NEs (docs/method.md §3), by threat level.
 
 NEs live in a subspace that is a function of public weights, so an adversary can estimate it:
 
@@ -24,7 +24,7 @@ import torch
 from neaudit.attacks.preprocess import gaussian_blur
 from neaudit.attacks.registry import AttackContext, register_attack
 from neaudit.errors import NeauditError
-from neaudit.spectral import from_patches, to_patches
+from neaudit.patches import from_patches, to_patches
 
 
 def _denoise(images: torch.Tensor, ctx: AttackContext, sigma: float) -> torch.Tensor:
@@ -63,8 +63,7 @@ def _grid(images: torch.Tensor, ctx: AttackContext, patch: int, sigma: float) ->
     return detect_period(images - _denoise(images, ctx, sigma))
 
 
-@register_attack("tile_estimation", "adaptive", "L1", {"patch": 0, "sigma": 1.0},
-                 {"patch": [0], "sigma": [1.0]})
+@register_attack("tile_estimation", "adaptive", "L1", {"patch": 0, "sigma": 1.0})
 def tile_estimation(images: torch.Tensor, ctx: AttackContext, patch: int, sigma: float
                     ) -> torch.Tensor:
     """Estimate a noise tile repeated in every patch (mean residual per image) and subtract it."""
@@ -91,8 +90,7 @@ def enriched_rank(rows: torch.Tensor) -> int:
     return int(gaps.argmax()) + 1
 
 
-@register_attack("blind_subspace", "adaptive", "L1", {"patch": 0, "rank": 0, "sigma": 1.0},
-                 {"patch": [0], "rank": [0], "sigma": [1.0]})
+@register_attack("blind_subspace", "adaptive", "L1", {"patch": 0, "rank": 0, "sigma": 1.0})
 def blind_subspace(images: torch.Tensor, ctx: AttackContext, patch: int, rank: int,
                    sigma: float) -> torch.Tensor:
     """PCA of per-patch residuals; replace the images' component in the enriched directions
@@ -106,8 +104,7 @@ def blind_subspace(images: torch.Tensor, ctx: AttackContext, patch: int, rank: i
     return _unpatch(rows - (residual @ basis) @ basis.T, images, period)
 
 
-@register_attack("clean_patch_prior", "adaptive", "L2", {"patch": 8, "energy": 0.99},
-                 {"patch": [8], "energy": [0.99, 0.95]})
+@register_attack("clean_patch_prior", "adaptive", "L2", {"patch": 8, "energy": 0.99})
 def clean_patch_prior(images: torch.Tensor, ctx: AttackContext, patch: int, energy: float
                       ) -> torch.Tensor:
     """Project protected patches onto the principal subspace of clean reference patches that
@@ -172,7 +169,7 @@ def _project_out(images: torch.Tensor, space, ctx: AttackContext, sigma: float
     return (cpu - space.project(cpu - smooth)).to(images.device)
 
 
-@register_attack("surrogate_projection", "adaptive", "L3", {"sigma": 1.0}, {"sigma": [1.0]})
+@register_attack("surrogate_projection", "adaptive", "L3", {"sigma": 1.0})
 def surrogate_projection(images: torch.Tensor, ctx: AttackContext, sigma: float
                          ) -> torch.Tensor:
     """Identify the most likely authorized model among public candidates, project out its
@@ -186,7 +183,7 @@ def surrogate_projection(images: torch.Tensor, ctx: AttackContext, sigma: float
     return _project_out(images, space, ctx, sigma)
 
 
-@register_attack("known_model_projection", "adaptive", "L3", {"sigma": 1.0}, {"sigma": [1.0]})
+@register_attack("known_model_projection", "adaptive", "L3", {"sigma": 1.0})
 def known_model_projection(images: torch.Tensor, ctx: AttackContext, sigma: float
                            ) -> torch.Tensor:
     """The direct case: the attacker knows the authorized model."""

@@ -11,7 +11,7 @@ from torchvision.io import decode_jpeg, encode_jpeg
 from neaudit.attacks.registry import AttackContext, register_attack
 
 
-@register_attack("resize", "preprocess", "L0", {"scale": 0.5}, {"scale": [0.5, 0.75, 1.5]})
+@register_attack("resize", "preprocess", "L0", {"scale": 0.5})
 def resize_round_trip(images: torch.Tensor, ctx: AttackContext, scale: float) -> torch.Tensor:
     """Resize by ``scale`` (bilinear, antialiased) and back to the original size."""
     h, w = images.shape[-2:]
@@ -19,9 +19,6 @@ def resize_round_trip(images: torch.Tensor, ctx: AttackContext, scale: float) ->
     small = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
     return F.interpolate(small, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
 
-
-register_attack("down_up", "purify", "L1", {"scale": 0.5}, {"scale": [0.5, 0.25]})(
-    resize_round_trip)
 
 
 @register_attack("center_crop", "preprocess", "L0", {"fraction": 0.875})
@@ -40,14 +37,14 @@ def hflip(images: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
     return images.flip(-1)
 
 
-@register_attack("rotate", "preprocess", "L0", {"degrees": 5.0}, {"degrees": [5.0, 15.0]})
+@register_attack("rotate", "preprocess", "L0", {"degrees": 5.0})
 def rotate(images: torch.Tensor, ctx: AttackContext, degrees: float) -> torch.Tensor:
     """Rotate about the centre (bilinear, reflected borders)."""
     angle = torch.full((images.shape[0],), float(degrees), device=images.device)
     return kornia.geometry.transform.rotate(images, angle, padding_mode="reflection")
 
 
-@register_attack("translate", "preprocess", "L0", {"pixels": 2}, {"pixels": [1, 2, 4]})
+@register_attack("translate", "preprocess", "L0", {"pixels": 2})
 def translate(images: torch.Tensor, ctx: AttackContext, pixels: int) -> torch.Tensor:
     """Shift right and down by ``pixels`` (reflected borders): misaligns a patch grid."""
     p = int(pixels)
@@ -55,8 +52,7 @@ def translate(images: torch.Tensor, ctx: AttackContext, pixels: int) -> torch.Te
     return padded[..., : images.shape[-2], : images.shape[-1]]
 
 
-@register_attack("color_jitter", "preprocess", "L0", {"strength": 0.1},
-                 {"strength": [0.1, 0.2]})
+@register_attack("color_jitter", "preprocess", "L0", {"strength": 0.1})
 def color_jitter(images: torch.Tensor, ctx: AttackContext, strength: float) -> torch.Tensor:
     """Brightness, contrast and saturation each scaled by a random factor in 1 ± strength."""
     factors = 1 + (torch.rand(3, images.shape[0], generator=ctx.generator) * 2 - 1) * strength
@@ -72,25 +68,22 @@ def grayscale(images: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
     return kornia.color.rgb_to_grayscale(images).expand_as(images).contiguous()
 
 
-@register_attack("gaussian_noise", "preprocess", "L0", {"sigma": 0.02},
-                 {"sigma": [0.01, 0.03]})
+@register_attack("gaussian_noise", "preprocess", "L0", {"sigma": 0.02})
 def gaussian_noise(images: torch.Tensor, ctx: AttackContext, sigma: float) -> torch.Tensor:
     """Add N(0, sigma²) noise."""
     noise = torch.randn(images.shape, generator=ctx.generator).to(images.device)
     return images + sigma * noise
 
 
-@register_attack("gaussian_blur", "preprocess", "L0", {"sigma": 1.0}, {"sigma": [0.5, 1.0]})
+@register_attack("gaussian_blur", "preprocess", "L0", {"sigma": 1.0})
 def gaussian_blur(images: torch.Tensor, ctx: AttackContext, sigma: float) -> torch.Tensor:
     """Gaussian blur, kernel 2·ceil(3σ)+1, reflected borders."""
     k = 2 * int(torch.ceil(torch.tensor(3 * sigma))) + 1
     return kornia.filters.gaussian_blur2d(images, (k, k), (sigma, sigma), border_type="reflect")
 
 
-register_attack("blur", "purify", "L1", {"sigma": 1.5}, {"sigma": [1.0, 1.5, 2.0]})(gaussian_blur)
 
-
-@register_attack("jpeg", "preprocess", "L0", {"quality": 75}, {"quality": [90, 75, 50]})
+@register_attack("jpeg", "preprocess", "L0", {"quality": 75})
 def jpeg(images: torch.Tensor, ctx: AttackContext, quality: int) -> torch.Tensor:
     """JPEG round trip through libjpeg-turbo at ``quality``, on every device.
 
@@ -103,20 +96,16 @@ def jpeg(images: torch.Tensor, ctx: AttackContext, quality: int) -> torch.Tensor
     return (torch.stack(decoded).to(images.dtype) / 255.0).to(images.device)
 
 
-register_attack("jpeg_purify", "purify", "L1", {"quality": 50}, {"quality": [50, 30, 10]})(jpeg)
 
-
-@register_attack("bit_depth", "preprocess", "L0", {"bits": 5}, {"bits": [5, 4]})
+@register_attack("bit_depth", "preprocess", "L0", {"bits": 5})
 def bit_depth(images: torch.Tensor, ctx: AttackContext, bits: int) -> torch.Tensor:
     """Keep ``bits`` bits per channel (posterize), values at bin centres."""
     levels = 2 ** int(bits)
     return (torch.floor(images.clamp(0, 1) * (levels - 1e-6)) + 0.5) / levels
 
 
-register_attack("bit_depth_purify", "purify", "L1", {"bits": 3}, {"bits": [4, 3, 2]})(bit_depth)
 
-
-@register_attack("gamma", "preprocess", "L0", {"gamma": 1.2}, {"gamma": [0.8, 1.2]})
+@register_attack("gamma", "preprocess", "L0", {"gamma": 1.2})
 def gamma(images: torch.Tensor, ctx: AttackContext, gamma: float) -> torch.Tensor:
     """Gamma curve x^gamma."""
     return images.clamp(0, 1) ** gamma

@@ -12,11 +12,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from neaudit.attacks.preprocess import bit_depth, gaussian_blur, jpeg, resize_round_trip
 from neaudit.attacks.registry import AttackContext, register_attack
 from neaudit.errors import NeauditError
+from neaudit.seeding import generator, seeded
+
+# Stronger settings of ordinary operations, used as purifiers (APBench/ART's JPEG, bit-depth
+# reduction and blur; a down-and-up resampling that destroys fine structure).
+register_attack("down_up", "purify", "L1", {"scale": 0.5})(resize_round_trip)
+register_attack("blur", "purify", "L1", {"sigma": 1.5})(gaussian_blur)
+register_attack("jpeg_purify", "purify", "L1", {"quality": 50})(jpeg)
+register_attack("bit_depth_purify", "purify", "L1", {"bits": 3})(bit_depth)
 
 
-@register_attack("median", "purify", "L1", {"kernel": 3}, {"kernel": [3, 5]})
+@register_attack("median", "purify", "L1", {"kernel": 3})
 def median(images: torch.Tensor, ctx: AttackContext, kernel: int) -> torch.Tensor:
     """Median filter over kernel × kernel windows."""
     k = int(kernel)
@@ -24,8 +33,7 @@ def median(images: torch.Tensor, ctx: AttackContext, kernel: int) -> torch.Tenso
 
 
 @register_attack("bilateral", "purify", "L1", {"kernel": 5, "sigma_color": 0.1,
-                                                  "sigma_space": 1.5},
-                 {"kernel": [5], "sigma_color": [0.1, 0.2], "sigma_space": [1.5]})
+                                                  "sigma_space": 1.5})
 def bilateral(images: torch.Tensor, ctx: AttackContext, kernel: int, sigma_color: float,
               sigma_space: float) -> torch.Tensor:
     """Edge-preserving bilateral blur."""
@@ -34,8 +42,7 @@ def bilateral(images: torch.Tensor, ctx: AttackContext, kernel: int, sigma_color
                                          (sigma_space, sigma_space), border_type="reflect")
 
 
-@register_attack("tv_denoise", "purify", "L1", {"weight": 0.05, "steps": 30},
-                 {"weight": [0.03, 0.1], "steps": [30]})
+@register_attack("tv_denoise", "purify", "L1", {"weight": 0.05, "steps": 30})
 def tv_denoise(images: torch.Tensor, ctx: AttackContext, weight: float, steps: int
                ) -> torch.Tensor:
     """Total-variation denoising: Adam on ½‖x − y‖² + weight·TV(x) (Kornia's TV), per batch."""
@@ -53,7 +60,7 @@ def tv_denoise(images: torch.Tensor, ctx: AttackContext, weight: float, steps: i
     return x.detach()
 
 
-@register_attack("lowpass", "purify", "L1", {"cutoff": 0.5}, {"cutoff": [0.5, 0.3]})
+@register_attack("lowpass", "purify", "L1", {"cutoff": 0.5})
 def lowpass(images: torch.Tensor, ctx: AttackContext, cutoff: float) -> torch.Tensor:
     """Keep spatial frequencies below ``cutoff`` × Nyquist (ideal radial filter, FFT)."""
     h, w = images.shape[-2:]
@@ -85,20 +92,18 @@ def train_denoiser(reference: torch.Tensor, sigma: float, steps: int, seed: int,
     digest.update(f"{sigma}-{steps}-{seed}".encode())
     path = (ctx.cache_dir / f"denoiser-{digest.hexdigest()[:16]}.safetensors"
             if ctx.cache_dir else None)
-    model = SmallDenoiser()
+    model = seeded(SmallDenoiser, seed, "denoiser-init")
     if path is not None and path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = SmallDenoiser()
+    draws = generator(seed, "denoiser-batches")
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     with torch.enable_grad():
         for _ in range(int(steps)):
             idx = torch.randint(0, len(reference), (min(16, len(reference)),),
-                                generator=generator)
+                                generator=draws)
             clean = reference[idx]
-            noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
+            noisy = clean + sigma * torch.randn(clean.shape, generator=draws)
             loss = F.mse_loss(model(noisy), clean)
             optimizer.zero_grad()
             loss.backward()
@@ -111,17 +116,16 @@ def train_denoiser(reference: torch.Tensor, sigma: float, steps: int, seed: int,
     return model.eval()
 
 
-@register_attack("learned_denoiser", "purify", "L2", {"sigma": 0.03, "steps": 150},
-                 {"sigma": [0.03], "steps": [150]})
+@register_attack("learned_denoiser", "purify", "L2", {"sigma": 0.03, "steps": 150})
 def learned_denoiser(images: torch.Tensor, ctx: AttackContext, sigma: float, steps: int
                      ) -> torch.Tensor:
     """A small denoiser trained on the attacker's clean in-distribution images (L2)."""
     if ctx.reference is None:
         raise NeauditError("learned_denoiser needs clean reference images (threat level L2); "
                            "give the audit originals or --reference DIR.")
-    key = ("denoiser", float(sigma), int(steps))
+    key = ("denoiser", float(sigma), int(steps), ctx.seed)
     if key not in ctx.extras:
-        ctx.extras[key] = train_denoiser(ctx.reference.cpu(), sigma, steps, 0, ctx).to(
+        ctx.extras[key] = train_denoiser(ctx.reference.cpu(), sigma, steps, ctx.seed, ctx).to(
             images.device)
     with torch.no_grad():
         return ctx.extras[key](images)

@@ -1,9 +1,18 @@
-"""The attack registry: every attack is registered once, with its family, threat level and
-parameters, and suites and the engine know it by name.
+"""The attack registry: every attack, of every kind, is registered once with its family,
+threat level and parameters, and suites, the planner and the worker know it by name.
 
-An attack is a pure function ``fn(images, ctx, **params) -> images`` on float NCHW batches in
-[0, 1]; it must return a batch of the same shape in [0, 1], be batched (no per-image Python
-loops where torch/Kornia can do the batch), and draw randomness only from ``ctx.generator``.
+Two kinds of attack:
+
+* ``batch``: a pure function ``fn(images, ctx, **params) -> images`` on float NCHW batches in
+  [0, 1]; it must return a batch of the same shape in [0, 1], be batched (no per-image Python
+  loops where torch/Kornia can do the batch), and draw randomness only from ``ctx.generator``
+  (or from seeds derived from ``ctx.seed``). It runs once per shard.
+* ``dataset``: ``fn(ctx, **params) -> record`` with a :class:`DatasetContext`; it needs the
+  whole dataset at once (learning attacks train on it) and runs as one task. Its record holds
+  per-model counts that :mod:`neaudit.results` turns into rows.
+
+``clean`` and ``none`` (:mod:`neaudit.vocabulary`) are not attacks but the two reference
+conditions every audit measures.
 """
 
 from __future__ import annotations
@@ -12,29 +21,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from neaudit.errors import NeauditError
+from neaudit.vocabulary import CLEAN, FAMILIES, NONE, THREAT_LEVELS  # noqa: F401 (re-exported)
 
-FAMILIES = ("preprocess", "purify", "adaptive", "test")
-THREAT_LEVELS = {
-    "L0": "preprocessing an ordinary pipeline applies",
-    "L1": "protected data only",
-    "L2": "plus clean in-distribution data",
-    "L3": "plus a zoo of public models",
-    "learning": "labels, and training on the protected data",
-}
+BATCH, DATASET = "batch", "dataset"
 
 
 @dataclass
 class AttackContext:
-    """What an attack may use besides the images.
+    """What a batch attack may use besides the images.
 
-    ``reference`` holds clean in-distribution images the attacker owns (L2); ``originals`` the
-    clean originals of the current batch, for oracle attacks in tests only.
+    ``seed`` is the audit's seed, for attacks that derive their own streams (training a
+    denoiser); ``reference`` holds clean in-distribution images the attacker owns (L2);
+    ``originals`` the clean originals of the current batch, for oracle attacks in tests only.
     """
 
     generator: torch.Generator
+    seed: int = 0
     device: torch.device = torch.device("cpu")
     reference: torch.Tensor | None = None
     originals: torch.Tensor | None = None
@@ -42,7 +48,20 @@ class AttackContext:
     extras: dict = field(default_factory=dict)
 
 
-AttackFn = Callable[..., torch.Tensor]
+@dataclass
+class DatasetContext:
+    """What a dataset attack may use: every item (``gather(indices)`` returns the protected
+    images, their clean originals and labels), the zoo, and the audit's seed."""
+
+    gather: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    labels: np.ndarray
+    num_classes: int
+    models: dict
+    authorized: str
+    seed: int
+
+
+AttackFn = Callable[..., object]
 
 
 @dataclass(frozen=True)
@@ -52,30 +71,37 @@ class Attack:
     threat: str
     fn: AttackFn
     defaults: dict[str, object]
-    grid: dict[str, list]
-    doc: str
+    kind: str = BATCH
 
     def __call__(self, images: torch.Tensor, ctx: AttackContext, **params) -> torch.Tensor:
-        merged = {**self.defaults, **params}
-        return self.fn(images, ctx, **merged).clamp(0, 1)
+        """Attack one batch (``batch`` kind)."""
+        if self.kind != BATCH:
+            raise TypeError(f"{self.name} attacks a whole dataset: use run_on_dataset")
+        return self.fn(images, ctx, **{**self.defaults, **params}).clamp(0, 1)
+
+    def run_on_dataset(self, ctx: DatasetContext, **params) -> dict:
+        """Attack the whole dataset (``dataset`` kind) and return its task record."""
+        if self.kind != DATASET:
+            raise TypeError(f"{self.name} attacks one batch at a time: call it on images")
+        return self.fn(ctx, **{**self.defaults, **params})
 
 
 ATTACKS: dict[str, Attack] = {}
 
 
 def register_attack(name: str, family: str, threat: str, defaults: dict[str, object],
-                    grid: dict[str, list] | None = None) -> Callable[[AttackFn], AttackFn]:
+                    kind: str = BATCH) -> Callable[[AttackFn], AttackFn]:
     """Register ``fn`` under ``name``; the same function may be registered under several names
     (e.g. JPEG as a preprocessing step and as a purification)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}")
     if threat not in THREAT_LEVELS:
         raise ValueError(f"threat must be one of {tuple(THREAT_LEVELS)}")
+    if kind not in (BATCH, DATASET):
+        raise ValueError(f"kind must be {BATCH} or {DATASET}")
 
     def decorate(fn: AttackFn) -> AttackFn:
-        ATTACKS[name] = Attack(name, family, threat, fn, dict(defaults),
-                               dict(grid or {k: [v] for k, v in defaults.items()}),
-                               (fn.__doc__ or "").strip().split("\n")[0])
+        ATTACKS[name] = Attack(name, family, threat, fn, dict(defaults), kind)
         return fn
 
     return decorate
@@ -83,8 +109,5 @@ def register_attack(name: str, family: str, threat: str, defaults: dict[str, obj
 
 def get_attack(name: str) -> Attack:
     if name not in ATTACKS:
-        from neaudit.learning import LEARNING
-
-        valid = sorted([*ATTACKS, *LEARNING])
-        raise NeauditError(f"unknown attack '{name}'. Valid attacks: {', '.join(valid)}.")
+        raise NeauditError(f"unknown attack '{name}'. Valid attacks: {', '.join(sorted(ATTACKS))}.")
     return ATTACKS[name]

@@ -19,9 +19,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from neaudit.attacks.registry import ATTACKS, get_attack
+from neaudit.attacks.registry import Attack, get_attack
 from neaudit.errors import NeauditError
-from neaudit.learning import LEARNING
 
 
 @dataclass(frozen=True)
@@ -42,12 +41,21 @@ class SuiteEntry:
         return "-".join([self.attack] + [f"{k}={v}" for k, v in self.params])
 
     @property
+    def registered(self) -> Attack:
+        """The registered attack."""
+        return get_attack(self.attack)
+
+    @property
     def family(self) -> str:
-        return ATTACKS[self.attack].family if self.attack in ATTACKS else "learning"
+        return self.registered.family
 
     @property
     def threat(self) -> str:
-        return ATTACKS[self.attack].threat if self.attack in ATTACKS else "learning"
+        return self.registered.threat
+
+    @property
+    def kind(self) -> str:
+        return self.registered.kind
 
 
 def builtin_suites_dir() -> Path:
@@ -82,7 +90,7 @@ def load_suite(suite: str | Path) -> list[SuiteEntry]:
         name = table.pop("name", None)
         if name is None:
             raise NeauditError(f"{path}: an [[attack]] table has no 'name'.")
-        defaults = (LEARNING[name].defaults if name in LEARNING else get_attack(name).defaults)
+        defaults = get_attack(name).defaults
         unknown = sorted(set(table) - set(defaults))
         if unknown:
             raise NeauditError(

@@ -1,8 +1,10 @@
 """The self-contained HTML compliance report, its policy verdict and JUnit XML.
 
 ``render_report(run_dir)`` reads only what an audit stored (``results.parquet``,
-``summary.json``, ``run.json`` and the optional ``samples.png`` and ``spectral.json``) and
-writes ``index.html`` and ``junit.xml`` beside them: re-rendering never recomputes anything.
+``summary.json``, ``run.json`` and the optional ``samples.npz`` and ``spectral.json``) and
+writes ``index.html``, ``junit.xml`` and ``samples.png`` beside them: re-rendering never
+recomputes a measurement. The verdict is :meth:`neaudit.policy.Policy.judge`'s, the one rule
+the terminal, JUnit and ``diff`` use too.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from xml.sax.saxutils import escape, quoteattr
 import jinja2
 import pandas as pd
 
-from neaudit import __version__
-from neaudit.attacks.registry import THREAT_LEVELS
+from neaudit._version import __version__
 from neaudit.errors import NeauditError
-from neaudit.flags import Flag, evaluate_flags
+from neaudit.flags import Flag
 from neaudit.imageio import atomic_write
-from neaudit.policy import Criterion, Policy, verdict
+from neaudit.policy import Criterion, Policy
 from neaudit.reporting import plots
+from neaudit.reporting.samples import write_sample_grid
+from neaudit.vocabulary import AUTHORIZED, THREAT_LEVELS
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -61,13 +64,10 @@ def render_report(run_dir: str | Path, policy: str | Path | Policy | None = None
     run_dir = Path(run_dir)
     table, summary, manifest = load_run(run_dir)
     policy = policy if isinstance(policy, Policy) else Policy.load(policy)
-    criteria = policy.evaluate(table, summary)
-    summary["criteria"] = [{**asdict(c), "title": c.title} for c in criteria]
-    flags = evaluate_flags(table, summary, policy)
-    result = verdict(criteria)
-    if any(f.failing for f in flags):
-        result = "FAIL"
-    summary.update(flags=[asdict(f) for f in flags], verdict=result, policy=policy.name)
+    judgement = policy.judge(table, summary)
+    criteria, flags, result = judgement.criteria, judgement.flags, judgement.verdict
+    summary.update(criteria=[{**asdict(c), "title": c.title} for c in criteria],
+                   flags=[asdict(f) for f in flags], verdict=result, policy=policy.name)
     atomic_write(run_dir / "summary.json",
                  lambda h: h.write(json.dumps(summary, indent=2, default=str).encode()))
     html = _render_html(run_dir, table, summary, manifest, policy, criteria, flags, result)
@@ -112,11 +112,9 @@ def _verdict_text(criteria: list[Criterion], flags: list[Flag], result: str) -> 
 
 def _render_html(run_dir, table, summary, manifest, policy, criteria, flags, result) -> str:
     models = summary.get("models", {})
-    authorized = next((m for m, e in models.items() if e["role"] == "authorized"), "–")
-    samples_path = run_dir / "samples.png"
-    samples_meta = run_dir / "samples.json"
+    authorized = next((m for m, e in models.items() if e["role"] == AUTHORIZED), "–")
+    samples = write_sample_grid(run_dir)
     spectral_path = run_dir / "spectral.json"
-    meta = json.loads(samples_meta.read_text()) if samples_meta.is_file() else {}
     headline = table[table.metric != "ssim"].sort_values(["model", "attack", "metric"])
     context = dict(
         verdict=result, verdict_text=_verdict_text(criteria, flags, result), criteria=criteria,
@@ -127,9 +125,10 @@ def _render_html(run_dir, table, summary, manifest, policy, criteria, flags, res
         flags=flags,
         plots=dict(heatmap=plots.leakage_heatmap(table), strength=plots.strength_curves(table),
                    damage=plots.damage_scatter(table), retention=plots.retention_bars(table)),
-        samples=(base64.b64encode(samples_path.read_bytes()).decode()
-                 if samples_path.is_file() else None),
-        samples_gain=meta.get("gain", "–"), samples_attack=meta.get("attack", "–"),
+        samples=(base64.b64encode((run_dir / "samples.png").read_bytes()).decode()
+                 if samples else None),
+        samples_gain=(samples or {}).get("gain", "–"),
+        samples_attack=(samples or {}).get("attack", "–"),
         spectral=json.loads(spectral_path.read_text()) if spectral_path.is_file() else None,
         rows=headline.to_dict("records"), provenance=_provenance(manifest),
         by_threat=dict(sorted(summary.get("worst_by_threat", {}).items())),

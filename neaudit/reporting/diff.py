@@ -8,19 +8,23 @@ from pathlib import Path
 import pandas as pd
 
 from neaudit.imageio import atomic_write
-from neaudit.policy import Policy, verdict
+from neaudit.policy import Policy
 from neaudit.reporting import _environment, load_run
 
 
 @dataclass
 class DiffResult:
     verdicts: tuple[str, str]
+    failing_flags: tuple[list[str], list[str]]  # flags the policy fails on, per run
     criteria: pd.DataFrame  # criterion, a, b, passed_a, passed_b, flipped
     moves: pd.DataFrame  # model, attack, metric, a, b, change
     html: Path
 
     def text(self) -> str:
         lines = [f"verdict: {self.verdicts[0]} → {self.verdicts[1]}"]
+        for run, names in zip("ab", self.failing_flags, strict=True):
+            if names:
+                lines.append(f"  flags failing run {run}: {', '.join(names)}")
         for row in self.criteria.itertuples():
             mark = "FLIPPED " if row.flipped else ""
             before = "PASS" if row.passed_a else "FAIL"
@@ -38,8 +42,9 @@ def diff_runs(run_a: str | Path, run_b: str | Path, policy: str | Path | None = 
     run_a, run_b = Path(run_a), Path(run_b)
     policy_obj = Policy.load(policy)
     (table_a, summary_a, _), (table_b, summary_b, _) = load_run(run_a), load_run(run_b)
-    crit_a = {c.title: c for c in policy_obj.evaluate(table_a, summary_a)}
-    crit_b = {c.title: c for c in policy_obj.evaluate(table_b, summary_b)}
+    judged_a, judged_b = policy_obj.judge(table_a, summary_a), policy_obj.judge(table_b, summary_b)
+    crit_a = {c.title: c for c in judged_a.criteria}
+    crit_b = {c.title: c for c in judged_b.criteria}
     criteria = pd.DataFrame([
         {"criterion": name, "a": crit_a[name].observed, "b": crit_b[name].observed,
          "passed_a": crit_a[name].passed, "passed_b": crit_b[name].passed,
@@ -52,10 +57,11 @@ def diff_runs(run_a: str | Path, run_b: str | Path, policy: str | Path | None = 
     merged = merged.rename(columns={"value_a": "a", "value_b": "b"})
     merged["change"] = merged.b - merged.a
     moves = merged.reindex(merged.change.abs().sort_values(ascending=False).index)
-    verdicts = (verdict(list(crit_a.values())), verdict(list(crit_b.values())))
+    verdicts = (judged_a.verdict, judged_b.verdict)
+    failing = tuple([f.name for f in j.flags if f.failing] for j in (judged_a, judged_b))
     html_path = Path(out) if out else run_b / f"diff-{run_a.name}.html"
     html = _environment().get_template("diff.html.j2").render(
-        run_a=str(run_a), run_b=str(run_b), verdicts=verdicts,
+        run_a=str(run_a), run_b=str(run_b), verdicts=verdicts, failing_flags=failing,
         criteria=criteria.to_dict("records"), moves=moves.head(50).to_dict("records"))
     atomic_write(html_path, lambda h: h.write(html.encode()))
-    return DiffResult(verdicts, criteria, moves.reset_index(drop=True), html_path)
+    return DiffResult(verdicts, failing, criteria, moves.reset_index(drop=True), html_path)

@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from neaudit.vocabulary import CLEAN, NONE  # noqa: E402
+
 
 def _encode(fig) -> str:
     buffer = io.BytesIO()
@@ -27,11 +29,11 @@ def _short(text: str, width: int = 38) -> str:
 
 
 def leakage_heatmap(table: pd.DataFrame) -> str | None:
-    rows = table[(table.metric == "leakage") & (table.attack != "clean")]
+    rows = table[(table.metric == "leakage") & (table.attack != CLEAN)]
     if rows.empty:
         return None
     grid = rows.pivot_table(index="model", columns="attack", values="value", aggfunc="first")
-    grid = grid[sorted(grid.columns, key=lambda a: (a != "none", a))]
+    grid = grid[sorted(grid.columns, key=lambda a: (a != NONE, a))]
     fig, ax = plt.subplots(figsize=(max(6, 0.32 * grid.shape[1] + 3),
                                     max(2.2, 0.45 * grid.shape[0] + 1.5)))
     image = ax.imshow(grid.to_numpy(dtype=float), vmin=0, vmax=1, cmap="RdYlGn_r", aspect="auto")
@@ -43,7 +45,7 @@ def leakage_heatmap(table: pd.DataFrame) -> str | None:
 
 
 def strength_curves(table: pd.DataFrame) -> str | None:
-    rows = table[(table.metric == "leakage") & ~table.attack.isin(["none", "clean"])].copy()
+    rows = table[(table.metric == "leakage") & ~table.attack.isin([NONE, CLEAN])].copy()
     if rows.empty:
         return None
     rows["name"] = rows.attack.str.split("(").str[0]
@@ -71,7 +73,7 @@ def strength_curves(table: pd.DataFrame) -> str | None:
 
 
 def damage_scatter(table: pd.DataFrame) -> str | None:
-    leak = table[(table.metric == "leakage") & (table.attack != "clean")]
+    leak = table[(table.metric == "leakage") & (table.attack != CLEAN)]
     damage = table[table.metric == "psnr"][["model", "attack", "value"]]
     merged = leak.merge(damage, on=["model", "attack"], suffixes=("", "_psnr"))
     if merged.empty:
@@ -88,7 +90,7 @@ def damage_scatter(table: pd.DataFrame) -> str | None:
 
 def retention_bars(table: pd.DataFrame) -> str | None:
     rows = table[(table.metric == "utility_retention") & (table.family.isin(["preprocess",
-                                                                           "none"]))]
+                                                                           NONE]))]
     if rows.empty:
         return None
     fig, ax = plt.subplots(figsize=(6, max(2, 0.22 * len(rows) + 0.8)))

@@ -1,19 +1,46 @@
-"""Run an audit's tasks on a Ray cluster (``pip install neaudit[ray]``).
+"""Executors run a list of tasks, all behind one signature, ``run(tasks, recipe, progress)``,
+and all through the same atomic results store, so a run can be resumed by either:
 
-Each actor rebuilds the worker from a :class:`~neaudit.engine.WorkerRecipe` (it reads the data
-from the given paths on shared storage and loads every model once), then runs tasks until the
-plan is done. Results go through the same atomic store as the local executor, so a run can be
-resumed by either. A lost actor is restarted and its task retried; task records are keyed by
-task, so a retry overwrites rather than duplicates.
+* :class:`LocalExecutor`: in this process, in order (clean tasks first, then by shard), with
+  the worker it is given or one built from the recipe.
+* :class:`RayExecutor` (``pip install neaudit[ray]``): each actor builds its worker from the
+  recipe (reading the data from shared storage and loading every model once), then runs tasks
+  until the plan is done. A lost actor is restarted and its task retried; task records are
+  keyed by task, so a retry overwrites rather than duplicates.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
-from neaudit.engine import CLEAN, Task, WorkerRecipe, build_worker
+from neaudit.attacks import CLEAN
 from neaudit.errors import NeauditError
+from neaudit.plan import Task
+from neaudit.worker import Worker, WorkerRecipe, build_worker
+
+Progress = Callable[[], None] | None
+
+
+class Executor(Protocol):
+    def run(self, tasks: Sequence[Task], recipe: WorkerRecipe, progress: Progress = None
+            ) -> None: ...
+
+
+class LocalExecutor:
+    """Runs tasks in order in this process."""
+
+    def __init__(self, worker: Worker | None = None) -> None:
+        self.worker = worker
+
+    def run(self, tasks: Sequence[Task], recipe: WorkerRecipe, progress: Progress = None
+            ) -> None:
+        worker = self.worker or build_worker(recipe)
+        for task in tasks:
+            worker(task)
+            if progress:
+                progress()
 
 
 class _AuditActor:
@@ -31,23 +58,21 @@ class _AuditActor:
 class RayExecutor:
     """Ray executor: ``workers`` actors, each asking ``cpus``/``gpus`` as resources."""
 
-    name = "ray"
-
     def __init__(self, address: str | None = None, workers: int = 2, cpus: float = 1,
                  gpus: float = 0, max_retries: int = 3, num_cpus: int | None = None) -> None:
         self.address, self.workers, self.cpus, self.gpus = address, workers, cpus, gpus
         self.max_retries, self.num_cpus = max_retries, num_cpus
         self.pids: list[int] = []
 
-    def run(self, tasks: Sequence[Task], worker: Callable[[Task], None],
-            recipe: WorkerRecipe | None, progress: Callable[[], None] | None = None) -> None:
+    def run(self, tasks: Sequence[Task], recipe: WorkerRecipe, progress: Progress = None
+            ) -> None:
         try:
             import ray
             from ray.util import ActorPool
         except ImportError as exc:
             raise NeauditError("the Ray executor needs Ray. Fix: pip install 'neaudit[ray]'."
                                ) from exc
-        if recipe is None:
+        if not isinstance(recipe.data, str):
             raise NeauditError("the Ray executor needs the dataset as a path that every worker "
                                "can read (shared storage), not an in-memory dataset.")
         if not ray.is_initialized():

@@ -1,14 +1,16 @@
 """Learning-based leakage (needs labels): can an unauthorized party *learn* from the NEs?
 
+Both are ``dataset`` attacks in the one registry: each runs as one task over the whole
+dataset.
+
 * ``linear_probe``: logistic regression (scikit-learn) on frozen features of an unauthorized
   model (the input of its last linear layer), trained on a seeded half of the protected images
   and scored on the other half; the same probe trained and scored on the clean originals is
   the baseline, and leakage = protected probe accuracy / clean probe accuracy.
 * ``finetune``: fine-tune an unauthorized model on random subsets of the protected training
   half at several sample fractions, scoring each on the held-out clean originals; the same
-  curve trained on clean data is the baseline. SLC-AUC (Non-Transferable Pruning) = area
-  under accuracy vs ln(fraction) (trapezoid rule), protected minus clean: negative means the
-  protection makes learning harder.
+  curve trained on clean data is the baseline. SLC-AUC (:func:`neaudit.metrics.slc_auc`)
+  summarizes the two curves.
 
 Both are bounded for CPUs by ``max_samples``, ``epochs`` and ``max_steps``.
 """
@@ -17,38 +19,20 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from neaudit.attacks.registry import DATASET, DatasetContext, register_attack
+from neaudit.seeding import derive_seed, generator, seeded
 from neaudit.zoo import ImageClassifier
-
-
-@dataclass(frozen=True)
-class LearningAttack:
-    name: str
-    defaults: dict[str, object]
-    doc: str
-
-
-LEARNING: dict[str, LearningAttack] = {
-    "linear_probe": LearningAttack(
-        "linear_probe", {"max_samples": 2000, "c": 1.0},
-        "logistic-regression probe on frozen unauthorized features"),
-    "finetune": LearningAttack(
-        "finetune", {"fractions": [0.1, 0.25, 0.5, 1.0], "epochs": 3, "max_steps": 200,
-                     "lr": 1e-3, "max_samples": 2000},
-        "fine-tuning on protected subsets; learning curve and SLC-AUC"),
-}
 
 
 def split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded, stratified half/half split of item indices."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(derive_seed(seed, "learning-split"))
     train, test = [], []
     for cls in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == cls))
@@ -102,15 +86,15 @@ def finetune_accuracy(model: ImageClassifier, train_x: torch.Tensor, train_y: to
                       lr: float, seed: int, num_classes: int) -> tuple[int, int]:
     """Fine-tune a copy of ``model`` (all weights; a fresh head when the class count
     differs) and return (correct, n) on the test images."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    draws = generator(seed, "finetune-batches")
     tuned = copy.deepcopy(model).eval()
     with torch.no_grad():
         outputs = tuned(test_x[:2].to(tuned.mean.device)).shape[-1]
     tuned.train().requires_grad_(True)
     head: nn.Module | None = None
     if outputs != num_classes:
-        head = nn.Linear(outputs, num_classes).to(tuned.mean.device)
+        head = seeded(lambda: nn.Linear(outputs, num_classes), seed, "finetune-head").to(
+            tuned.mean.device)
     params = list(tuned.parameters()) + (list(head.parameters()) if head else [])
     optimizer = torch.optim.Adam(params, lr=lr)
     device = tuned.mean.device
@@ -121,7 +105,7 @@ def finetune_accuracy(model: ImageClassifier, train_x: torch.Tensor, train_y: to
 
     steps = 0
     for _ in range(epochs):
-        order = torch.randperm(len(train_x), generator=generator)
+        order = torch.randperm(len(train_x), generator=draws)
         for lo in range(0, len(order) - 1, 32):  # no batch of one (batch norm)
             idx = order[lo:lo + 32]
             loss = F.cross_entropy(forward(train_x[idx]), train_y[idx].to(device))
@@ -142,16 +126,58 @@ def finetune_accuracy(model: ImageClassifier, train_x: torch.Tensor, train_y: to
     return correct, len(test_x)
 
 
-def slc_auc(fractions: list[float], protected: list[float], clean: list[float]) -> float:
-    """Area under accuracy vs ln(fraction), protected minus clean (trapezoid rule)."""
-    x = np.log(np.asarray(fractions, dtype=float))
-    return float(np.trapezoid(protected, x) - np.trapezoid(clean, x))
-
-
 def subset(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(derive_seed(seed, "learning-subset", fraction))
     count = max(2, math.ceil(len(indices) * fraction))
     return np.sort(rng.permutation(indices)[:count])
 
 
-Loader = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
+
+def _halves(ctx: DatasetContext, max_samples: int):
+    """The seeded train/test halves, each capped at ``max_samples`` items, gathered."""
+    train, test = split(ctx.labels, ctx.seed)
+    if len(train) > max_samples:
+        train = subset(train, max_samples / len(train), ctx.seed)
+    return ctx.gather(train), ctx.gather(test[:max_samples])
+
+
+@register_attack("linear_probe", "learning", "learning", {"max_samples": 2000, "c": 1.0},
+                 kind=DATASET)
+def linear_probe(ctx: DatasetContext, max_samples: int, c: float) -> dict:
+    """Logistic-regression probe on frozen features, NEs against clean originals."""
+    (protected_train, clean_train, y_train), (protected_test, clean_test, y_test) = _halves(
+        ctx, int(max_samples))
+    record: dict = {"models": {}, "baseline": {}}
+    for spec, model in ctx.models.items():
+        record["models"][spec] = probe_accuracy(
+            features(model, protected_train), y_train.numpy(),
+            features(model, protected_test), y_test.numpy(), c, ctx.seed)
+        record["baseline"][spec] = probe_accuracy(
+            features(model, clean_train), y_train.numpy(),
+            features(model, clean_test), y_test.numpy(), c, ctx.seed)
+    return record
+
+
+@register_attack("finetune", "learning", "learning",
+                 {"fractions": [0.1, 0.25, 0.5, 1.0], "epochs": 3, "max_steps": 200, "lr": 1e-3,
+                  "max_samples": 2000}, kind=DATASET)
+def finetune(ctx: DatasetContext, fractions: list[float], epochs: int, max_steps: int,
+             lr: float, max_samples: int) -> dict:
+    """Fine-tuning curves of every unauthorized model on NE subsets and on clean subsets,
+    each scored on held-out clean originals."""
+    (protected_train, clean_train, y_train), (_, clean_test, y_test) = _halves(
+        ctx, int(max_samples))
+    record: dict = {"models": {}, "curve": {}}
+    fractions = [float(f) for f in fractions]
+    for spec, model in ctx.models.items():
+        if spec == ctx.authorized:
+            continue
+        curve = {"fractions": fractions, "protected": [], "clean": []}
+        for fraction in fractions:
+            idx = torch.as_tensor(subset(np.arange(len(y_train)), fraction, ctx.seed))
+            for kind, images in (("protected", protected_train), ("clean", clean_train)):
+                curve[kind].append(finetune_accuracy(
+                    model, images[idx], y_train[idx], clean_test, y_test, int(epochs),
+                    int(max_steps), float(lr), ctx.seed, ctx.num_classes))
+        record["curve"][spec] = curve
+    return record

@@ -1,0 +1,197 @@
+"""``neaudit audit``: attack a protected dataset and measure leakage (the job).
+
+Load and check every input before any work, plan the tasks (:mod:`neaudit.plan`), run them
+with an executor (:mod:`neaudit.executors`) through the results store (:mod:`neaudit.store`),
+then build the tidy table and its summary (:mod:`neaudit.results`) and what the flags and the
+report read (:mod:`neaudit.validity`, :mod:`neaudit.evidence`). The verdict and the HTML
+report are a separate step over the stored run (:func:`neaudit.reporting.render_report`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from neaudit import evidence, validity
+from neaudit.attacks import DATASET, SuiteEntry, load_suite
+from neaudit.data import ImageDataset, load_dataset
+from neaudit.device import resolve_device
+from neaudit.errors import NeauditError
+from neaudit.executors import Executor, LocalExecutor
+from neaudit.plan import plan
+from neaudit.results import build_table, summarize
+from neaudit.store import json_default, write_run_manifest, write_table
+from neaudit.vocabulary import AUTHORIZED, UNAUTHORIZED
+from neaudit.worker import WorkerRecipe, build_worker
+from neaudit.zoo import resolve_zoo
+
+SCORES = ("auto", "accuracy", "agreement")
+DECODERS = ("cpu", "device")
+
+
+@dataclass
+class AuditResult:
+    """What ``audit`` returns: the tidy table, its summary and where the run is stored."""
+
+    out: Path
+    table: pd.DataFrame
+    summary: dict
+    computed_tasks: int
+    skipped_tasks: int
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.summary.get("complete"))
+
+
+def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
+          authorized: str | None = None, suite: str | Path = "standard",
+          out: str | Path | None = None, device: str = "auto", seed: int = 0,
+          batch_size: int = 64, originals: str | Path | None = None,
+          reference: str | Path | None = None, max_images: int | None = None,
+          executor: Executor | None = None, quiet: bool = False,
+          command: str | None = None, stop_after: int | None = None,
+          score: str = "auto", loader_workers: int = 0, decode: str = "cpu") -> AuditResult:
+    """Run an audit and return its table; see the module docstring for the steps.
+
+    ``authorized`` defaults to the spec recorded in the dataset's ``neaudit.json``.
+    ``score``: ``accuracy`` (needs labels), ``agreement`` (needs originals) or ``auto``
+    (accuracy where labels exist). ``stop_after`` computes at most that many new tasks, then
+    stops (used to test resume). ``loader_workers`` > 0 reads shards ahead in that many
+    processes (pinned memory on CUDA). ``decode="device"`` decodes JPEG inputs with nvJPEG on
+    the CUDA device (opt-in: its pixels differ from libjpeg-turbo's, and the audit says so).
+    """
+    started = time.time()
+    entries = load_suite(suite)  # validated before any image is read
+    dataset = data if isinstance(data, ImageDataset) else load_dataset(data, originals)
+    if max_images is not None:
+        dataset = dataset.head(max_images)
+    authorized = authorized or (dataset.sidecar or {}).get("authorized")
+    specs = _check_inputs(dataset, authorized, zoo, entries, score)
+    score_metric = score if score != "auto" else (
+        "accuracy" if dataset.labels is not None else "agreement")
+    torch_device = resolve_device(device)
+    _check_decode(decode, torch_device.type, loader_workers)
+    out = Path(out) if out else default_run_dir(
+        data if not isinstance(data, ImageDataset) else "data", str(suite), specs, seed)
+    config = {
+        "dataset": _dataset_hash(dataset), "count": len(dataset), "models": specs,
+        "authorized": authorized, "suite": [e.label for e in entries], "seed": seed,
+        "batch_size": batch_size, "score_metric": score_metric,
+        "reference": str(reference) if reference else None, "decode": decode,
+    }
+    recipe = WorkerRecipe(
+        data if isinstance(data, ImageDataset) else str(data),
+        str(originals) if originals else None, max_images, tuple(specs), authorized, str(out),
+        config, str(torch_device), seed, str(reference) if reference else None,
+        any(e.threat == "L2" for e in entries), score_metric, decode)
+    worker = build_worker(recipe, dataset)
+    tasks = plan(worker.dataset, entries, batch_size)
+    pending = [t for t in tasks if not worker.store.done(t.task_id)]
+    if stop_after is not None:
+        pending = pending[:stop_after]
+    if loader_workers:
+        worker.prefetch(pending, loader_workers)
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending), desc="audit", unit="task", file=sys.stderr)
+    (executor or LocalExecutor(worker)).run(pending, recipe, bar.update if bar else None)
+    if bar:
+        bar.close()
+    table, summary = _finish(worker, tasks, entries)
+    write_run_manifest(worker.store, command=command or shlex.join(sys.argv), config=config,
+                       complete=summary["complete"], device=worker.device,
+                       source=str(dataset.source), count=len(dataset), models=worker.models,
+                       seconds=time.time() - started)
+    return AuditResult(out, table, summary, len(pending), len(tasks) - len(pending))
+
+
+def _finish(worker, tasks, entries: Sequence[SuiteEntry]) -> tuple[pd.DataFrame, dict]:
+    """The table and summary from every stored record, and, once the run is complete, what
+    the flags and the report read."""
+    store, dataset = worker.store, worker.dataset
+    roles = {spec: AUTHORIZED if spec == worker.authorized else UNAUTHORIZED
+             for spec in worker.models}
+    num_classes = len(dataset.class_names) if dataset.class_names else None
+    records = store.records()
+    table = build_table(records, roles, worker.score_metric, num_classes)
+    summary = summarize(table, worker.score_metric)
+    summary["complete"] = all(store.done(t.task_id) for t in tasks)
+    if summary["complete"]:
+        summary["diagnostics"] = validity.diagnostics(worker, records, tasks)
+    if any(e.attack == "surrogate_projection" for e in entries):
+        summary["surrogate_ranking"] = evidence.surrogate_ranking(worker)
+    if summary["complete"] and dataset.has_originals:
+        evidence.write_samples(worker, table, entries)
+        evidence.write_spectral(worker, summary)
+    write_table(store.root, table)
+    store.write_text("summary.json", json.dumps(summary, indent=2, default=json_default))
+    return table, summary
+
+
+def _check_inputs(dataset: ImageDataset, authorized: str | None, zoo: str | Sequence[str],
+                  entries: Sequence[SuiteEntry], score: str) -> list[str]:
+    """Refuse what cannot be audited, before any work; returns the zoo's specs, authorized
+    first."""
+    if len(dataset) == 0:
+        raise NeauditError(f"{dataset.source}: no images to audit.")
+    if authorized is None:
+        raise NeauditError("no authorized model: the dataset has no neaudit.json naming one. "
+                           "Fix: pass --authorized SPEC.")
+    specs = [authorized] + [s for s in resolve_zoo(zoo) if s != authorized]
+    if len(specs) < 2:
+        raise NeauditError("the zoo has no unauthorized model. Fix: pass --zoo or --model.")
+    if any(e.kind == DATASET for e in entries) and (
+            dataset.labels is None or not dataset.has_originals):
+        raise NeauditError(f"{dataset.source}: learning attacks (linear_probe, finetune) need "
+                           "labels and the clean originals. Fix: use class folders and "
+                           "--originals, or drop them from the suite.")
+    if score not in SCORES:
+        raise NeauditError(f"unknown score '{score}'. Fix: use auto, accuracy or agreement.")
+    if score == "agreement" and not dataset.has_originals:
+        raise NeauditError(f"{dataset.source}: agreement needs the clean originals. Fix: pass "
+                           "--originals DIR, or --score accuracy with labels.")
+    if score == "accuracy" and dataset.labels is None:
+        raise NeauditError(f"{dataset.source}: accuracy needs labels. Fix: use class folders, "
+                           "a label column, or --score agreement.")
+    if score == "auto" and dataset.labels is None and not dataset.has_originals:
+        raise NeauditError(f"{dataset.source}: agreement needs the clean originals. Fix: pass "
+                           "--originals DIR, or --score accuracy with labels.")
+    return specs
+
+
+def _check_decode(decode: str, device_type: str, loader_workers: int) -> None:
+    if decode not in DECODERS:
+        raise NeauditError(f"unknown --decode '{decode}'. Fix: use cpu or device.")
+    if decode == "device" and device_type != "cuda":
+        raise NeauditError(f"--decode device needs a CUDA device (the audit runs on "
+                           f"{device_type}). Fix: add --device cuda, or drop --decode device.")
+    if decode == "device" and loader_workers:
+        raise NeauditError("--decode device decodes in the process that owns the GPU, not in "
+                           "--loader-workers processes. Fix: drop one of the two options.")
+
+
+def _dataset_hash(dataset: ImageDataset) -> str:
+    if dataset.sidecar and "content_digest" in dataset.sidecar:
+        return dataset.sidecar["content_digest"]
+    digest = hashlib.sha256(json.dumps(dataset.names).encode())
+    digest.update(str(dataset.source).encode())
+    return digest.hexdigest()
+
+
+def default_run_dir(data: str | Path, suite: str, zoo: Sequence[str], seed: int) -> Path:
+    """``reports/<data>-<suite>-<hash>``: the same command maps to the same folder, so a
+    re-run resumes."""
+    key = hashlib.sha256(json.dumps([str(data), suite, list(zoo), seed]).encode()).hexdigest()
+    return Path("reports") / f"{Path(str(data)).stem or 'data'}-{Path(suite).stem}-{key[:8]}"
+

@@ -1,0 +1,39 @@
+"""The report's sample grid, drawn from the arrays an audit stored (``samples.npz``): one row
+per image, columns original | protected | amplified difference | worst image-level attack."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from neaudit.imageio import write_png
+
+DIFFERENCE_GAIN = 10
+"""The protected − original difference is shown as 0.5 + DIFFERENCE_GAIN · δ."""
+
+PADDING = 2
+
+
+def write_sample_grid(run_dir: Path) -> dict | None:
+    """Write ``samples.png`` from ``samples.npz`` and return what the report says about it
+    (the attack shown and the difference gain), or None where the run stored no samples."""
+    arrays_path, meta_path = run_dir / "samples.npz", run_dir / "samples.json"
+    if not arrays_path.is_file():
+        return None
+    with np.load(arrays_path, allow_pickle=False) as arrays:
+        original, protected, attacked = (arrays[k].astype(np.float32) / 255.0
+                                         for k in ("original", "protected", "attacked"))
+    difference = np.clip(0.5 + DIFFERENCE_GAIN * (protected - original), 0.0, 1.0)
+    columns = [original, protected, difference, attacked]
+    count, height, width, _ = original.shape
+    step_y, step_x = height + PADDING, width + PADDING
+    grid = np.ones((PADDING + count * step_y, PADDING + 4 * step_x, 3), np.float32)
+    for row in range(count):
+        for col, images in enumerate(columns):
+            top, left = PADDING + row * step_y, PADDING + col * step_x
+            grid[top:top + height, left:left + width] = images[row]
+    write_png(run_dir / "samples.png", np.round(grid * 255).astype(np.uint8))
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return {"gain": DIFFERENCE_GAIN, "attack": meta.get("attack", "–")}

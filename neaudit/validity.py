@@ -1,0 +1,91 @@
+"""What the validity flags (:mod:`neaudit.flags`) read besides the table: clean prediction
+histograms, the sidecar's recorded strength, lossy or altered input files, tasks that give
+other figures when re-run, and files decoded on the GPU. Stored as ``diagnostics`` in
+``summary.json``, so a report re-rendered later flags the same things.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from neaudit.attacks import DATASET
+from neaudit.data import ImageDataset
+from neaudit.imageio import JPEG_SUFFIXES, is_lossy, sha256_file
+from neaudit.plan import Task
+from neaudit.store import ScratchStore
+from neaudit.worker import Worker
+
+RERUN_TASKS = 2
+"""Attack tasks re-run with the same seed to detect nondeterminism."""
+
+HASHED_FILES = 5000
+"""Protected files whose hash is checked against ``hashes.sha256`` (a deterministic sample)."""
+
+
+def diagnostics(worker: Worker, records: list[dict], tasks: list[Task]) -> dict:
+    dataset = worker.dataset
+    num_classes = dataset.num_classes if dataset.class_names else None
+    histograms: dict[str, dict[str, int]] = {}
+    for record in records:
+        for spec, hist in record.get("histograms", {}).items():
+            merged = histograms.setdefault(spec, {})
+            for cls, count in hist.items():
+                merged[cls] = merged.get(cls, 0) + count
+    clean = {spec: {"distinct": len(h), "top_share": max(h.values()) / sum(h.values()),
+                    "classes": num_classes or 1000} for spec, h in histograms.items()}
+    params = (dataset.sidecar or {}).get("params") or {}
+    return {
+        "chance": 1.0 / num_classes if num_classes else None,
+        "clean_predictions": clean,
+        "sidecar": {"psnr": params.get("psnr"), "psnr_is_nominal": params.get("psnr_is_nominal"),
+                    "method": (dataset.sidecar or {}).get("method")} if params else None,
+        "files": file_checks(dataset),
+        "nondeterministic_tasks": rerun(tasks, worker),
+        "device_decoded_jpegs": device_decoded_jpegs(dataset),
+    }
+
+
+def device_decoded_jpegs(dataset: ImageDataset) -> int:
+    """How many input files (protected and originals) nvJPEG decoded."""
+    if dataset.decode_device is None:
+        return 0
+    files = [items for items in (dataset.protected, dataset.original)
+             if items is not None and not isinstance(items, np.ndarray)]
+    return sum(f.suffix.lower() in JPEG_SUFFIXES for items in files for f in items)
+
+
+def file_checks(dataset: ImageDataset, limit: int = HASHED_FILES) -> dict:
+    """Lossy formats among the protected files, and files whose hash differs from the
+    ``hashes.sha256`` that ``neaudit protect`` wrote (a deterministic sample of ``limit``)."""
+    if isinstance(dataset.protected, np.ndarray):
+        return {}
+    files = dataset.protected
+    sample = files if len(files) <= limit else [files[i] for i in
+                                                 np.linspace(0, len(files) - 1, limit, dtype=int)]
+    lossy = [str(f) for f in sample if is_lossy(f)]
+    out = {"lossy": len(lossy), "lossy_example": lossy[0] if lossy else None}
+    root = dataset.source
+    hashes = root / "hashes.sha256" if root is not None else None
+    if hashes is not None and hashes.is_file():
+        recorded = dict(reversed(line.split("  ", 1)) for line in hashes.read_text().splitlines()
+                        if "  " in line)
+        wanted = {str(f.relative_to(root)): f for f in sample if f.is_relative_to(root)}
+        altered = [str(path) for name, path in wanted.items()
+                   if name in recorded and sha256_file(path) != recorded[name]]
+        out.update(altered=len(altered), altered_example=altered[0] if altered else None)
+    return out
+
+
+def rerun(tasks: list[Task], worker: Worker, count: int = RERUN_TASKS) -> list[str]:
+    """Re-run a few attack tasks with the same seed in scratch and list those that differ."""
+    candidates = [t for t in tasks if not t.is_reference and t.shard == 0 and t.kind != DATASET]
+    scratch = ScratchStore(worker.store)
+    twin = worker.with_store(scratch)
+    differing = []
+    for task in candidates[:count]:
+        twin(task)
+        fresh, stored = scratch.saved[task.task_id], scratch.record(task.task_id)
+        if fresh["models"] != stored["models"] or abs(
+                fresh.get("psnr_sum", 0.0) - stored.get("psnr_sum", 0.0)) > 1e-3:
+            differing.append(task.label)
+    return differing

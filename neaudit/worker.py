@@ -1,0 +1,271 @@
+"""The worker: evaluates tasks with the zoo loaded once and the current shard in memory.
+
+Every worker, in this process or on a Ray actor, is built the same way: from a
+:class:`WorkerRecipe`, plain picklable data (paths or an in-memory dataset, specs, settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neaudit.attacks import (
+    CLEAN,
+    DATASET,
+    AttackContext,
+    DatasetContext,
+    get_attack,
+)
+from neaudit.data import Batch, ImageDataset, load_dataset
+from neaudit.device import resolve_device
+from neaudit.metrics import psnr, ssim
+from neaudit.plan import Task
+from neaudit.seeding import generator
+from neaudit.store import ResultStore
+from neaudit.zoo import ImageClassifier, create_model
+
+REFERENCE_IMAGES = 256
+"""How many clean images the L2 attacker owns when the audit draws them from the dataset."""
+
+
+@dataclass(frozen=True)
+class WorkerRecipe:
+    """Everything needed to build the audit's worker in any process. ``data`` is a path that
+    every worker reads itself (shared storage), or an in-memory dataset."""
+
+    data: str | ImageDataset
+    originals: str | None
+    max_images: int | None
+    specs: tuple[str, ...]
+    authorized: str
+    out: str
+    config: dict
+    device: str
+    seed: int
+    reference: str | None
+    needs_reference: bool
+    score_metric: str
+    decode: str = "cpu"
+
+
+def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> Worker:
+    """The worker a recipe describes (models loaded once, kept for every task it runs).
+    ``dataset``: the recipe's dataset, already loaded and cut in this process."""
+    if dataset is None:
+        dataset = (recipe.data if isinstance(recipe.data, ImageDataset)
+                   else load_dataset(recipe.data, recipe.originals))
+        if recipe.max_images is not None:
+            dataset = dataset.head(recipe.max_images)
+    device = resolve_device(recipe.device)
+    if recipe.decode == "device":
+        dataset = replace(dataset, decode_device=device)
+    models = {spec: create_model(spec, dataset.class_names) for spec in recipe.specs}
+    offload = not fits_on_device(models, device)
+    models = {spec: m if offload else m.to(device) for spec, m in models.items()}
+    reference = (reference_images(dataset, recipe.reference, recipe.seed)
+                 if recipe.needs_reference else None)
+    store = ResultStore(Path(recipe.out), recipe.config)
+    return Worker(dataset, models, recipe.authorized, store, device, recipe.seed, reference,
+                  recipe.score_metric, offload)
+
+
+def fits_on_device(models: dict[str, ImageClassifier], device: torch.device) -> bool:
+    """Whether every model fits in half of the GPU's free memory (else they take turns)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    size = sum(p.numel() * p.element_size() for m in models.values() for p in m.parameters())
+    return size < free / 2
+
+
+def reference_images(dataset: ImageDataset, reference: str | Path | None, seed: int
+                     ) -> torch.Tensor | None:
+    """Clean in-distribution images for L2 attacks: ``reference`` if given, else a seeded run
+    of up to 256 originals of the dataset itself (the strongest such attacker)."""
+    if reference is not None:
+        source = load_dataset(reference)
+        return torch.cat([b.protected for b in source.batches(64, stop=REFERENCE_IMAGES)])
+    if not dataset.has_originals:
+        return None
+    count = min(REFERENCE_IMAGES, len(dataset))
+    start = int(torch.randint(0, len(dataset) - count + 1, (1,),
+                              generator=generator(seed, "reference-images")))
+    return torch.cat([b.original for b in dataset.batches(64, start, start + count)])
+
+
+def array_name(spec: str) -> str:
+    """The key of a model's stored prediction array (specs may hold any character)."""
+    return "m" + hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+class Worker:
+    """Evaluates tasks; keeps the models loaded and the current shard in memory.
+
+    ``offload`` keeps the models on the CPU and moves one at a time to the GPU, for zoos that
+    do not fit in its memory together.
+    """
+
+    def __init__(self, dataset: ImageDataset, models: dict[str, ImageClassifier],
+                 authorized: str, store: ResultStore, device: torch.device, seed: int,
+                 reference: torch.Tensor | None, score_metric: str, offload: bool = False
+                 ) -> None:
+        self.dataset, self.models, self.authorized = dataset, models, authorized
+        self.store, self.device, self.seed = store, device, seed
+        self.reference, self.score_metric, self.offload = reference, score_metric, offload
+        # what attacks cache between calls (trained denoisers, subspaces) and the L3
+        # attacker's zoo of public models
+        self.extras: dict = {"surrogates": models, "authorized": authorized}
+        self._shard: tuple[int, Batch] | None = None
+        self._upcoming: Iterator | None = None
+
+    def with_store(self, store) -> Worker:
+        """The same worker (models, caches) writing to another store."""
+        twin = Worker(self.dataset, self.models, self.authorized, store, self.device,
+                      self.seed, self.reference, self.score_metric, self.offload)
+        twin.extras = self.extras
+        return twin
+
+    def attack_context(self, task_parts: Sequence[object], originals: torch.Tensor | None
+                       ) -> AttackContext:
+        """The context a batch attack gets: a generator keyed by the audit's seed and the
+        task, so a task draws the same numbers wherever and whenever it runs."""
+        return AttackContext(generator=generator(self.seed, *task_parts), seed=self.seed,
+                             device=self.device, reference=self.reference,
+                             originals=originals, cache_dir=self.store.root.parent / ".cache",
+                             extras=self.extras)
+
+    def prefetch(self, tasks: Sequence[Task], workers: int) -> None:
+        """Load the shards the tasks will visit, in order, in ``workers`` background processes
+        (pinned memory on CUDA, so copies to the device do not block)."""
+        visits = [(t.shard, t.start, t.stop) for t in tasks if t.kind != DATASET]
+        visits = [v for i, v in enumerate(visits) if i == 0 or v[0] != visits[i - 1][0]]
+        if workers > 0 and visits:
+            loader = torch.utils.data.DataLoader(
+                _ShardReader(self.dataset, visits), batch_size=None, num_workers=workers,
+                pin_memory=self.device.type == "cuda")
+            self._upcoming = iter(zip(visits, loader, strict=True))
+
+    def _batch(self, task: Task) -> Batch:
+        while self._upcoming is not None and (
+                self._shard is None or self._shard[0] != task.shard):
+            try:
+                (shard, _, _), batch = next(self._upcoming)
+            except StopIteration:
+                self._upcoming = None
+                break
+            self._shard = (shard, batch)
+        if self._shard is None or self._shard[0] != task.shard:
+            batch = next(self.dataset.batches(task.stop - task.start, task.start, task.stop))
+            self._shard = (task.shard, batch)
+        return self._shard[1]
+
+    def predict(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """Top-1 predictions of every model (autocast on CUDA)."""
+        images = images.to(self.device, non_blocking=True)
+        out = {}
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=(
+                self.device.type == "cuda")):
+            for spec, model in self.models.items():
+                if self.offload:
+                    model.to(self.device)
+                out[spec] = model(images).float().argmax(1).cpu().numpy()
+                if self.offload:
+                    model.cpu()
+        return out
+
+    def attack(self, task: Task, images: torch.Tensor, originals: torch.Tensor | None
+               ) -> torch.Tensor:
+        """``images`` under the task's batch attack, back on the CPU."""
+        ctx = self.attack_context((task.key, task.shard), originals)
+        attack = get_attack(task.attack)
+        return attack(images.to(self.device, non_blocking=True), ctx, **dict(task.params)).cpu()
+
+    def __call__(self, task: Task) -> None:
+        if self.store.done(task.task_id):
+            return
+        if task.kind == DATASET:
+            self.store.save(task.task_id, self._run_on_dataset(task))
+            return
+        batch = self._batch(task)
+        images = batch.original if task.attack == CLEAN else batch.protected
+        if not task.is_reference:
+            images = self.attack(task, images, batch.original)
+        predictions = self.predict(images)
+        record = {**self._describe(task), "models": self._counts(task, batch, predictions)}
+        if batch.original is not None and task.attack != CLEAN:
+            record.update(_image_sums(images.clamp(0, 1), batch.original))
+        arrays = None
+        if task.attack == CLEAN:
+            arrays = {array_name(spec): pred for spec, pred in predictions.items()}
+            record["histograms"] = {spec: {str(c): int(k) for c, k in zip(
+                *np.unique(pred, return_counts=True), strict=True)}
+                for spec, pred in predictions.items()}
+        self.store.save(task.task_id, record, arrays)
+
+    def _describe(self, task: Task) -> dict:
+        if task.is_reference:
+            return {"attack": task.attack, "family": task.attack, "threat": "-",
+                    "params": "{}", "shard": task.shard}
+        attack = get_attack(task.attack)
+        params = {**attack.defaults, **dict(task.params)} if task.kind == DATASET else dict(
+            task.params)
+        return {"attack": task.label, "family": attack.family, "threat": attack.threat,
+                "params": json.dumps(params, sort_keys=True), "shard": task.shard}
+
+    def _counts(self, task: Task, batch: Batch, predictions: dict[str, np.ndarray]
+                ) -> dict[str, list[int]]:
+        """[correct, n] per model: against the labels, or against the model's own clean
+        predictions (``agreement``)."""
+        if self.score_metric == "accuracy":
+            truth = {spec: batch.labels.numpy() for spec in predictions}
+        elif task.attack == CLEAN:
+            truth = predictions
+        else:
+            clean = self.store.load_arrays(f"{CLEAN}__{task.shard:06d}")
+            truth = {spec: clean[array_name(spec)] for spec in predictions}
+        return {spec: [int((pred == truth[spec]).sum()), int(len(pred))]
+                for spec, pred in predictions.items()}
+
+    def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Protected images, clean originals and labels of the given items."""
+        batches = [next(self.dataset.batches(1, int(i), int(i) + 1)) for i in indices]
+        return (torch.cat([b.protected for b in batches]),
+                torch.cat([b.original for b in batches]),
+                torch.cat([b.labels for b in batches]))
+
+    def _run_on_dataset(self, task: Task) -> dict:
+        ctx = DatasetContext(gather=self.gather, labels=self.dataset.labels,
+                             num_classes=self.dataset.num_classes, models=self.models,
+                             authorized=self.authorized, seed=self.seed)
+        record = get_attack(task.attack).run_on_dataset(ctx, **dict(task.params))
+        return {**self._describe(task), **record}
+
+
+def _image_sums(images: torch.Tensor, originals: torch.Tensor) -> dict:
+    """PSNR and SSIM sums of an attacked batch against its clean originals (the table's
+    mean and interval add them up over shards)."""
+    p = psnr(images, originals).clamp(max=100.0)
+    s = ssim(images, originals)
+    return {"psnr_sum": float(p.sum()), "psnr_sq_sum": float(p.pow(2).sum()),
+            "ssim_sum": float(s.sum()), "ssim_sq_sum": float(s.pow(2).sum()),
+            "n_images": len(p)}
+
+
+class _ShardReader(torch.utils.data.Dataset):
+    """Shard visits as a map-style dataset, so a DataLoader can read them in worker processes."""
+
+    def __init__(self, dataset: ImageDataset, visits: list[tuple[int, int, int]]) -> None:
+        self.dataset, self.visits = dataset, visits
+
+    def __len__(self) -> int:
+        return len(self.visits)
+
+    def __getitem__(self, index: int) -> Batch:
+        _, start, stop = self.visits[index]
+        return next(self.dataset.batches(stop - start, start, stop))
