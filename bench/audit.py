@@ -79,7 +79,7 @@ def peak_rss(tmp: Path, count: int) -> float:
     # Imports dominate the process peak, so the peak (VmHWM) is reset after them through
     # /proc/self/clear_refs and read again after the audit: the audit's own high-water mark.
     code = (
-        "import re, neaudit.engine as e, open_clip, timm, kornia\n"
+        "import re, neaudit.auditing as e, open_clip, timm, kornia\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         f"e.audit({str(data)!r}, {ZOO[1:]!r}, authorized={ZOO[0]!r}, suite='smoke', "
         f"out={str(tmp / f'out{count}')!r}, quiet=True, score='agreement')\n"

@@ -14,7 +14,8 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     """
     started = time.time()
     entries = load_suite(suite)  # validated before any image is read
+    for name, value in (("--max-images", max_images), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise NeauditError(f"{name} {value}: must be at least 1.")
     dataset = data if isinstance(data, ImageDataset) else load_dataset(data, originals)
     if max_images is not None:
         dataset = dataset.head(max_images)
@@ -82,7 +86,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     _check_decode(decode, torch_device.type, loader_workers)
     out = Path(out) if out else default_run_dir(
         data if not isinstance(data, ImageDataset) else "data", str(suite), specs, seed)
-    config = {
+    config = {  # the run's identity: a run folder holding another config is refused
         "dataset": _dataset_hash(dataset), "count": len(dataset), "models": specs,
         "authorized": authorized, "suite": [e.label for e in entries], "seed": seed,
         "batch_size": batch_size, "score_metric": score_metric,
@@ -95,25 +99,29 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
         any(e.threat == "L2" for e in entries), score_metric, decode)
     worker = build_worker(recipe, dataset)
     tasks = plan(worker.dataset, entries, batch_size)
-    pending = [t for t in tasks if not worker.store.done(t.task_id)]
-    if stop_after is not None:
-        pending = pending[:stop_after]
+    pending = [t for t in tasks if not worker.store.done(t.task_id)][:stop_after]
     if loader_workers:
         worker.prefetch(pending, loader_workers)
-    bar = None
-    if not quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(pending), desc="audit", unit="task", file=sys.stderr)
-    (executor or LocalExecutor(worker)).run(pending, recipe, bar.update if bar else None)
-    if bar:
-        bar.close()
+    with _progress(len(pending), quiet) as advance:
+        (executor or LocalExecutor(worker)).run(pending, recipe, advance)
     table, summary = _finish(worker, tasks, entries)
     write_run_manifest(worker.store, command=command or shlex.join(sys.argv), config=config,
                        complete=summary["complete"], device=worker.device,
                        source=str(dataset.source), count=len(dataset), models=worker.models,
                        seconds=time.time() - started)
     return AuditResult(out, table, summary, len(pending), len(tasks) - len(pending))
+
+
+@contextmanager
+def _progress(total: int, quiet: bool) -> Iterator[Callable[[], None] | None]:
+    """A progress bar on stderr, advanced once per task (nothing when ``quiet``)."""
+    if quiet:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="audit", unit="task", file=sys.stderr) as bar:
+        yield bar.update
 
 
 def _finish(worker, tasks, entries: Sequence[SuiteEntry]) -> tuple[pd.DataFrame, dict]:
@@ -143,8 +151,6 @@ def _check_inputs(dataset: ImageDataset, authorized: str | None, zoo: str | Sequ
                   entries: Sequence[SuiteEntry], score: str) -> list[str]:
     """Refuse what cannot be audited, before any work; returns the zoo's specs, authorized
     first."""
-    if len(dataset) == 0:
-        raise NeauditError(f"{dataset.source}: no images to audit.")
     if authorized is None:
         raise NeauditError("no authorized model: the dataset has no neaudit.json naming one. "
                            "Fix: pass --authorized SPEC.")

@@ -177,9 +177,15 @@ def _zoo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neaudit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="neaudit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_protect, _add_audit, _add_report, _add_diff, _add_demo, _add_zoo):
+        add(sub)
+    return parser
 
+
+def _add_protect(sub) -> None:
     protect = sub.add_parser("protect", help="recode a dataset into NEs for one model")
     protect.add_argument("data", help="folder, .npz, .csv/.parquet manifest, or builtin:samples")
     protect.add_argument("--authorized", required=True, help="model spec, e.g. timm:resnet50")
@@ -209,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--quiet", action="store_true")
     protect.set_defaults(handler=_protect)
 
+
+def _add_audit(sub) -> None:
     run = sub.add_parser("audit", help="attack a protected dataset and measure leakage")
     run.add_argument("data", help="protected dataset (folder, .npz, manifest)")
     run.add_argument("--authorized", help="authorized model spec (default: from neaudit.json)")
@@ -238,11 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-gpus", type=float, default=0, help="GPUs each actor asks for")
     run.set_defaults(handler=_audit)
 
+
+def _add_report(sub) -> None:
     report = sub.add_parser("report", help="re-render a run's HTML report and verdict")
     report.add_argument("run_dir", help="run folder written by neaudit audit")
     report.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
     report.set_defaults(handler=_report)
 
+
+def _add_diff(sub) -> None:
     diff = sub.add_parser("diff", help="compare two audits")
     diff.add_argument("run_a")
     diff.add_argument("run_b")
@@ -250,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--out", help="HTML file to write (default: RUN_B/diff-<A>.html)")
     diff.set_defaults(handler=_diff)
 
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="protect and audit the bundled digits, offline")
     demo.add_argument("--out", default="reports/demo")
     demo.add_argument("--quick", action="store_true", help="120 images, smoke suite (< 1 min)")
@@ -259,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=_demo)
 
+
+def _add_zoo(sub) -> None:
     zoo = sub.add_parser("zoo", help="model presets and first-layer inspection")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     zoo_sub.add_parser("list", help="list the named presets")
@@ -268,7 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="folder for the weights (default: the package's own)")
     train.add_argument("--seed", type=int, default=0)
     zoo.set_defaults(handler=_zoo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

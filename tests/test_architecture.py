@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "neaudit"
 
 LAYERS = [
     # the foundation: no neaudit imports but each other
-    {"_version", "errors", "seeding", "vocabulary"},
+    {"_version", "errors", "seeding", "vocabulary", "presets"},
     {"imageio", "device", "patches", "demo_zoo"},
     {"data", "zoo"},
     {"stem"},

@@ -2,6 +2,7 @@
 
 import pandas as pd
 import pytest
+import torch
 
 from neaudit import demo_zoo
 from neaudit.attacks import load_suite
@@ -23,10 +24,15 @@ def test_authorized_demo_model_has_a_real_null_space():
     assert (m, d) == (24, 48) and not layer.overlapping
 
 
-def test_retraining_is_reproducible(tmp_path):
+def test_retraining_reproduces_the_shipped_weights(tmp_path):
+    """``neaudit zoo train-demo`` (seed 0) gives back the shipped weights, bit for bit."""
     net, accuracy = demo_zoo.train("patch_cnn", seed=0, log=lambda _: None)
-    shipped = demo_zoo.evaluate(create_model("demo:patch_cnn").net)
-    assert abs(accuracy - shipped) <= 0.01, (accuracy, shipped)
+    shipped = create_model("demo:patch_cnn").net.state_dict()
+    retrained = net.state_dict()
+    assert retrained.keys() == shipped.keys()
+    for name, tensor in shipped.items():
+        assert torch.equal(retrained[name], tensor), name
+    assert accuracy == demo_zoo.evaluate(create_model("demo:patch_cnn").net)
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
