@@ -22,6 +22,7 @@ from neaudit.seeding import generator
 from neaudit.spectral import low_sensitivity_subspace, misalignment
 from neaudit.stem import first_layer
 from neaudit.store import json_default
+from neaudit.vocabulary import NONE
 from neaudit.worker import Worker
 
 SAMPLES_PER_CLASS, MAX_SAMPLES = 2, 8
@@ -57,7 +58,7 @@ def write_samples(worker: Worker, table: pd.DataFrame, entries: Sequence[SuiteEn
               "attacked": to_uint8(attacked)}
     root = worker.store.root
     atomic_write(root / "samples.npz", lambda h: np.savez(h, **arrays))
-    meta = {"attack": worst.label if worst else "none", "items": picks}
+    meta = {"attack": worst.label if worst else NONE, "items": picks}
     worker.store.write_text("samples.json", json.dumps(meta))
 
 
