@@ -8,6 +8,7 @@ import pytest
 from neaudit import demo_zoo
 from neaudit.attacks import ATTACKS, BATCH, DATASET, Attack
 from neaudit.attacks.learning import features, split
+from neaudit.attacks.registry import Param
 from neaudit.auditing import audit
 from neaudit.cli import main
 from neaudit.demo import digits_test_set
@@ -86,8 +87,8 @@ def test_an_audit_finishes_with_a_report_whatever_kind_of_attack_is_worst(
                 "baseline": {spec: [5, 10] for spec in ctx.models}}
 
     monkeypatch.setitem(ATTACKS, "planted_learning",
-                        Attack("planted_learning", "test", "learning", planted, {"correct": 5},
-                               kind=DATASET))
+                        Attack("planted_learning", "test", "learning", planted,
+                               {"correct": Param(5, 0, 10)}, kind=DATASET))
     suite = tmp_path / "suite.toml"
     suite.write_text('[[attack]]\nname = "oracle_originals"\n\n[[attack]]\n'
                      f'name = "planted_learning"\ncorrect = {10 if worst_kind == DATASET else 2}\n')

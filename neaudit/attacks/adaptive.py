@@ -22,9 +22,15 @@ from __future__ import annotations
 import torch
 
 from neaudit.attacks.preprocess import gaussian_blur
-from neaudit.attacks.registry import AttackContext, register_attack
+from neaudit.attacks.registry import AttackContext, Param, register_attack
 from neaudit.errors import NeauditError
 from neaudit.patches import from_patches, to_patches
+
+SIGMA = Param(1.0, 0.1, 10.0)
+"""The blur that gives the denoised copy (residuals and refill)."""
+
+PATCH_OR_AUTO = Param(0, 0, 64)
+"""The patch-grid period; 0 detects it from the residual."""
 
 
 def _denoise(images: torch.Tensor, ctx: AttackContext, sigma: float) -> torch.Tensor:
@@ -63,7 +69,8 @@ def _grid(images: torch.Tensor, ctx: AttackContext, patch: int, sigma: float) ->
     return detect_period(images - _denoise(images, ctx, sigma))
 
 
-@register_attack("tile_estimation", "adaptive", "L1", {"patch": 0, "sigma": 1.0})
+@register_attack("tile_estimation", "adaptive", "L1",
+                 {"patch": PATCH_OR_AUTO, "sigma": SIGMA})
 def tile_estimation(images: torch.Tensor, ctx: AttackContext, patch: int, sigma: float
                     ) -> torch.Tensor:
     """Estimate a noise tile repeated in every patch (mean residual per image) and subtract it."""
@@ -90,7 +97,8 @@ def enriched_rank(rows: torch.Tensor) -> int:
     return int(gaps.argmax()) + 1
 
 
-@register_attack("blind_subspace", "adaptive", "L1", {"patch": 0, "rank": 0, "sigma": 1.0})
+@register_attack("blind_subspace", "adaptive", "L1",
+                 {"patch": PATCH_OR_AUTO, "rank": Param(0, 0, 4096), "sigma": SIGMA})
 def blind_subspace(images: torch.Tensor, ctx: AttackContext, patch: int, rank: int,
                    sigma: float) -> torch.Tensor:
     """PCA of per-patch residuals; replace the images' component in the enriched directions
@@ -104,7 +112,8 @@ def blind_subspace(images: torch.Tensor, ctx: AttackContext, patch: int, rank: i
     return _unpatch(rows - (residual @ basis) @ basis.T, images, period)
 
 
-@register_attack("clean_patch_prior", "adaptive", "L2", {"patch": 8, "energy": 0.99})
+@register_attack("clean_patch_prior", "adaptive", "L2",
+                 {"patch": Param(8, 2, 64), "energy": Param(0.99, 0.01, 1.0)})
 def clean_patch_prior(images: torch.Tensor, ctx: AttackContext, patch: int, energy: float
                       ) -> torch.Tensor:
     """Project protected patches onto the principal subspace of clean reference patches that
@@ -169,7 +178,7 @@ def _project_out(images: torch.Tensor, space, ctx: AttackContext, sigma: float
     return (cpu - space.project(cpu - smooth)).to(images.device)
 
 
-@register_attack("surrogate_projection", "adaptive", "L3", {"sigma": 1.0})
+@register_attack("surrogate_projection", "adaptive", "L3", {"sigma": SIGMA})
 def surrogate_projection(images: torch.Tensor, ctx: AttackContext, sigma: float
                          ) -> torch.Tensor:
     """Identify the most likely authorized model among public candidates, project out its
@@ -183,7 +192,7 @@ def surrogate_projection(images: torch.Tensor, ctx: AttackContext, sigma: float
     return _project_out(images, space, ctx, sigma)
 
 
-@register_attack("known_model_projection", "adaptive", "L3", {"sigma": 1.0})
+@register_attack("known_model_projection", "adaptive", "L3", {"sigma": SIGMA})
 def known_model_projection(images: torch.Tensor, ctx: AttackContext, sigma: float
                            ) -> torch.Tensor:
     """The direct case: the attacker knows the authorized model."""

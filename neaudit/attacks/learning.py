@@ -25,9 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from neaudit.attacks.registry import DATASET, DatasetContext, register_attack
+from neaudit.attacks.registry import DATASET, DatasetContext, Param, register_attack
 from neaudit.seeding import derive_seed, generator, seeded
 from neaudit.zoo import ImageClassifier
+
+MAX_SAMPLES = Param(2000, 10, 10_000_000)
+"""Items per half (train, test) a learning attack uses at most."""
 
 
 def split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +144,8 @@ def _halves(ctx: DatasetContext, max_samples: int):
     return ctx.gather(train), ctx.gather(test[:max_samples])
 
 
-@register_attack("linear_probe", "learning", "learning", {"max_samples": 2000, "c": 1.0},
+@register_attack("linear_probe", "learning", "learning",
+                 {"max_samples": MAX_SAMPLES, "c": Param(1.0, 1e-6, 1e6)},
                  kind=DATASET)
 def linear_probe(ctx: DatasetContext, max_samples: int, c: float) -> dict:
     """Logistic-regression probe on frozen features, NEs against clean originals."""
@@ -159,8 +163,9 @@ def linear_probe(ctx: DatasetContext, max_samples: int, c: float) -> dict:
 
 
 @register_attack("finetune", "learning", "learning",
-                 {"fractions": [0.1, 0.25, 0.5, 1.0], "epochs": 3, "max_steps": 200, "lr": 1e-3,
-                  "max_samples": 2000}, kind=DATASET)
+                 {"fractions": Param([0.1, 0.25, 0.5, 1.0], 1e-4, 1.0),
+                  "epochs": Param(3, 1, 1000), "max_steps": Param(200, 1, 10_000_000),
+                  "lr": Param(1e-3, 1e-7, 1.0), "max_samples": MAX_SAMPLES}, kind=DATASET)
 def finetune(ctx: DatasetContext, fractions: list[float], epochs: int, max_steps: int,
              lr: float, max_samples: int) -> dict:
     """Fine-tuning curves of every unauthorized model on NE subsets and on clean subsets,

@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
 
-from neaudit.attacks.registry import AttackContext, register_attack
+from neaudit.attacks.registry import AttackContext, Param, register_attack
+
+BLUR_SIGMA = Param(1.0, 0.1, 10.0)
 
 
-@register_attack("resize", "preprocess", "L0", {"scale": 0.5})
+@register_attack("resize", "preprocess", "L0", {"scale": Param(0.5, 0.05, 8.0)})
 def resize_round_trip(images: torch.Tensor, ctx: AttackContext, scale: float) -> torch.Tensor:
     """Resize by ``scale`` (bilinear, antialiased) and back to the original size."""
     h, w = images.shape[-2:]
@@ -21,7 +23,7 @@ def resize_round_trip(images: torch.Tensor, ctx: AttackContext, scale: float) ->
 
 
 
-@register_attack("center_crop", "preprocess", "L0", {"fraction": 0.875})
+@register_attack("center_crop", "preprocess", "L0", {"fraction": Param(0.875, 0.05, 1.0)})
 def center_crop(images: torch.Tensor, ctx: AttackContext, fraction: float) -> torch.Tensor:
     """Crop the central ``fraction`` of each side and resize back."""
     h, w = images.shape[-2:]
@@ -37,14 +39,14 @@ def hflip(images: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
     return images.flip(-1)
 
 
-@register_attack("rotate", "preprocess", "L0", {"degrees": 5.0})
+@register_attack("rotate", "preprocess", "L0", {"degrees": Param(5.0, -360.0, 360.0)})
 def rotate(images: torch.Tensor, ctx: AttackContext, degrees: float) -> torch.Tensor:
     """Rotate about the centre (bilinear, reflected borders)."""
     angle = torch.full((images.shape[0],), float(degrees), device=images.device)
     return kornia.geometry.transform.rotate(images, angle, padding_mode="reflection")
 
 
-@register_attack("translate", "preprocess", "L0", {"pixels": 2})
+@register_attack("translate", "preprocess", "L0", {"pixels": Param(2, 0, 64)})
 def translate(images: torch.Tensor, ctx: AttackContext, pixels: int) -> torch.Tensor:
     """Shift right and down by ``pixels`` (reflected borders): misaligns a patch grid."""
     p = int(pixels)
@@ -52,7 +54,7 @@ def translate(images: torch.Tensor, ctx: AttackContext, pixels: int) -> torch.Te
     return padded[..., : images.shape[-2], : images.shape[-1]]
 
 
-@register_attack("color_jitter", "preprocess", "L0", {"strength": 0.1})
+@register_attack("color_jitter", "preprocess", "L0", {"strength": Param(0.1, 0.0, 1.0)})
 def color_jitter(images: torch.Tensor, ctx: AttackContext, strength: float) -> torch.Tensor:
     """Brightness, contrast and saturation each scaled by a random factor in 1 ± strength."""
     factors = 1 + (torch.rand(3, images.shape[0], generator=ctx.generator) * 2 - 1) * strength
@@ -68,14 +70,14 @@ def grayscale(images: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
     return kornia.color.rgb_to_grayscale(images).expand_as(images).contiguous()
 
 
-@register_attack("gaussian_noise", "preprocess", "L0", {"sigma": 0.02})
+@register_attack("gaussian_noise", "preprocess", "L0", {"sigma": Param(0.02, 0.0, 1.0)})
 def gaussian_noise(images: torch.Tensor, ctx: AttackContext, sigma: float) -> torch.Tensor:
     """Add N(0, sigma²) noise."""
     noise = torch.randn(images.shape, generator=ctx.generator).to(images.device)
     return images + sigma * noise
 
 
-@register_attack("gaussian_blur", "preprocess", "L0", {"sigma": 1.0})
+@register_attack("gaussian_blur", "preprocess", "L0", {"sigma": BLUR_SIGMA})
 def gaussian_blur(images: torch.Tensor, ctx: AttackContext, sigma: float) -> torch.Tensor:
     """Gaussian blur, kernel 2·ceil(3σ)+1, reflected borders."""
     k = 2 * int(torch.ceil(torch.tensor(3 * sigma))) + 1
@@ -83,7 +85,7 @@ def gaussian_blur(images: torch.Tensor, ctx: AttackContext, sigma: float) -> tor
 
 
 
-@register_attack("jpeg", "preprocess", "L0", {"quality": 75})
+@register_attack("jpeg", "preprocess", "L0", {"quality": Param(75, 1, 100)})
 def jpeg(images: torch.Tensor, ctx: AttackContext, quality: int) -> torch.Tensor:
     """JPEG round trip through libjpeg-turbo at ``quality``, on every device.
 
@@ -97,7 +99,7 @@ def jpeg(images: torch.Tensor, ctx: AttackContext, quality: int) -> torch.Tensor
 
 
 
-@register_attack("bit_depth", "preprocess", "L0", {"bits": 5})
+@register_attack("bit_depth", "preprocess", "L0", {"bits": Param(5, 1, 8)})
 def bit_depth(images: torch.Tensor, ctx: AttackContext, bits: int) -> torch.Tensor:
     """Keep ``bits`` bits per channel (posterize), values at bin centres."""
     levels = 2 ** int(bits)
@@ -105,7 +107,7 @@ def bit_depth(images: torch.Tensor, ctx: AttackContext, bits: int) -> torch.Tens
 
 
 
-@register_attack("gamma", "preprocess", "L0", {"gamma": 1.2})
+@register_attack("gamma", "preprocess", "L0", {"gamma": Param(1.2, 0.05, 20.0)})
 def gamma(images: torch.Tensor, ctx: AttackContext, gamma: float) -> torch.Tensor:
     """Gamma curve x^gamma."""
     return images.clamp(0, 1) ** gamma

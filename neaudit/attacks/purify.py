@@ -13,27 +13,28 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from neaudit.attacks.preprocess import bit_depth, gaussian_blur, jpeg, resize_round_trip
-from neaudit.attacks.registry import AttackContext, register_attack
+from neaudit.attacks.registry import AttackContext, Param, odd_kernel, register_attack
 from neaudit.errors import NeauditError
 from neaudit.seeding import generator, seeded
 
 # Stronger settings of ordinary operations, used as purifiers (APBench/ART's JPEG, bit-depth
 # reduction and blur; a down-and-up resampling that destroys fine structure).
-register_attack("down_up", "purify", "L1", {"scale": 0.5})(resize_round_trip)
-register_attack("blur", "purify", "L1", {"sigma": 1.5})(gaussian_blur)
-register_attack("jpeg_purify", "purify", "L1", {"quality": 50})(jpeg)
-register_attack("bit_depth_purify", "purify", "L1", {"bits": 3})(bit_depth)
+register_attack("down_up", "purify", "L1", {"scale": Param(0.5, 0.05, 1.0)})(resize_round_trip)
+register_attack("blur", "purify", "L1", {"sigma": Param(1.5, 0.1, 10.0)})(gaussian_blur)
+register_attack("jpeg_purify", "purify", "L1", {"quality": Param(50, 1, 100)})(jpeg)
+register_attack("bit_depth_purify", "purify", "L1", {"bits": Param(3, 1, 8)})(bit_depth)
 
 
-@register_attack("median", "purify", "L1", {"kernel": 3})
+@register_attack("median", "purify", "L1", {"kernel": odd_kernel(3)})
 def median(images: torch.Tensor, ctx: AttackContext, kernel: int) -> torch.Tensor:
     """Median filter over kernel × kernel windows."""
     k = int(kernel)
     return kornia.filters.median_blur(images, (k, k))
 
 
-@register_attack("bilateral", "purify", "L1", {"kernel": 5, "sigma_color": 0.1,
-                                                  "sigma_space": 1.5})
+@register_attack("bilateral", "purify", "L1",
+                 {"kernel": odd_kernel(5), "sigma_color": Param(0.1, 0.001, 1.0),
+                  "sigma_space": Param(1.5, 0.1, 20.0)})
 def bilateral(images: torch.Tensor, ctx: AttackContext, kernel: int, sigma_color: float,
               sigma_space: float) -> torch.Tensor:
     """Edge-preserving bilateral blur."""
@@ -42,7 +43,8 @@ def bilateral(images: torch.Tensor, ctx: AttackContext, kernel: int, sigma_color
                                          (sigma_space, sigma_space), border_type="reflect")
 
 
-@register_attack("tv_denoise", "purify", "L1", {"weight": 0.05, "steps": 30})
+@register_attack("tv_denoise", "purify", "L1",
+                 {"weight": Param(0.05, 0.0, 10.0), "steps": Param(30, 1, 1000)})
 def tv_denoise(images: torch.Tensor, ctx: AttackContext, weight: float, steps: int
                ) -> torch.Tensor:
     """Total-variation denoising: Adam on ½‖x − y‖² + weight·TV(x) (Kornia's TV), per batch."""
@@ -60,7 +62,7 @@ def tv_denoise(images: torch.Tensor, ctx: AttackContext, weight: float, steps: i
     return x.detach()
 
 
-@register_attack("lowpass", "purify", "L1", {"cutoff": 0.5})
+@register_attack("lowpass", "purify", "L1", {"cutoff": Param(0.5, 0.01, 1.0)})
 def lowpass(images: torch.Tensor, ctx: AttackContext, cutoff: float) -> torch.Tensor:
     """Keep spatial frequencies below ``cutoff`` × Nyquist (ideal radial filter, FFT)."""
     h, w = images.shape[-2:]
@@ -116,7 +118,8 @@ def train_denoiser(reference: torch.Tensor, sigma: float, steps: int, seed: int,
     return model.eval()
 
 
-@register_attack("learned_denoiser", "purify", "L2", {"sigma": 0.03, "steps": 150})
+@register_attack("learned_denoiser", "purify", "L2",
+                 {"sigma": Param(0.03, 0.001, 0.5), "steps": Param(150, 1, 100_000)})
 def learned_denoiser(images: torch.Tensor, ctx: AttackContext, sigma: float, steps: int
                      ) -> torch.Tensor:
     """A small denoiser trained on the attacker's clean in-distribution images (L2)."""

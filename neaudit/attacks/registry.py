@@ -17,6 +17,7 @@ conditions every audit measures.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,34 +66,103 @@ AttackFn = Callable[..., object]
 
 
 @dataclass(frozen=True)
+class Param:
+    """One attack parameter: its default (whose type is the parameter's type: int, float or
+    a list of floats), an inclusive range and optionally the only values allowed."""
+
+    default: object
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | None = None
+
+    def check(self, value: object) -> object:
+        """``value`` as the parameter's type; raises ValueError saying what is wrong."""
+        if isinstance(self.default, list):
+            if not isinstance(value, list | tuple) or not value:
+                raise ValueError("must be a non-empty list of numbers")
+            return [self._number(v, float) for v in value]
+        return self._number(value, type(self.default))
+
+    def _number(self, value: object, kind: type) -> int | float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"must be {'an integer' if kind is int else 'a number'}")
+        if kind is int and value != int(value):
+            raise ValueError("must be an integer")
+        value = kind(value)
+        if not math.isfinite(value):
+            raise ValueError("must be finite")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"must be one of {', '.join(map(str, self.choices))}")
+        if (self.low is not None and value < self.low) or (
+                self.high is not None and value > self.high):
+            raise ValueError(f"must lie in [{self.low:g}, {self.high:g}]")
+        return value
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        kind = "list of numbers" if isinstance(self.default, list) else type(self.default).__name__
+        return f"{kind} in [{self.low:g}, {self.high:g}]"
+
+
+def odd_kernel(default: int) -> Param:
+    """A filter window: odd sizes from 3 to 31."""
+    return Param(default, 3, 31, tuple(range(3, 32, 2)))
+
+
+@dataclass(frozen=True)
 class Attack:
     name: str
     family: str
     threat: str
     fn: AttackFn
-    defaults: dict[str, object]
+    params: dict[str, Param]
     kind: str = BATCH
+
+    @property
+    def defaults(self) -> dict[str, object]:
+        return {name: param.default for name, param in self.params.items()}
+
+    def check_params(self, params: dict[str, object]) -> dict[str, object]:
+        """The given parameters, typed and range-checked; raises NeauditError naming the
+        attack, the parameter and what it accepts."""
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise NeauditError(
+                f"attack '{self.name}' has no parameter {', '.join(map(repr, unknown))}. "
+                f"Valid parameters: {', '.join(self.params) or '(none)'}.")
+        checked = {}
+        for name, value in params.items():
+            try:
+                checked[name] = self.params[name].check(value)
+            except ValueError as exc:
+                raise NeauditError(
+                    f"attack '{self.name}': {name} = {value!r} {exc}. Fix: give a "
+                    f"{self.params[name].describe()} (default {self.params[name].default}).",
+                ) from None
+        return checked
 
     def __call__(self, images: torch.Tensor, ctx: AttackContext, **params) -> torch.Tensor:
         """Attack one batch (``batch`` kind)."""
         if self.kind != BATCH:
             raise TypeError(f"{self.name} attacks a whole dataset: use run_on_dataset")
-        return self.fn(images, ctx, **{**self.defaults, **params}).clamp(0, 1)
+        return self.fn(images, ctx, **{**self.defaults, **self.check_params(params)}).clamp(0, 1)
 
     def run_on_dataset(self, ctx: DatasetContext, **params) -> dict:
         """Attack the whole dataset (``dataset`` kind) and return its task record."""
         if self.kind != DATASET:
             raise TypeError(f"{self.name} attacks one batch at a time: call it on images")
-        return self.fn(ctx, **{**self.defaults, **params})
+        return self.fn(ctx, **{**self.defaults, **self.check_params(params)})
 
 
 ATTACKS: dict[str, Attack] = {}
 
 
-def register_attack(name: str, family: str, threat: str, defaults: dict[str, object],
+def register_attack(name: str, family: str, threat: str, params: dict[str, Param],
                     kind: str = BATCH) -> Callable[[AttackFn], AttackFn]:
-    """Register ``fn`` under ``name``; the same function may be registered under several names
-    (e.g. JPEG as a preprocessing step and as a purification)."""
+    """Register ``fn`` under ``name`` with its parameters' schema; the same function may be
+    registered under several names (e.g. JPEG as a preprocessing step and as a
+    purification)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}")
     if threat not in THREAT_LEVELS:
@@ -101,7 +171,7 @@ def register_attack(name: str, family: str, threat: str, defaults: dict[str, obj
         raise ValueError(f"kind must be {BATCH} or {DATASET}")
 
     def decorate(fn: AttackFn) -> AttackFn:
-        ATTACKS[name] = Attack(name, family, threat, fn, dict(defaults), kind)
+        ATTACKS[name] = Attack(name, family, threat, fn, dict(params), kind)
         return fn
 
     return decorate

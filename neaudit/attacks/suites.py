@@ -70,36 +70,62 @@ def builtin_suites() -> list[str]:
 
 
 def load_suite(suite: str | Path) -> list[SuiteEntry]:
-    """Load and validate a suite by built-in name or path."""
-    path = Path(suite)
-    if not path.is_file():
-        path = builtin_suites_dir() / f"{suite}.toml"
-        if not path.is_file():
-            raise NeauditError(f"unknown suite '{suite}'. Fix: use one of "
-                               f"{', '.join(builtin_suites())} or a path to a TOML file.")
+    """Load and validate a suite by built-in name or path: every attack known, every
+    parameter typed and in range, before any work."""
+    path = _suite_path(suite)
     try:
         spec = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise NeauditError(f"{path}: not valid TOML ({exc}).") from exc
+    except OSError as exc:
+        raise NeauditError(f"{path}: cannot read this suite ({exc.strerror}).") from exc
+    unknown = sorted(set(spec) - {"attack", "description"})
+    if unknown:
+        raise NeauditError(f"{path}: unknown key(s) {', '.join(unknown)}. Fix: a suite holds "
+                           "a description and [[attack]] tables.")
     tables = spec.get("attack", [])
-    if not tables:
-        raise NeauditError(f"{path}: no [[attack]] tables. Fix: list at least one attack.")
+    if not isinstance(tables, list) or not tables:
+        raise NeauditError(f"{path}: no [[attack]] tables. Fix: list at least one attack as "
+                           "[[attack]] with name = \"...\".")
     entries: list[SuiteEntry] = []
     for table in tables:
         table = dict(table)
         name = table.pop("name", None)
-        if name is None:
-            raise NeauditError(f"{path}: an [[attack]] table has no 'name'.")
-        defaults = get_attack(name).defaults
-        unknown = sorted(set(table) - set(defaults))
-        if unknown:
-            raise NeauditError(
-                f"{path}: attack '{name}' has no parameter {', '.join(map(repr, unknown))}. "
-                f"Valid parameters: {', '.join(defaults) or '(none)'}.")
-        keys = sorted(table)
-        # a list runs one entry per value, unless the parameter itself takes a list
-        values = [[tuple(v)] if isinstance(defaults[k], list) else v if isinstance(v, list)
-                  else [v] for k, v in ((k, table[k]) for k in keys)]
-        for combo in itertools.product(*values):
-            entries.append(SuiteEntry(name, tuple(zip(keys, combo, strict=True))))
+        if not isinstance(name, str):
+            raise NeauditError(f"{path}: an [[attack]] table has no 'name' string.")
+        entries += _expand(path, get_attack(name), table)
     return list(dict.fromkeys(entries))
+
+
+def _suite_path(suite: str | Path) -> Path:
+    path = Path(suite)
+    if path.is_file():
+        return path
+    builtin = builtin_suites_dir() / f"{suite}.toml"
+    if builtin.is_file():
+        return builtin
+    raise NeauditError(f"unknown suite '{suite}'. Fix: use one of "
+                       f"{', '.join(builtin_suites())} or a path to a TOML file.")
+
+
+def _expand(path: Path, attack: Attack, table: dict) -> list[SuiteEntry]:
+    """One entry per combination of listed values (a list runs one entry per value, unless
+    the parameter itself takes a list), each checked against the attack's schema."""
+    keys = sorted(table)
+    values = []
+    for key in keys:
+        value = table[key]
+        takes_list = key in attack.params and isinstance(attack.params[key].default, list)
+        if isinstance(value, list) and not value:
+            raise NeauditError(f"{path}: attack '{attack.name}': {key} = [] lists no value. "
+                               "Fix: give at least one value.")
+        values.append([value] if takes_list or not isinstance(value, list) else value)
+    entries = []
+    for combo in itertools.product(*values):
+        try:
+            checked = attack.check_params(dict(zip(keys, combo, strict=True)))
+        except NeauditError as exc:
+            raise NeauditError(f"{path}: {exc}") from None
+        params = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in checked.items())
+        entries.append(SuiteEntry(attack.name, params))
+    return entries
