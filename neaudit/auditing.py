@@ -23,10 +23,12 @@ import pandas as pd
 
 from neaudit import evidence, validity
 from neaudit.attacks import DATASET, SuiteEntry, load_suite
-from neaudit.data import ImageDataset, load_dataset
+from neaudit.data import load_dataset
+from neaudit.dataset import ImageDataset
 from neaudit.device import resolve_device
 from neaudit.errors import NeauditError
 from neaudit.executors import Executor, LocalExecutor
+from neaudit.paths import refuse_overlap
 from neaudit.plan import plan
 from neaudit.results import build_table, summarize
 from neaudit.store import json_default, write_run_manifest, write_table
@@ -60,7 +62,8 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
           reference: str | Path | None = None, max_images: int | None = None,
           executor: Executor | None = None, quiet: bool = False,
           command: str | None = None, stop_after: int | None = None,
-          score: str = "auto", loader_workers: int = 0, decode: str = "cpu") -> AuditResult:
+          score: str = "auto", loader_workers: int = 0, decode: str = "cpu",
+          allow_outside: bool = False) -> AuditResult:
     """Run an audit and return its table; see the module docstring for the steps.
 
     ``authorized`` defaults to the spec recorded in the dataset's ``neaudit.json``.
@@ -69,13 +72,15 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     stops (used to test resume). ``loader_workers`` > 0 reads shards ahead in that many
     processes (pinned memory on CUDA). ``decode="device"`` decodes JPEG inputs with nvJPEG on
     the CUDA device (opt-in: its pixels differ from libjpeg-turbo's, and the audit says so).
+    ``allow_outside`` reads input files outside the dataset's folder (:mod:`neaudit.paths`).
     """
     started = time.time()
     entries = load_suite(suite)  # validated before any image is read
     for name, value in (("--max-images", max_images), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise NeauditError(f"{name} {value}: must be at least 1.")
-    dataset = data if isinstance(data, ImageDataset) else load_dataset(data, originals)
+    dataset = (data if isinstance(data, ImageDataset)
+               else load_dataset(data, originals, allow_outside=allow_outside))
     if max_images is not None:
         dataset = dataset.head(max_images)
     authorized = authorized or (dataset.sidecar or {}).get("authorized")
@@ -86,6 +91,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     _check_decode(decode, torch_device.type, loader_workers)
     out = Path(out) if out else default_run_dir(
         data if not isinstance(data, ImageDataset) else "data", str(suite), specs, seed)
+    refuse_overlap(out, [*dataset.input_roots(), *([Path(reference)] if reference else [])])
     config = {  # the run's identity: a run folder holding another config is refused
         "dataset": _dataset_hash(dataset), "count": len(dataset), "models": specs,
         "authorized": authorized, "suite": [e.label for e in entries], "seed": seed,
@@ -107,7 +113,8 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     table, summary = _finish(worker, tasks, entries)
     write_run_manifest(worker.store, command=command or shlex.join(sys.argv), config=config,
                        complete=summary["complete"], device=worker.device,
-                       source=str(dataset.source), count=len(dataset), models=worker.models,
+                       source=str(dataset.source), count=len(dataset),
+                       outside_files=dataset.outside_files, models=worker.models,
                        seconds=time.time() - started)
     return AuditResult(out, table, summary, len(pending), len(tasks) - len(pending))
 

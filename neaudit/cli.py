@@ -1,7 +1,13 @@
-"""Command line: ``neaudit protect | audit | report | diff | zoo``.
+"""Command line: ``neaudit protect | audit | report | diff | demo | zoo``.
 
-Exit codes: 0 on success (``audit``/``report``: the policy verdict is PASS), 1 when the verdict
-is FAIL, 2 on usage or input errors.
+Exit codes, the same for every command:
+
+  0  success (audit, report: the policy verdict is PASS)
+  1  the policy verdict is FAIL (or an audit stopped before its last task)
+  2  a usage or input error: one line on stderr naming the input and the fix
+  3  an unexpected internal error: one line on stderr, the traceback in a file it names
+
+``neaudit demo`` exits 0 when it ran: its FAIL verdict is the finding it demonstrates.
 """
 
 from __future__ import annotations
@@ -176,9 +182,16 @@ def _zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit code 2, as for every input error)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}. Fix: see {self.prog} --help.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neaudit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="neaudit", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_protect, _add_audit, _add_report, _add_diff, _add_demo, _add_zoo):
         add(sub)
@@ -291,8 +304,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except NeauditError as exc:
-        print(f"neaudit: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"neaudit: error: {exc}", 2)
+    except OSError as exc:  # a disk full, read-only or missing while reading or writing
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"neaudit: error: {where}{exc.strerror or exc}. Fix: check the path, its "
+                     "permissions and the free space; what was written is complete (files "
+                     "are replaced atomically) and re-running the same command resumes.", 2)
+    except KeyboardInterrupt:
+        return _fail("neaudit: interrupted; re-running the same command resumes.", 130)
+    except Exception:
+        report = _write_traceback(getattr(args, "out", None))
+        return _fail(f"neaudit: internal error (a bug in neaudit, not in your input); the "
+                     f"traceback is in {report}. Please report it with that file.", 3)
+
+
+def _fail(message: str, code: int) -> int:
+    print(" ".join(message.split()), file=sys.stderr)
+    return code
+
+
+def _write_traceback(out: str | None) -> Path:
+    """The current traceback, in the run folder where it exists, else in a temporary file."""
+    import tempfile
+    import traceback
+
+    text = traceback.format_exc()
+    if out and Path(out).is_dir():
+        path = Path(out) / "neaudit-error.txt"
+        path.write_text(text)
+        return path
+    handle, name = tempfile.mkstemp(prefix="neaudit-error-", suffix=".txt")
+    with open(handle, "w") as file:
+        file.write(text)
+    return Path(name)
 
 
 if __name__ == "__main__":

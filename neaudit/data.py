@@ -20,8 +20,7 @@ Accepted layouts (``load_dataset(path)``):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,151 +28,27 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from neaudit.dataset import Batch, ImageDataset  # noqa: F401  (re-exported)
 from neaudit.errors import DataError
 from neaudit.imageio import (
     IMAGE_SUFFIXES,
-    JPEG_SUFFIXES,
-    image_size,
-    read_image,
-    read_jpegs_on,
     to_float,
 )
+from neaudit.paths import inside
 
 SIDECAR = "neaudit.json"
 PROTECTED_DIR = "protected"
 ORIGINAL_DIR = "original"
 
 
-@dataclass
-class Batch:
-    """One streamed batch. Images are float32 NCHW in [0, 1]."""
-
-    index: torch.Tensor
-    protected: torch.Tensor
-    original: torch.Tensor | None
-    labels: torch.Tensor | None
-    names: list[str]
-
-
-@dataclass
-class ImageDataset:
-    """Items of a protected dataset; images are decoded only when a batch is requested.
-
-    ``protected``/``original`` hold either file paths or one in-memory array (from ``.npz``).
-    """
-
-    names: list[str]
-    protected: list[Path] | np.ndarray
-    original: list[Path] | np.ndarray | None = None
-    labels: np.ndarray | None = None
-    class_names: list[str] | None = None
-    sidecar: dict | None = None
-    source: Path | None = None
-    resize: tuple[int, int] | None = None
-    decode_device: torch.device | None = None  # a CUDA device: JPEG shards decode with nvJPEG
-    image_shape: tuple[int, int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        if len(self.names) == 0:
-            raise DataError(f"{self.source}: no images found. Fix: point to a folder with "
-                            f"{', '.join(IMAGE_SUFFIXES)} files, an .npz or a manifest.")
-        if self.labels is not None:
-            if len(self.labels) != len(self.names):
-                raise DataError(f"{self.source}: {len(self.labels)} labels for "
-                                f"{len(self.names)} images. Fix: give one label per image.")
-            if self.class_names is not None and len(self.labels):
-                bad = np.flatnonzero((self.labels < 0) | (self.labels >= len(self.class_names)))
-                if bad.size:
-                    raise DataError(
-                        f"{self.source}: label {int(self.labels[bad[0]])} of item "
-                        f"'{self.names[bad[0]]}' is outside the {len(self.class_names)} class "
-                        "names. Fix: make class_names cover every label.")
-        self.image_shape = self.resize or self._first_shape()
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def head(self, count: int) -> ImageDataset:
-        """The first ``count`` items as a dataset of their own."""
-        def cut(items):
-            return None if items is None else items[:count]
-
-        return replace(self, names=self.names[:count], protected=cut(self.protected),
-                       original=cut(self.original), labels=cut(self.labels))
-
-    @property
-    def has_originals(self) -> bool:
-        return self.original is not None
-
-    @property
-    def num_classes(self) -> int | None:
-        if self.class_names is not None:
-            return len(self.class_names)
-        return None if self.labels is None else int(self.labels.max()) + 1
-
-    def _first_shape(self) -> tuple[int, int]:
-        if isinstance(self.protected, np.ndarray):
-            return tuple(to_float(self.protected[:1]).shape[-2:])
-        return image_size(self.protected[0])
-
-    def batches(self, batch_size: int = 64, start: int = 0, stop: int | None = None
-                ) -> Iterator[Batch]:
-        """Stream items ``[start, stop)`` in batches of ``batch_size``."""
-        stop = len(self) if stop is None else min(stop, len(self))
-        for lo in range(start, stop, batch_size):
-            hi = min(lo + batch_size, stop)
-            index = torch.arange(lo, hi)
-            protected = self._load(self.protected, lo, hi, "protected")
-            original = (self._load(self.original, lo, hi, "original")
-                        if self.original is not None else None)
-            labels = (torch.as_tensor(self.labels[lo:hi], dtype=torch.long)
-                      if self.labels is not None else None)
-            yield Batch(index, protected, original, labels, self.names[lo:hi])
-
-    def _load(self, items: list[Path] | np.ndarray, lo: int, hi: int, kind: str) -> torch.Tensor:
-        if isinstance(items, np.ndarray):
-            images = to_float(items[lo:hi])
-            _check_values(images, f"{self.source} ({kind}[{lo}:{hi}])")
-            return self._fit(images, [f"{kind}[{i}]" for i in range(lo, hi)])
-        paths = items[lo:hi]
-        if self.decode_device is not None and self.decode_device.type == "cuda" and all(
-                p.suffix.lower() in JPEG_SUFFIXES for p in paths):
-            images = read_jpegs_on(paths, self.decode_device)
-        else:
-            images = [read_image(p) for p in paths]
-        return self._fit(images, [str(p) for p in paths])
-
-    def _fit(self, images: Sequence[torch.Tensor] | torch.Tensor, labels: list[str]
-             ) -> torch.Tensor:
-        """Apply the resize policy, or insist that every image has the dataset's size."""
-        out = []
-        for image, label in zip(images, labels, strict=True):
-            if tuple(image.shape[-2:]) != tuple(self.image_shape):
-                if self.resize is None:
-                    raise DataError(
-                        f"{label}: size {tuple(image.shape[-2:])} differs from "
-                        f"{tuple(self.image_shape)} of the first image. Fix: pass a resize "
-                        "policy (--resize H[xW]) or give images of one size.")
-                image = F.interpolate(image[None], size=self.resize, mode="bilinear",
-                                      antialias=True, align_corners=False)[0].clamp(0, 1)
-            out.append(image)
-        return torch.stack(out)
-
-
-def _check_values(images: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(images).all():
-        raise DataError(f"{where}: contains NaN or infinite values. Fix: clean the array.")
-    if images.min() < 0 or images.max() > 1:
-        raise DataError(f"{where}: float values outside [0, 1]. Fix: store uint8 images "
-                        "(N,H,W,3) or floats scaled to [0, 1].")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise DataError(f"{where}: expected images shaped (N,H,W,3) or (N,3,H,W), got "
-                        f"{tuple(images.shape)}. Fix: store RGB image arrays.")
-
-
 def load_dataset(path: str | Path, originals: str | Path | None = None,
-                 resize: tuple[int, int] | None = None) -> ImageDataset:
-    """Load a protected dataset from a folder, ``.npz`` or manifest (see module docstring)."""
+                 resize: tuple[int, int] | None = None, allow_outside: bool = False
+                 ) -> ImageDataset:
+    """Load a protected dataset from a folder, ``.npz`` or manifest (see module docstring).
+
+    Input files that resolve outside the dataset's folder (manifest rows with absolute or
+    ``..`` paths, symlinks out of a folder) are refused unless ``allow_outside``; then they
+    are counted in ``outside_files`` (see :mod:`neaudit.paths`)."""
     if isinstance(path, str) and path.startswith("builtin:"):
         return builtin_dataset(path.removeprefix("builtin:"))
     path = Path(path)
@@ -184,10 +59,10 @@ def load_dataset(path: str | Path, originals: str | Path | None = None,
         if suffix == ".npz":
             return _load_npz(path, resize)
         if suffix in (".csv", ".parquet"):
-            return _load_manifest(path, resize)
+            return _load_manifest(path, resize, allow_outside)
         raise DataError(f"{path}: unsupported file type '{suffix}'. Fix: give a folder of "
                         "images, an .npz, or a .csv/.parquet manifest.")
-    return _load_folder(path, Path(originals) if originals else None, resize)
+    return _load_folder(path, Path(originals) if originals else None, resize, allow_outside)
 
 
 def builtin_dataset(name: str, count: int = 32, size: int = 64) -> ImageDataset:
@@ -230,16 +105,41 @@ def read_sidecar(folder: Path) -> dict | None:
     return None
 
 
-def _list_images(folder: Path, exclude: set[str] = frozenset()) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        and not p.name.startswith(".")
-        and not (set(p.relative_to(folder).parts[:1]) & exclude)
-    )
+def _list_images(folder: Path, exclude: set[str] = frozenset()) -> tuple[list[Path], int]:
+    """Image files under ``folder`` (symlinks followed, each real folder visited once), and
+    how many of them resolve outside it."""
+    root = folder.resolve()
+    files, outside, seen = [], 0, set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = Path(os.path.realpath(dirpath))
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        here = Path(dirpath)
+        if here == folder:
+            dirnames[:] = [d for d in dirnames if d not in exclude]
+        for name in filenames:
+            path = here / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if not path.is_file():
+                continue
+            if not real.is_relative_to(root) or (path.is_symlink() and not inside(path, root)):
+                outside += 1
+            files.append(path)
+    return sorted(files), outside
 
 
-def _load_folder(path: Path, originals: Path | None, resize) -> ImageDataset:
+def _outside_refused(where: Path, count: int, example: str) -> DataError:
+    return DataError(f"{where}: {count} input file(s) lie outside the dataset's folder (through "
+                     f"a symlink, an absolute or a '..' path), e.g. {example}. Fix: copy them "
+                     "into the folder, or pass --allow-outside to read them (recorded in the "
+                     "run's provenance).")
+
+
+def _load_folder(path: Path, originals: Path | None, resize, allow_outside: bool
+                 ) -> ImageDataset:
     root = path
     if (path / PROTECTED_DIR).is_dir():
         images_dir = path / PROTECTED_DIR
@@ -249,7 +149,7 @@ def _load_folder(path: Path, originals: Path | None, resize) -> ImageDataset:
         default_originals = path.parent / ORIGINAL_DIR
     if originals is None and default_originals.is_dir() and default_originals != images_dir:
         originals = default_originals
-    files = _list_images(images_dir, exclude={ORIGINAL_DIR} if images_dir == root else set())
+    files, outside = _list_images(images_dir, {ORIGINAL_DIR} if images_dir == root else set())
     if not files:
         raise DataError(f"{images_dir}: no images found (looked for "
                         f"{', '.join(IMAGE_SUFFIXES)}). Fix: point to the folder that holds "
@@ -265,9 +165,14 @@ def _load_folder(path: Path, originals: Path | None, resize) -> ImageDataset:
                 f"{originals}: {len(missing)} protected image(s) have no original under the "
                 f"same relative path, e.g. {missing[0]}. Fix: mirror the protected tree in the "
                 "originals folder, or drop --originals.")
+        outside += sum(not inside(p, originals) for p in original_files)
+    if outside and not allow_outside:
+        example = next((str(f) for f in files if not inside(f, images_dir)), str(originals))
+        raise _outside_refused(root, outside, example)
     return ImageDataset(names=[r.as_posix() for r in rel], protected=files,
                         original=original_files, labels=labels, class_names=class_names,
-                        sidecar=read_sidecar(root), source=root, resize=resize)
+                        sidecar=read_sidecar(root), source=root, resize=resize,
+                        outside_files=outside)
 
 
 def _labels_from_layout(rel: list[Path]) -> tuple[np.ndarray | None, list[str] | None]:
@@ -307,7 +212,7 @@ def _load_npz(path: Path, resize) -> ImageDataset:
                         resize=resize)
 
 
-def _load_manifest(path: Path, resize) -> ImageDataset:
+def _load_manifest(path: Path, resize, allow_outside: bool) -> ImageDataset:
     try:
         table = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
     except Exception as exc:  # pandas raises many types for a malformed file
@@ -315,31 +220,54 @@ def _load_manifest(path: Path, resize) -> ImageDataset:
     if "path" not in table.columns:
         raise DataError(f"{path}: no 'path' column (found {list(table.columns)}). Fix: add a "
                         "'path' column, with optional 'original_path' and 'label'.")
-    base = path.parent
-    files = [base / p for p in table["path"].astype(str)]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise DataError(f"{path}: {len(missing)} listed file(s) do not exist, e.g. "
-                        f"{missing[0]}. Fix: paths are relative to the manifest's folder.")
+    if table.empty:
+        raise DataError(f"{path}: the manifest lists no images. Fix: add rows.")
+    files, names, outside = _manifest_files(path, table["path"], "path")
     original = None
     if "original_path" in table.columns:
-        original = [base / p for p in table["original_path"].astype(str)]
-        missing = [str(f) for f in original if not f.is_file()]
-        if missing:
-            raise DataError(f"{path}: {len(missing)} original(s) do not exist, e.g. "
-                            f"{missing[0]}. Fix: correct 'original_path'.")
-    labels = class_names = None
-    if "label" in table.columns:
-        column = table["label"]
-        if column.isna().any():
-            raise DataError(f"{path}: empty 'label' in row {int(column.isna().idxmax())}. "
-                            "Fix: label every row, or drop the column.")
-        if pd.api.types.is_integer_dtype(column):
-            labels = column.to_numpy(np.int64)
+        original, _, outside_originals = _manifest_files(path, table["original_path"],
+                                                         "original_path")
+        outside += outside_originals
+    if outside and not allow_outside:
+        example = next(str(f) for f in files + (original or []) if not inside(f, path.parent))
+        raise _outside_refused(path, outside, example)
+    labels, class_names = _manifest_labels(path, table)
+    return ImageDataset(names=names, protected=files, original=original, labels=labels,
+                        class_names=class_names, sidecar=read_sidecar(path.parent), source=path,
+                        resize=resize, outside_files=outside)
+
+
+def _manifest_files(manifest: Path, column: pd.Series, name: str
+                    ) -> tuple[list[Path], list[str], int]:
+    """The listed files (relative to the manifest's folder), their item names (the path
+    inside that folder, or ``_outside/<row>-<file name>`` for a file outside it) and how many
+    lie outside."""
+    base = manifest.parent
+    files, names, outside = [], [], 0
+    for row, text in enumerate(column.astype(str)):
+        file = base / text
+        if not file.is_file():
+            raise DataError(f"{manifest}: row {row} '{name}' {text} does not exist. Fix: paths "
+                            "are relative to the manifest's folder.")
+        if inside(file, base):
+            names.append(Path(os.path.relpath(file.resolve(), base.resolve())).as_posix())
         else:
-            class_names = sorted(column.astype(str).unique())
-            lookup = {n: i for i, n in enumerate(class_names)}
-            labels = np.array([lookup[v] for v in column.astype(str)], dtype=np.int64)
-    return ImageDataset(names=table["path"].astype(str).tolist(), protected=files,
-                        original=original, labels=labels, class_names=class_names,
-                        sidecar=read_sidecar(path.parent), source=path, resize=resize)
+            outside += 1
+            names.append(f"_outside/{row:06d}-{file.name}")
+        files.append(file)
+    return files, names, outside
+
+
+def _manifest_labels(path: Path, table: pd.DataFrame
+                     ) -> tuple[np.ndarray | None, list[str] | None]:
+    if "label" not in table.columns:
+        return None, None
+    column = table["label"]
+    if column.isna().any():
+        raise DataError(f"{path}: empty 'label' in row {int(column.isna().idxmax())}. "
+                        "Fix: label every row, or drop the column.")
+    if pd.api.types.is_integer_dtype(column):
+        return column.to_numpy(np.int64), None
+    class_names = sorted(column.astype(str).unique())
+    lookup = {n: i for i, n in enumerate(class_names)}
+    return np.array([lookup[v] for v in column.astype(str)], dtype=np.int64), class_names

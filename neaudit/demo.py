@@ -14,7 +14,7 @@ import numpy as np
 
 from neaudit import demo_zoo
 from neaudit.auditing import AuditResult, audit
-from neaudit.data import ImageDataset
+from neaudit.dataset import ImageDataset
 from neaudit.policy import Policy
 from neaudit.protection import protect
 from neaudit.reporting import ReportResult, render_report

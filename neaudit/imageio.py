@@ -24,18 +24,44 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""Pillow's modes for 16-bit grayscale (PNG) and 32-bit integer images, read as 16-bit."""
+
+
 def read_image(path: Path) -> torch.Tensor:
-    """Decode one image file into a (3, H, W) float tensor in [0, 1]."""
+    """Decode one image file into a (3, H, W) float tensor in [0, 1].
+
+    8-bit images (any mode Pillow converts to RGB) keep their 256 levels; 16-bit grayscale
+    is scaled by 1/65535 and float images (mode F) must already lie in [0, 1]: nothing is
+    clipped silently.
+    """
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode in SIXTEEN_BIT_MODES or img.mode == "F":
+                return _high_depth(path, img)
             rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(
             f"{path}: cannot read this image ({exc}). Fix: replace or remove the file, "
             "or list only readable files in a manifest."
         ) from exc
     return to_float(np.asarray(rgb)[None])[0]
+
+
+def _high_depth(path: Path, img: Image.Image) -> torch.Tensor:
+    """A 16-bit or float single-channel image as a grey (3, H, W) tensor in [0, 1]."""
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode != "F":
+        if values.min() < 0 or values.max() > 65535:
+            raise DataError(f"{path}: integer pixel values outside 0–65535 (mode {img.mode}). "
+                            "Fix: save the image as 8- or 16-bit PNG.")
+        values = values / 65535.0
+    elif not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+        raise DataError(f"{path}: floating-point pixels outside [0, 1] or not finite. Fix: "
+                        "scale the image to [0, 1] or save it as 8- or 16-bit PNG.")
+    grey = torch.from_numpy(values.astype(np.float32))
+    return grey.expand(3, *grey.shape).contiguous()
 
 
 def read_jpegs_on(paths: Sequence[Path], device: torch.device) -> list[torch.Tensor]:
@@ -61,7 +87,7 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             width, height = img.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(
             f"{path}: cannot read this image ({exc}). Fix: replace or remove the file."
         ) from exc

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from neaudit.attacks import BATCH, CLEAN, DATASET, NONE, SuiteEntry, get_attack
-from neaudit.data import ImageDataset
+from neaudit.dataset import ImageDataset
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import pandas as pd
 
 from neaudit.errors import NeauditError
 from neaudit.flags import FLAG_NAMES, Flag, evaluate_flags
-from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, UNAUTHORIZED
+from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, THREAT_LEVELS, UNAUTHORIZED
 
 DEFAULT_POLICY = Path(__file__).parent / "reporting" / "default_policy.toml"
 KEYS = ("min_authorized_retention", "max_leakage", "max_leakage_above_chance",
@@ -68,27 +68,30 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Policy:
+        """Read and check a policy (the packaged default when ``path`` is None): every key
+        known, every threshold a finite number, every list of known names."""
         path = Path(path) if path else DEFAULT_POLICY
         if not path.is_file():
-            raise NeauditError(f"policy file {path} does not exist.")
+            raise NeauditError(f"policy file {path} does not exist. Fix: give the path of a "
+                               "policy TOML, or leave --policy out for the default.")
         try:
             raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise NeauditError(f"{path}: not valid TOML ({exc}).") from exc
         families = raw.pop("family", {})
         raw.pop("description", None)
-        name = raw.pop("name", path.stem)
-        lists = {key: tuple(raw.pop(key, ())) for key in LIST_KEYS}
-        unknown_flags = sorted(set(lists["fail_on"]) - set(FLAG_NAMES))
-        if unknown_flags:
-            raise NeauditError(f"{path}: fail_on names unknown flag(s) {', '.join(unknown_flags)}."
-                               f" Valid flags: {', '.join(FLAG_NAMES)}.")
-        _check_keys(path, raw, "")
-        for family, rules in families.items():
-            _check_keys(path, rules, f"[family.{family}] ")
-        return cls(name, {k: float(v) for k, v in raw.items()},
-                   {f: {k: float(v) for k, v in r.items()} for f, r in families.items()},
-                   lists["fail_on"], lists["levels"])
+        name = str(raw.pop("name", path.stem))
+        lists = {key: _names(path, key, raw.pop(key, []), allowed)
+                 for key, allowed in (("fail_on", FLAG_NAMES), ("levels", THREAT_LEVELS))}
+        rules = _thresholds(path, raw, "")
+        if not isinstance(families, dict) or not all(isinstance(r, dict)
+                                                     for r in families.values()):
+            raise NeauditError(f"{path}: 'family' must hold [family.NAME] tables.")
+        per_family = {f: _thresholds(path, r, f"[family.{f}] ") for f, r in families.items()}
+        if not rules and not any(per_family.values()):
+            raise NeauditError(f"{path}: no threshold, so nothing could fail. Fix: set at least "
+                               f"one of {', '.join(KEYS)}.")
+        return cls(name, rules, per_family, lists["fail_on"], lists["levels"])
 
     def evaluate(self, table: pd.DataFrame, summary: dict) -> list[Criterion]:
         criteria = [c for key, value in self.rules.items()
@@ -124,11 +127,28 @@ def verdict(criteria: Sequence[Criterion], flags: Sequence[Flag] = ()) -> str:
     return "PASS" if passed and not any(f.failing for f in flags) else "FAIL"
 
 
-def _check_keys(path: Path, rules: dict, where: str) -> None:
+def _thresholds(path: Path, rules: dict, where: str) -> dict[str, float]:
     unknown = sorted(set(rules) - set(KEYS))
     if unknown:
         raise NeauditError(f"{path}: {where}unknown key(s) {', '.join(unknown)}. Valid keys: "
                            f"{', '.join(KEYS + LIST_KEYS)}, and [family.NAME] tables.")
+    for key, value in rules.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
+                value):
+            raise NeauditError(f"{path}: {where}{key} = {value!r} is not a finite number. Fix: "
+                               f"e.g. {key} = 0.5.")
+    return {key: float(value) for key, value in rules.items()}
+
+
+def _names(path: Path, key: str, value: object, allowed) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise NeauditError(f"{path}: {key} must be a list of names, e.g. {key} = "
+                           f"[\"{next(iter(allowed))}\"].")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise NeauditError(f"{path}: {key} names unknown value(s) {', '.join(unknown)}. Valid: "
+                           f"{', '.join(allowed)}.")
+    return tuple(value)
 
 
 def _check(key: str, threshold: float, table: pd.DataFrame, summary: dict,

@@ -14,14 +14,15 @@ import io
 import json
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 import torch
 
 from neaudit._version import __version__
-from neaudit.data import ORIGINAL_DIR, PROTECTED_DIR, SIDECAR, ImageDataset, load_dataset
+from neaudit.data import ORIGINAL_DIR, PROTECTED_DIR, SIDECAR, load_dataset
+from neaudit.dataset import ImageDataset
 from neaudit.device import resolve_device
 from neaudit.errors import NeauditError
 from neaudit.imageio import atomic_write, quantize, sha256_file, to_uint8, write_png
@@ -34,10 +35,11 @@ from neaudit.metrics import (
 )
 from neaudit.metrics import psnr as measured_psnr
 from neaudit.ne import METHODS, image_generators, reference_recode, subspace_recode
+from neaudit.paths import output_path, refuse_overlap, safe_component, safe_relative
 from neaudit.seeding import generator
 from neaudit.spectral import Subspace, low_sensitivity_subspace
 from neaudit.stem import FirstLayer, first_layer
-from neaudit.zoo import ImageClassifier, create_model
+from neaudit.zoo import ImageClassifier, check_model, create_model
 
 MAX_PSNR = 55.0
 """Uint8 rounding alone is a 59 dB perturbation: a higher measured target cannot be written
@@ -73,7 +75,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
             key: int | None = None, store_key: bool = False, save_originals: bool = False,
             output_format: str = "png", batch_size: int = 32, tau: float = 1e-2,
             patch_fraction: float = 1.0, l2: float | None = None,
-            device: str = "auto") -> ProtectResult:
+            device: str = "auto", allow_outside: bool = False) -> ProtectResult:
     """Recode ``data`` into NEs for ``authorized`` and write them under ``out``.
 
     ``key`` seeds the noise inside the subspace (defaults to ``seed``); it is recorded in
@@ -82,14 +84,19 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     strength as the L2 norm of each written perturbation in [0, 1] pixel units instead, the
     convention of L2 robustness benchmarks. ``patch_fraction`` < 1 (``subspace``, patch
     stems) puts the noise into that share of each image's patches: the authorized model sees
-    less of it, the other models more of the clean image.
+    less of it, the other models more of the clean image. ``allow_outside`` reads input files
+    outside the dataset's folder (see :mod:`neaudit.paths`); outputs always stay in ``out``.
     """
     _check_options(method, psnr, l2, rank, patch_fraction, output_format, batch_size)
-    dataset = data if isinstance(data, ImageDataset) else load_dataset(data)
+    dataset = (data if isinstance(data, ImageDataset)
+               else load_dataset(data, allow_outside=allow_outside))
     out = Path(out)
-    _refuse_input_folder(dataset, out)
+    refuse_overlap(out, dataset.input_roots())
+    names = _output_names(dataset) if output_format == "png" else []
+    _refuse_foreign_files(out, names)
     torch_device = resolve_device(device)
     model = create_model(authorized, dataset.class_names).to(torch_device)
+    check_model(model, next(dataset.batches(min(4, len(dataset)))).protected)
     size = tuple(model.input_size or dataset.image_shape)
     if tuple(dataset.image_shape) != size:  # recode at the resolution the stem sees
         dataset = replace(dataset, resize=size)
@@ -103,7 +110,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     noise_key = seed if key is None else key
     recoding = _Recoding(model, layer, space, method, psnr, noise_key, seed, tau,
                          patch_fraction)
-    per_image = _recode_all(dataset, recoding, out, batch_size, save_originals, output_format)
+    per_image = _recode_all(dataset, recoding, out, names, batch_size, save_originals,
+                            output_format)
     summary = {col: float(per_image[col].mean()) for col in per_image.columns if col != "name"}
     summary["min_gain"] = space.min_gain if space is not None else float("nan")
     params = {
@@ -115,7 +123,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         "seed": seed, "key": noise_key if store_key else None, "key_stored": store_key,
         "image_size": list(size),
     }
-    sidecar = _sidecar(out, dataset, model, method, params, summary, output_format)
+    sidecar = _sidecar(out, dataset, model, method, params, summary, names)
     return ProtectResult(out, per_image, summary, sidecar)
 
 
@@ -170,37 +178,26 @@ class _Recoding:
         return quantize(floats), floats
 
 
-def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path, batch_size: int,
-                save_originals: bool, output_format: str) -> pd.DataFrame:
+def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
+                names: list[PurePosixPath], batch_size: int, save_originals: bool,
+                output_format: str) -> pd.DataFrame:
     """Recode and write every batch; returns the per-image fidelity table."""
     device = recoding.model.mean.device
-    rows, written, originals, names = [], [], [], []
+    rows, written, originals = [], [], []
     for batch in dataset.batches(batch_size):
         clean = quantize(batch.protected).to(device)
         protected, floats = recoding(clean, batch.index)
         rows.append(_fidelity(recoding, clean, protected, floats, batch.index))
-        labels = batch.labels.tolist() if batch.labels is not None else [None] * len(clean)
-        paths = [_png_name(n, lab, dataset.class_names) for n, lab in zip(batch.names, labels,
-                                                                          strict=True)]
+        paths = names[int(batch.index[0]):int(batch.index[-1]) + 1]
         stored = _store(out, paths, protected, clean, save_originals, output_format)
         written.append(stored[0])
         originals.append(stored[1])
-        names += batch.names
     per_image = pd.concat(rows, ignore_index=True)
-    per_image.insert(0, "name", names)
+    per_image.insert(0, "name", dataset.names)
     if output_format == "npz":
         _write_npz(out, dataset, np.concatenate(written),
                    np.concatenate(originals) if save_originals else None)
     return per_image
-
-
-def _refuse_input_folder(dataset: ImageDataset, out: Path) -> None:
-    source = dataset.source.resolve() if dataset.source else None
-    target = out.resolve()
-    if source is not None and (target == source or source in target.parents
-                               or (source.is_dir() and target in source.parents)):
-        raise NeauditError(f"{out}: the output overlaps the input {dataset.source}; neaudit "
-                           "never writes into its input. Fix: choose a separate --out folder.")
 
 
 def _fidelity(recoding: _Recoding, clean: torch.Tensor, protected: torch.Tensor,
@@ -212,6 +209,10 @@ def _fidelity(recoding: _Recoding, clean: torch.Tensor, protected: torch.Tensor,
     noisy = quantize(clean + noise)
     with torch.inference_mode():
         logits_clean, logits_ne, logits_noise = model(clean), model(protected), model(noisy)
+    if not all(torch.isfinite(t).all() for t in (logits_clean, logits_ne, logits_noise)):
+        raise NeauditError(f"{model.name}: the authorized model returns NaN or infinite logits "
+                           "on these images, so no fidelity figure can be trusted. Fix: check "
+                           "its weights and normalization.")
     top = logits_clean.argmax(1)
     frame = {
         "psnr": measured_psnr(protected, clean),
@@ -234,21 +235,49 @@ def _fidelity(recoding: _Recoding, clean: torch.Tensor, protected: torch.Tensor,
     return pd.DataFrame({k: v.detach().cpu().numpy() for k, v in frame.items()})
 
 
-def _png_name(name: str, label: int | None, class_names: list[str] | None) -> str:
-    """Relative output path; flat inputs with labels get class folders, so labels survive."""
-    path = Path(name).with_suffix(".png")
-    if label is not None and len(path.parts) == 1:
-        path = Path(class_names[label] if class_names else str(label)) / path
-    return path.as_posix()
+def _output_names(dataset: ImageDataset) -> list[PurePosixPath]:
+    """Each item's PNG path under ``protected/``, from its sanitized relative name; flat inputs
+    with labels get class folders, so labels survive. Two items mapping to one file (``a.jpg``
+    and ``a.png``, or names differing only in case) are refused before any work."""
+    labels = dataset.labels if dataset.labels is not None else [None] * len(dataset)
+    names, seen = [], {}
+    for name, label in zip(dataset.names, labels, strict=True):
+        path = safe_relative(name, "item name").with_suffix(".png")
+        if label is not None and len(path.parts) == 1:
+            folder = dataset.class_names[label] if dataset.class_names else str(label)
+            path = PurePosixPath(safe_component(folder, "class name")) / path
+        key = path.as_posix().casefold()
+        if key in seen:
+            raise NeauditError(f"{dataset.source}: items '{seen[key]}' and '{name}' would both "
+                               f"be written as {path}. Fix: rename one of them.")
+        seen[key] = name
+        names.append(path)
+    return names
 
 
-def _store(out, paths, protected, clean, save_originals, output_format):
+def _refuse_foreign_files(out: Path, names: list[PurePosixPath]) -> None:
+    """Refuse an ``out`` whose image folders hold files this run would not write: they would
+    be mixed into the release (and into its hashes)."""
+    planned = {name.as_posix() for name in names}
+    for folder in (out / PROTECTED_DIR, out / ORIGINAL_DIR):
+        if not folder.is_dir():
+            continue
+        extra = [f for f in sorted(folder.rglob("*")) if f.is_file()
+                 and f.relative_to(folder).as_posix() not in planned]
+        if extra:
+            raise NeauditError(f"{out}: {folder.name}/ already holds {len(extra)} file(s) this "
+                               f"run would not write, e.g. {extra[0]}. Fix: choose a new --out "
+                               "folder, or delete the old one.")
+
+
+def _store(out: Path, paths: list[PurePosixPath], protected: torch.Tensor, clean: torch.Tensor,
+           save_originals: bool, output_format: str) -> tuple[np.ndarray, np.ndarray]:
     images, clean_images = to_uint8(protected), to_uint8(clean)
     if output_format == "png":
         for path, image, original in zip(paths, images, clean_images, strict=True):
-            write_png(out / PROTECTED_DIR / path, image)
+            write_png(output_path(out / PROTECTED_DIR, path), image)
             if save_originals:
-                write_png(out / ORIGINAL_DIR / path, original)
+                write_png(output_path(out / ORIGINAL_DIR, path), original)
     return images, clean_images
 
 
@@ -268,8 +297,10 @@ def _write_npz(out: Path, dataset: ImageDataset, protected: np.ndarray,
     atomic_write(out / "protected.npz", write)
 
 
-def _sidecar(out, dataset, model, method, params, summary, output_format) -> dict:
-    files = (sorted((out / PROTECTED_DIR).rglob("*.png")) if output_format == "png"
+def _sidecar(out: Path, dataset: ImageDataset, model: ImageClassifier, method: str,
+             params: dict, summary: dict, names: list[PurePosixPath]) -> dict:
+    """``hashes.sha256`` of exactly the files this run wrote, and ``neaudit.json``."""
+    files = ([out / PROTECTED_DIR / name for name in names] if names
              else [out / "protected.npz"])
     lines = [f"{sha256_file(f)}  {f.relative_to(out).as_posix()}" for f in files]
     hashes = "\n".join(lines) + "\n"
@@ -280,7 +311,8 @@ def _sidecar(out, dataset, model, method, params, summary, output_format) -> dic
         "method": method,
         "params": params,
         "count": len(dataset),
-        "format": output_format,
+        "format": "png" if names else "npz",
+        "outside_files": dataset.outside_files,
         "class_names": dataset.class_names,
         "content_digest": hashlib.sha256(hashes.encode()).hexdigest(),
         "fidelity": summary,

@@ -24,25 +24,36 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from neaudit.errors import NeauditError
 from neaudit.patches import from_patches, to_patches
 from neaudit.stem import FirstLayer
 
 
 def _select(singular_values: torch.Tensor, rank: int | None, threshold: float | None
             ) -> torch.Tensor:
-    """Boolean mask of the kept (smallest) singular values."""
+    """Boolean mask of the kept (smallest) singular values; a selection that keeps every
+    direction (no protection at all) is refused."""
     flat = singular_values.flatten()
     if threshold is not None:
+        if not (math.isfinite(threshold) and threshold > 0):
+            raise NeauditError(f"--threshold {threshold}: must be a positive number.")
         mask = flat <= threshold * flat.max()
         if not mask.any():
             mask = flat == flat.min()
-        return mask.view_as(singular_values)
-    if rank is None:
-        null = int((flat <= 1e-6 * flat.max()).sum())
-        rank = null if null > 0 else flat.numel() // 2
-    rank = max(1, min(rank, flat.numel()))
-    cutoff = flat.sort().values[rank - 1]
-    return singular_values <= cutoff
+    else:
+        if rank is None:
+            null = int((flat <= 1e-6 * flat.max()).sum())
+            rank = null if null > 0 else flat.numel() // 2
+        if not 1 <= rank < flat.numel():
+            raise NeauditError(f"--rank {rank}: the first layer sees {flat.numel()} directions, "
+                               "and a subspace must keep at least one and leave at least one "
+                               f"out. Fix: give a rank from 1 to {flat.numel() - 1}.")
+        mask = singular_values <= flat.sort().values[rank - 1]
+    if bool(mask.all()):
+        raise NeauditError("the selected subspace keeps every direction the first layer sees, "
+                           "so the perturbation would reach the authorized model in full. Fix: "
+                           "a lower --rank or --threshold.")
+    return mask.view_as(singular_values)
 
 
 class Subspace(ABC):

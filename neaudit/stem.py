@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from neaudit.errors import ModelSpecError
+from neaudit.models import ImageClassifier
 from neaudit.seeding import generator
-from neaudit.zoo import ImageClassifier
 
 
 @dataclass(frozen=True)

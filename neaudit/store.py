@@ -101,7 +101,7 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def write_run_manifest(store: ResultStore, *, command: str, config: dict, complete: bool,
-                       device: torch.device, source: str, count: int,
+                       device: torch.device, source: str, count: int, outside_files: int,
                        models: dict[str, torch.nn.Module], seconds: float) -> None:
     """``run.json``: the provenance of a run (command, config, versions, weights, device)."""
     import kornia
@@ -117,7 +117,8 @@ def write_run_manifest(store: ResultStore, *, command: str, config: dict, comple
                      "timm": timm.__version__, "open_clip": open_clip.__version__,
                      "kornia": kornia.__version__, "python": platform.python_version()},
         "device": str(device),
-        "dataset": {"source": source, "hash": config["dataset"], "count": count},
+        "dataset": {"source": source, "hash": config["dataset"], "count": count,
+                    "outside_files": outside_files},
         "weights": {spec: weights_hash(model) for spec, model in models.items()},
         "seconds": seconds,
     }

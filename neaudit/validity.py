@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from neaudit.attacks import DATASET
-from neaudit.data import ImageDataset
+from neaudit.dataset import ImageDataset
 from neaudit.imageio import JPEG_SUFFIXES, is_lossy, sha256_file
 from neaudit.plan import Task
 from neaudit.store import ScratchStore

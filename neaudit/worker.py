@@ -22,13 +22,15 @@ from neaudit.attacks import (
     DatasetContext,
     get_attack,
 )
-from neaudit.data import Batch, ImageDataset, load_dataset
+from neaudit.data import load_dataset
+from neaudit.dataset import Batch, ImageDataset
 from neaudit.device import resolve_device
+from neaudit.errors import DataError
 from neaudit.metrics import psnr, ssim
 from neaudit.plan import Task
 from neaudit.seeding import generator
 from neaudit.store import ResultStore
-from neaudit.zoo import ImageClassifier, create_model
+from neaudit.zoo import ImageClassifier, check_model, create_model
 
 REFERENCE_IMAGES = 256
 """How many clean images the L2 attacker owns when the audit draws them from the dataset."""
@@ -68,11 +70,31 @@ def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> W
     models = {spec: create_model(spec, dataset.class_names) for spec in recipe.specs}
     offload = not fits_on_device(models, device)
     models = {spec: m if offload else m.to(device) for spec, m in models.items()}
+    _check_models(models, dataset, recipe.score_metric, device, offload)
     reference = (reference_images(dataset, recipe.reference, recipe.seed)
                  if recipe.needs_reference else None)
     store = ResultStore(Path(recipe.out), recipe.config)
     return Worker(dataset, models, recipe.authorized, store, device, recipe.seed, reference,
                   recipe.score_metric, offload)
+
+
+PROBE_IMAGES = 4
+"""Dataset images every model is run on once before any work (:func:`check_model`)."""
+
+
+def _check_models(models: dict[str, ImageClassifier], dataset: ImageDataset, score_metric: str,
+                  device: torch.device, offload: bool) -> None:
+    """Refuse a model that fails on the dataset's images, or whose classes do not cover the
+    labels it is scored against."""
+    probe = next(dataset.batches(min(PROBE_IMAGES, len(dataset)))).protected
+    for spec, model in models.items():
+        classes = check_model(model.to(device) if offload else model, probe)
+        if offload:
+            model.cpu()
+        if score_metric == "accuracy" and int(dataset.labels.max()) >= classes:
+            raise DataError(f"{dataset.source}: label {int(dataset.labels.max())} is beyond the "
+                            f"{classes} classes '{spec}' predicts. Fix: give labels as that "
+                            "model's class indices, or use --score agreement.")
 
 
 def fits_on_device(models: dict[str, ImageClassifier], device: torch.device) -> bool:

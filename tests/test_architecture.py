@@ -12,8 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "neaudit"
 LAYERS = [
     # the foundation: no neaudit imports but each other
     {"_version", "errors", "seeding", "vocabulary", "presets"},
-    {"imageio", "device", "patches", "demo_zoo"},
-    {"data", "zoo"},
+    {"imageio", "device", "patches", "paths", "demo_zoo"},
+    {"dataset", "models"},
+    {"data", "builders"},
+    {"zoo"},
     {"stem"},
     {"metrics", "spectral"},
     {"ne"},

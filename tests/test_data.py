@@ -66,7 +66,7 @@ def test_manifest(tmp_path: Path, photos, suffix):
 
 
 def test_streaming_reads_only_the_requested_batch(image_folder: Path, monkeypatch):
-    import neaudit.data as data
+    import neaudit.dataset as data
 
     calls = []
     real = data.read_image

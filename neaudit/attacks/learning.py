@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from neaudit.attacks.registry import DATASET, DatasetContext, Param, register_attack
+from neaudit.models import ImageClassifier
 from neaudit.seeding import derive_seed, generator, seeded
-from neaudit.zoo import ImageClassifier
 
 MAX_SAMPLES = Param(2000, 10, 10_000_000)
 """Items per half (train, test) a learning attack uses at most."""

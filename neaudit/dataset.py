@@ -1,0 +1,168 @@
+"""The dataset every job reads: items (a protected image, optionally its clean original and
+a label), class names and the ``neaudit.json`` sidecar. Nothing is decoded up front:
+:meth:`ImageDataset.batches` streams fixed-size batches, so memory does not grow with the
+dataset. The loaders for each layout are in :mod:`neaudit.data`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neaudit.errors import DataError
+from neaudit.imageio import (
+    IMAGE_SUFFIXES,
+    JPEG_SUFFIXES,
+    image_size,
+    read_image,
+    read_jpegs_on,
+    to_float,
+)
+
+
+@dataclass
+class Batch:
+    """One streamed batch. Images are float32 NCHW in [0, 1]."""
+
+    index: torch.Tensor
+    protected: torch.Tensor
+    original: torch.Tensor | None
+    labels: torch.Tensor | None
+    names: list[str]
+
+
+@dataclass
+class ImageDataset:
+    """Items of a protected dataset; images are decoded only when a batch is requested.
+
+    ``protected``/``original`` hold either file paths or one in-memory array (from ``.npz``).
+    """
+
+    names: list[str]
+    protected: list[Path] | np.ndarray
+    original: list[Path] | np.ndarray | None = None
+    labels: np.ndarray | None = None
+    class_names: list[str] | None = None
+    sidecar: dict | None = None
+    source: Path | None = None
+    resize: tuple[int, int] | None = None
+    decode_device: torch.device | None = None  # a CUDA device: JPEG shards decode with nvJPEG
+    outside_files: int = 0  # input files outside the dataset's folder (--allow-outside)
+    image_shape: tuple[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.names) == 0:
+            raise DataError(f"{self.source}: no images found. Fix: point to a folder with "
+                            f"{', '.join(IMAGE_SUFFIXES)} files, an .npz or a manifest.")
+        if self.labels is not None:
+            if len(self.labels) and int(self.labels.min()) < 0:
+                bad = int(np.flatnonzero(self.labels < 0)[0])
+                raise DataError(f"{self.source}: label {int(self.labels[bad])} of item "
+                                f"'{self.names[bad]}' is negative. Fix: labels are class indices "
+                                "0, 1, 2, … (or class names in a manifest).")
+            if len(self.labels) != len(self.names):
+                raise DataError(f"{self.source}: {len(self.labels)} labels for "
+                                f"{len(self.names)} images. Fix: give one label per image.")
+            if self.class_names is not None and len(self.labels):
+                bad = np.flatnonzero((self.labels < 0) | (self.labels >= len(self.class_names)))
+                if bad.size:
+                    raise DataError(
+                        f"{self.source}: label {int(self.labels[bad[0]])} of item "
+                        f"'{self.names[bad[0]]}' is outside the {len(self.class_names)} class "
+                        "names. Fix: make class_names cover every label.")
+        self.image_shape = self.resize or self._first_shape()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def head(self, count: int) -> ImageDataset:
+        """The first ``count`` items as a dataset of their own."""
+        def cut(items):
+            return None if items is None else items[:count]
+
+        return replace(self, names=self.names[:count], protected=cut(self.protected),
+                       original=cut(self.original), labels=cut(self.labels))
+
+    def input_roots(self) -> list[Path]:
+        """The files and folders this dataset reads: what no output may overlap."""
+        if self.source is None or str(self.source).startswith("builtin:"):
+            return []
+        roots = {self.source}
+        for items in (self.protected, self.original):
+            if isinstance(items, list):
+                roots |= {path.parent for path in items}
+        return sorted(roots)
+
+    @property
+    def has_originals(self) -> bool:
+        return self.original is not None
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.class_names is not None:
+            return len(self.class_names)
+        return None if self.labels is None else int(self.labels.max()) + 1
+
+    def _first_shape(self) -> tuple[int, int]:
+        if isinstance(self.protected, np.ndarray):
+            return tuple(to_float(self.protected[:1]).shape[-2:])
+        return image_size(self.protected[0])
+
+    def batches(self, batch_size: int = 64, start: int = 0, stop: int | None = None
+                ) -> Iterator[Batch]:
+        """Stream items ``[start, stop)`` in batches of ``batch_size``."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
+            index = torch.arange(lo, hi)
+            protected = self._load(self.protected, lo, hi, "protected")
+            original = (self._load(self.original, lo, hi, "original")
+                        if self.original is not None else None)
+            labels = (torch.as_tensor(self.labels[lo:hi], dtype=torch.long)
+                      if self.labels is not None else None)
+            yield Batch(index, protected, original, labels, self.names[lo:hi])
+
+    def _load(self, items: list[Path] | np.ndarray, lo: int, hi: int, kind: str) -> torch.Tensor:
+        if isinstance(items, np.ndarray):
+            images = to_float(items[lo:hi])
+            _check_values(images, f"{self.source} ({kind}[{lo}:{hi}])")
+            return self._fit(images, [f"{kind}[{i}]" for i in range(lo, hi)])
+        paths = items[lo:hi]
+        if self.decode_device is not None and self.decode_device.type == "cuda" and all(
+                p.suffix.lower() in JPEG_SUFFIXES for p in paths):
+            images = read_jpegs_on(paths, self.decode_device)
+        else:
+            images = [read_image(p) for p in paths]
+        return self._fit(images, [str(p) for p in paths])
+
+    def _fit(self, images: Sequence[torch.Tensor] | torch.Tensor, labels: list[str]
+             ) -> torch.Tensor:
+        """Apply the resize policy, or insist that every image has the dataset's size."""
+        out = []
+        for image, label in zip(images, labels, strict=True):
+            if tuple(image.shape[-2:]) != tuple(self.image_shape):
+                if self.resize is None:
+                    raise DataError(
+                        f"{label}: size {tuple(image.shape[-2:])} differs from "
+                        f"{tuple(self.image_shape)} of the first image. Fix: pass a resize "
+                        "policy (--resize H[xW]) or give images of one size.")
+                image = F.interpolate(image[None], size=self.resize, mode="bilinear",
+                                      antialias=True, align_corners=False)[0].clamp(0, 1)
+            out.append(image)
+        return torch.stack(out)
+
+
+def _check_values(images: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(images).all():
+        raise DataError(f"{where}: contains NaN or infinite values. Fix: clean the array.")
+    if images.min() < 0 or images.max() > 1:
+        raise DataError(f"{where}: float values outside [0, 1]. Fix: store uint8 images "
+                        "(N,H,W,3) or floats scaled to [0, 1].")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise DataError(f"{where}: expected images shaped (N,H,W,3) or (N,3,H,W), got "
+                        f"{tuple(images.shape)}. Fix: store RGB image arrays.")
