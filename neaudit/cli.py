@@ -30,7 +30,8 @@ def _protect(args: argparse.Namespace) -> int:
     from neaudit.data import load_dataset
     from neaudit.protection import FIDELITY_COLUMNS, protect
 
-    dataset = load_dataset(args.data, originals=None, resize=args.resize)
+    dataset = load_dataset(args.data, originals=None, resize=args.resize,
+                           allow_outside=args.allow_outside)
     result = protect(dataset, args.authorized, args.out, method=args.method,
                      psnr=args.psnr, rank=args.rank, threshold=args.threshold,
                      seed=args.seed, key=args.key, store_key=args.store_key,
@@ -79,6 +80,7 @@ def _audit(args: argparse.Namespace) -> int:
                    originals=args.originals, reference=args.reference,
                    max_images=args.max_images, quiet=args.quiet, score=args.score,
                    loader_workers=args.loader_workers, decode=args.decode,
+                   allow_outside=args.allow_outside,
                    command=" ".join(["neaudit", *sys.argv[1:]]))
     print(format_summary(result.summary, result.out))
     if not result.complete:
@@ -225,6 +227,9 @@ def _add_protect(sub) -> None:
     protect.add_argument("--resize", type=_size, help="resize policy for mixed sizes, H[xW]")
     protect.add_argument("--batch-size", type=int, default=32)
     protect.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    protect.add_argument("--allow-outside", action="store_true",
+                         help="read input files outside the dataset's folder (manifest paths, "
+                              "symlinks); recorded in neaudit.json")
     protect.add_argument("--quiet", action="store_true")
     protect.set_defaults(handler=_protect)
 
@@ -246,6 +251,9 @@ def _add_audit(sub) -> None:
     run.add_argument("--score", choices=("auto", "accuracy", "agreement"), default="auto",
                      help="accuracy against labels, or agreement with clean predictions")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--allow-outside", action="store_true",
+                     help="read input files outside the dataset's folder (manifest paths, "
+                          "symlinks); recorded in run.json")
     run.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
     run.add_argument("--loader-workers", type=int, default=0,
                      help="processes reading shards ahead (pinned memory on CUDA)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -189,12 +190,13 @@ def _labels_from_layout(rel: list[Path]) -> tuple[np.ndarray | None, list[str] |
 
 def _load_npz(path: Path, resize) -> ImageDataset:
     try:
-        arrays = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: cannot read this .npz ({exc}). Fix: save it with "
                         "numpy.savez without object arrays.") from exc
     if "protected" not in arrays:
-        raise DataError(f"{path}: no 'protected' array (found {sorted(arrays.files)}). "
+        raise DataError(f"{path}: no 'protected' array (found {sorted(arrays)}). "
                         "Fix: name the protected images array 'protected'.")
     protected = arrays["protected"]
     if protected.ndim != 4 or 3 not in (protected.shape[1], protected.shape[-1]):

@@ -89,8 +89,8 @@ class Policy:
             raise NeauditError(f"{path}: 'family' must hold [family.NAME] tables.")
         per_family = {f: _thresholds(path, r, f"[family.{f}] ") for f, r in families.items()}
         if not rules and not any(per_family.values()):
-            raise NeauditError(f"{path}: no threshold, so nothing could fail. Fix: set at least "
-                               f"one of {', '.join(KEYS)}.")
+            raise NeauditError(f"{path}: no threshold, and a policy without one can never pass. "
+                               f"Fix: set at least one of {', '.join(KEYS)}.")
         return cls(name, rules, per_family, lists["fail_on"], lists["levels"])
 
     def evaluate(self, table: pd.DataFrame, summary: dict) -> list[Criterion]:

@@ -48,13 +48,13 @@ def create_model(spec: str | ModelSpec | ImageClassifier,
     try:
         model = seeded(lambda: BUILDERS[parsed.scheme](parsed, class_names), "model",
                        parsed.text)
+        return model.eval().requires_grad_(False)
     except ModelSpecError:
         raise
     except Exception as exc:  # the spec's options or the user's own code
         raise ModelSpecError(f"'{parsed.text}': the model could not be built "
                              f"({type(exc).__name__}: {str(exc)[:300]}). Fix: check the spec's "
                              "options and its code.") from exc
-    return model.eval().requires_grad_(False)
 
 def resolve_zoo(zoo: str | Sequence[str]) -> list[str]:
     """Preset name, comma-separated specs, or a list of specs → a list of spec strings."""

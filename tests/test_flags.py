@@ -176,7 +176,8 @@ def test_device_decoding_needs_cuda_and_is_flagged(release, tmp_path):
     summary = json.loads(summary_path.read_text())
     summary["diagnostics"]["device_decoded_jpegs"] = 7
     summary_path.write_text(json.dumps(summary))
-    report = render_report(result.out, _policy(tmp_path, 'fail_on = ["device_decoding"]\n'))
+    report = render_report(result.out, _policy(
+        tmp_path, 'min_authorized_retention = 0.5\nfail_on = ["device_decoding"]\n'))
     flag = next(f for f in report.flags if f.name == "device_decoding")
     assert flag.message.startswith("7 JPEG input file(s) were decoded with nvJPEG")
     assert flag.failing and report.verdict == "FAIL"

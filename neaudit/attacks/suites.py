@@ -93,7 +93,11 @@ def load_suite(suite: str | Path) -> list[SuiteEntry]:
         name = table.pop("name", None)
         if not isinstance(name, str):
             raise NeauditError(f"{path}: an [[attack]] table has no 'name' string.")
-        entries += _expand(path, get_attack(name), table)
+        try:
+            attack = get_attack(name)
+        except NeauditError as exc:
+            raise NeauditError(f"{path}: {exc}") from None
+        entries += _expand(path, attack, table)
     return list(dict.fromkeys(entries))
 
 

@@ -1,0 +1,337 @@
+"""Hostile and mistaken inputs, through the CLI as users meet them.
+
+Every case must end with its exit code, one line on stderr that names the offending input,
+no traceback, and every input file byte-identical afterwards."""
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from neaudit.cli import main
+from neaudit.imageio import read_image, sha256_file, write_png
+from neaudit.protection import protect
+
+AUTH = "demo:patch_cnn"
+OTHER = "demo:small_cnn"
+FACTORIES = '''
+import torch, torch.nn as nn
+
+class Flat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 4, stride=4)
+    def forward(self, x):
+        return self.conv(x).flatten(1).mean(1)          # 1-D output
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 4, stride=4)
+    def forward(self, x):
+        raise RuntimeError("broken on purpose")
+
+def needs_args(width):
+    return nn.Conv2d(3, width, 3)
+
+def not_a_module():
+    return "a string"
+
+def flat():
+    return Flat()
+
+def broken():
+    return Broken()
+
+class Nan(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.Flatten(), nn.Linear(256, 10))
+    def forward(self, x):
+        return self.net(x) * float("nan")
+
+def nan_model():
+    return Nan()
+'''
+
+
+def _bomb_png(path: Path) -> None:
+    """A valid 1×1 PNG whose header then claims 100000×100000 pixels."""
+    write_png(path, np.zeros((1, 1, 3), np.uint8))
+    data = bytearray(path.read_bytes())
+    ihdr = struct.pack(">II", 100_000, 100_000) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Every input the cases read, under one folder whose files must never change."""
+    root = tmp_path_factory.mktemp("hostile") / "inputs"
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        cls = "a" if i % 2 else "b"
+        write_png(root / "images" / cls / f"{i}.png", image)
+        write_png(root / "victim" / f"{i}.png", image)
+    protect(root / "images", AUTH, root / "release", psnr=20, save_originals=True)
+    (root / "suites").mkdir()
+    (root / "policies").mkdir()
+    (root / "models.py").write_text(FACTORIES)
+    (root / "a_file").write_text("not a folder")
+    (root / "bomb").mkdir()
+    _bomb_png(root / "bomb" / "huge.png")
+    np.savez(root / "objects.npz", protected=np.array([object(), object()], dtype=object))
+    manifests = root / "manifests"
+    for i, image in enumerate(images[:2]):
+        write_png(manifests / "imgs" / f"{i}.png", image)
+        write_png(manifests / f"{i}.png", image)
+    rows = {
+        "absolute": {"path": [str((root / "victim" / "0.png").resolve()), "imgs/1.png"]},
+        "dotdot": {"path": ["../victim/0.png", "imgs/1.png"]},
+        "negative": {"path": ["imgs/0.png", "imgs/1.png"], "label": [-1, 0]},
+        "evil_label": {"path": ["0.png", "1.png"], "label": ["../../x", "ok"]},
+        "big_label": {"path": ["0.png", "1.png"], "label": [12345, 0]},
+    }
+    for name, columns in rows.items():
+        pd.DataFrame(columns).to_csv(manifests / f"{name}.csv", index=False)
+    big = root / "big_release"
+    protect(manifests / "big_label.csv", AUTH, big, psnr=20, save_originals=True)
+    frame = pd.DataFrame({"path": [f"protected/{n}" for n in ("12345/0.png", "0/1.png")],
+                          "original_path": [f"original/{n}" for n in ("12345/0.png", "0/1.png")],
+                          "label": [12345, 0]})
+    frame.to_csv(big / "release.csv", index=False)
+    (root / "linked").mkdir()
+    write_png(root / "linked" / "inside.png", images[0])
+    (root / "linked" / "escape.png").symlink_to(root / "victim" / "1.png")
+    for name, text in SUITES.items():
+        (root / "suites" / f"{name}.toml").write_text(text)
+    for name, text in POLICIES.items():
+        (root / "policies" / f"{name}.toml").write_text(text)
+    return root
+
+
+SUITES = {
+    "quality_text": '[[attack]]\nname = "jpeg"\nquality = "abc"\n',
+    "sigma_negative": '[[attack]]\nname = "gaussian_blur"\nsigma = -1.5\n',
+    "jpeg_1000": '[[attack]]\nname = "jpeg"\nquality = 1000\n',
+    "jpeg_negative": '[[attack]]\nname = "jpeg"\nquality = -5\n',
+    "median_0": '[[attack]]\nname = "median"\nkernel = 0\n',
+    "median_4": '[[attack]]\nname = "median"\nkernel = 4\n',
+    "median_1001": '[[attack]]\nname = "median"\nkernel = 1001\n',
+    "empty_list": '[[attack]]\nname = "jpeg"\nquality = []\n',
+    "sigma_huge": '[[attack]]\nname = "gaussian_noise"\nsigma = 1e308\n',
+    "degrees_nan": '[[attack]]\nname = "rotate"\ndegrees = nan\n',
+    "unknown_attack": '[[attack]]\nname = "sharpen"\n',
+    "unknown_param": '[[attack]]\nname = "jpeg"\nqualty = 50\n',
+    "single_table": '[attack]\nname = "jpeg"\n',
+    "syntax": '[[attack]\nname = "jpeg"\n',
+    "fractions_empty": '[[attack]]\nname = "finetune"\nfractions = []\n',
+}
+
+POLICIES = {
+    "syntax": "max_leakage = \n",
+    "unknown_key": "max_leak = 0.5\n",
+    "string_value": 'max_leakage = "high"\n',
+    "list_value": "max_leakage = [0.5]\n",
+    "nan_value": "max_leakage = nan\n",
+    "unknown_level": 'max_leakage = 0.5\nlevels = ["L9"]\n',
+    "unknown_flag": 'max_leakage = 0.5\nfail_on = ["flaky"]\n',
+    "empty": "",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    argv: tuple[str, ...]  # {in} is the inputs folder, {out} a fresh output folder
+    says: tuple[str, ...]  # texts the one-line message must contain
+    code: int = 2
+
+
+def _protect(*extra: str, data: str = "{in}/images", auth: str = AUTH) -> tuple[str, ...]:
+    return ("protect", data, "--authorized", auth, "--out", "{out}", *extra)
+
+
+def _audit(*extra: str, data: str = "{in}/release") -> tuple[str, ...]:
+    return ("audit", data, "--model", OTHER, "--suite", "smoke", "--out", "{out}", "--quiet",
+            *extra)
+
+
+CASES = [
+    # writes outside --out or into the inputs
+    Case("manifest_absolute_path", _protect(data="{in}/manifests/absolute.csv"),
+         ("absolute.csv", "outside the dataset's folder", "--allow-outside")),
+    Case("manifest_dotdot_path", _protect(data="{in}/manifests/dotdot.csv"),
+         ("dotdot.csv", "outside the dataset's folder")),
+    Case("symlink_out_of_folder", _protect(data="{in}/linked"), ("linked", "symlink")),
+    Case("class_name_with_path", _protect(data="{in}/manifests/evil_label.csv"),
+         ("class name", "../../x")),
+    Case("protect_out_is_input", ("protect", "{in}/images", "--authorized", AUTH, "--out",
+                                  "{in}/images"), ("overlaps the input",)),
+    Case("protect_out_inside_input", ("protect", "{in}/images", "--authorized", AUTH, "--out",
+                                      "{in}/images/sub"), ("overlaps the input",)),
+    Case("audit_out_is_data", ("audit", "{in}/release", "--model", OTHER, "--suite", "smoke",
+                               "--out", "{in}/release"), ("overlaps the input",)),
+    Case("audit_out_in_protected", ("audit", "{in}/release", "--model", OTHER, "--suite",
+                                    "smoke", "--out", "{in}/release/protected/run"),
+         ("overlaps the input",)),
+    Case("audit_out_holds_data", ("audit", "{in}/release", "--model", OTHER, "--suite", "smoke",
+                                  "--out", "{in}"), ("overlaps the input",)),
+    Case("audit_out_is_reference", ("audit", "{in}/release", "--model", OTHER, "--suite",
+                                    "smoke", "--reference", "{in}/images", "--out",
+                                    "{in}/images/run"), ("overlaps the input",)),
+    Case("out_is_a_file", _protect()[:-1] + ("{in}/a_file",), ("a_file", "is a file")),
+    # silent wrong results, now refused
+    Case("psnr_nan", _protect("--psnr", "nan"), ("--psnr nan",)),
+    Case("psnr_inf", _protect("--psnr", "inf"), ("--psnr inf",)),
+    Case("psnr_1000", _protect("--psnr", "1000"), ("--psnr 1000",)),
+    Case("psnr_negative", _protect("--psnr", "-10"), ("--psnr -10",)),
+    Case("rank_0", _protect("--rank", "0"), ("--rank 0",)),
+    Case("rank_negative", _protect("--rank", "-1"), ("--rank -1",)),
+    Case("rank_full", _protect("--rank", "100000"), ("--rank 100000", "1 to 47")),
+    Case("threshold_keeps_all", _protect("--threshold", "2"), ("keeps every direction",)),
+    Case("l2_negative", _protect("--l2", "-1"), ("--l2 -1",)),
+    Case("patch_fraction_0", _protect("--patch-fraction", "0"), ("--patch-fraction 0",)),
+    Case("nan_authorized_model", _protect(auth="python:{in}/models.py:nan_model?input_size=32"),
+         ("nan_model", "NaN")),
+    Case("negative_label", _protect(data="{in}/manifests/negative.csv"),
+         ("negative.csv", "label -1")),
+    Case("label_beyond_classes", _audit("--score", "accuracy",
+                                        data="{in}/big_release/release.csv"),
+         ("label 12345", "demo:")),
+    Case("max_images_negative", _audit("--max-images", "-5"), ("--max-images -5",)),
+    Case("max_images_zero", _audit("--max-images", "0"), ("--max-images 0",)),
+    # errors before any work instead of tracebacks
+    *[Case(f"suite_{name}", _audit()[:5] + ("{in}/suites/" + name + ".toml",) + _audit()[6:],
+           (f"{name}.toml",)) for name in SUITES],
+    *[Case(f"policy_{name}", _audit("--policy", "{in}/policies/" + name + ".toml"),
+           (f"{name}.toml",)) for name in POLICIES],
+    Case("spec_num_classes_text", _protect(auth="timm:resnet18?num_classes=abc"),
+         ("num_classes=abc",)),
+    Case("spec_negative_size", _protect(auth="timm:resnet18?input_size=-32"),
+         ("input_size=-32",)),
+    Case("spec_mean_text", _protect(auth="timm:resnet18?mean=a,b,c"), ("mean=a,b,c",)),
+    Case("spec_mean_two_values", _protect(auth="timm:resnet18?mean=0.5,0.5"),
+         ("mean=0.5,0.5",)),
+    Case("spec_unknown_keyword", _protect(auth="timm:resnet18?colour=red"), ("colour",)),
+    Case("spec_percent", _protect(auth="timm:resnet18?%%%"), ("%%%",)),
+    Case("spec_unknown_scheme", _protect(auth="keras:resnet"), ("keras:resnet",)),
+    Case("factory_needs_args", _protect(auth="python:{in}/models.py:needs_args"),
+         ("needs_args", "without arguments")),
+    Case("factory_not_a_module", _protect(auth="python:{in}/models.py:not_a_module"),
+         ("not_a_module", "not a torch.nn.Module")),
+    Case("model_1d_output", _audit("--model", "python:{in}/models.py:flat?input_size=32"),
+         ("flat", "logits")),
+    Case("model_raises", _audit("--model", "python:{in}/models.py:broken?input_size=32"),
+         ("broken", "broken on purpose")),
+    Case("batch_size_0_protect", _protect("--batch-size", "0"), ("--batch-size 0",)),
+    Case("batch_size_negative_audit", _audit("--batch-size", "-1"), ("--batch-size -1",)),
+    Case("device_tpu", _protect("--device", "tpu"), ("--device tpu",)),
+    Case("decompression_bomb", _protect(data="{in}/bomb"), ("huge.png",)),
+    Case("pickled_npz", _protect(data="{in}/objects.npz"), ("objects.npz",)),
+    Case("missing_input", _protect(data="{in}/nowhere"), ("nowhere",)),
+    Case("bad_int_option", _audit("--batch-size", "abc"), ("--batch-size", "abc")),
+    Case("report_not_a_run", ("report", "{in}/images"), ("images", "results.parquet")),
+]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gives_one_line_and_exit_code(case, inputs, tmp_path, capsys):
+    before = _tree(inputs)
+    argv = [a.replace("{in}", str(inputs)).replace("{out}", str(tmp_path / "out"))
+            for a in case.argv]
+    code = main(argv) if case.name != "bad_int_option" else _argparse_code(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == case.code, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for text in case.says:
+        assert text.replace("{in}", str(inputs)) in lines[0], (text, lines[0])
+    assert _tree(inputs) == before, "an input file changed"
+
+
+def _argparse_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code
+
+
+def test_there_are_at_least_forty_cases():
+    assert len(CASES) >= 40
+
+
+def test_outside_inputs_are_read_with_allow_outside_and_written_inside_out(inputs, tmp_path):
+    """The README's promise: a manifest with absolute and '..' paths never leads a write
+    outside --out, and the inputs stay byte-identical."""
+    before = _tree(inputs)
+    for manifest in ("absolute.csv", "dotdot.csv"):
+        out = tmp_path / manifest
+        assert main(["protect", str(inputs / "manifests" / manifest), "--authorized", AUTH,
+                     "--out", str(out), "--allow-outside", "--quiet"]) == 0
+        written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+        assert "protected/_outside/000000-0.png" in written, written
+        assert all(not name.startswith("..") for name in written)
+        sidecar = json.loads((out / "neaudit.json").read_text())
+        assert sidecar["outside_files"] == 1
+        listed = [line.split("  ")[1] for line in (out / "hashes.sha256").read_text().splitlines()]
+        assert len(listed) == sidecar["count"] == 2
+    assert _tree(inputs) == before
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    values = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    image = read_image(tmp_path / "deep.png")
+    assert image.shape == (3, 32, 32)
+    np.testing.assert_allclose(image[0].numpy(), values / 65535, atol=1e-6)
+    assert float((image == 1).float().mean()) == 0.0
+
+
+def test_protect_refuses_to_mix_with_an_earlier_release(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["protect", str(inputs / "images"), "--authorized", AUTH, "--out", str(out),
+                 "--quiet"]) == 0
+    assert main(["protect", str(inputs / "images"), "--authorized", AUTH, "--out", str(out),
+                 "--quiet"]) == 0  # the same files again: allowed
+    write_png(out / "protected" / "stale.png", np.zeros((32, 32, 3), np.uint8))
+    assert main(["protect", str(inputs / "images"), "--authorized", AUTH, "--out",
+                 str(out)]) == 2
+    assert "stale.png" in capsys.readouterr().err
+
+
+def test_colliding_output_names_are_refused(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    for suffix in (".png", ".jpg"):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "in" / f"x{suffix}")
+    assert main(["protect", str(tmp_path / "in"), "--authorized", AUTH, "--out",
+                 str(tmp_path / "out")]) == 2
+    assert "would both be written as x.png" in capsys.readouterr().err
+
+
+def test_an_internal_error_exits_3_with_the_traceback_in_a_file(inputs, tmp_path, capsys,
+                                                               monkeypatch):
+    import neaudit.protection
+
+    def explode(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(neaudit.protection, "_recode_all", explode)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = main(["protect", str(inputs / "images"), "--authorized", AUTH, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and len(err.splitlines()) == 1 and "Traceback" not in err
+    report = Path(err.split("traceback is in ")[1].split(". ")[0])
+    assert report.parent == out and "ZeroDivisionError: a bug" in report.read_text()
