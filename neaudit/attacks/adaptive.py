@@ -64,9 +64,13 @@ def _unpatch(rows: torch.Tensor, like: torch.Tensor, period: int) -> torch.Tenso
 
 
 def _grid(images: torch.Tensor, ctx: AttackContext, patch: int, sigma: float) -> int:
-    if patch:
-        return int(patch)
-    return detect_period(images - _denoise(images, ctx, sigma))
+    if not patch:
+        return detect_period(images - _denoise(images, ctx, sigma))
+    if patch > min(images.shape[-2:]) // 2:
+        raise NeauditError(f"a patch grid of {patch} px needs images of at least {2 * patch} px "
+                           f"(these are {tuple(images.shape[-2:])}). Fix: a smaller patch, or 0 "
+                           "to detect it.")
+    return int(patch)
 
 
 @register_attack("tile_estimation", "adaptive", "L1",

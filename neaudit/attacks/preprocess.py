@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
 
 from neaudit.attacks.registry import AttackContext, Param, register_attack
+from neaudit.errors import NeauditError
 
 BLUR_SIGMA = Param(1.0, 0.1, 10.0)
 
@@ -50,6 +51,9 @@ def rotate(images: torch.Tensor, ctx: AttackContext, degrees: float) -> torch.Te
 def translate(images: torch.Tensor, ctx: AttackContext, pixels: int) -> torch.Tensor:
     """Shift right and down by ``pixels`` (reflected borders): misaligns a patch grid."""
     p = int(pixels)
+    if p >= min(images.shape[-2:]):
+        raise NeauditError(f"translate(pixels={p}) on {tuple(images.shape[-2:])} images shifts "
+                           "the whole image out. Fix: a shift smaller than the images.")
     padded = F.pad(images, (p, 0, p, 0), mode="reflect")
     return padded[..., : images.shape[-2], : images.shape[-1]]
 
