@@ -87,3 +87,17 @@ def test_suite_lists_expand_and_bad_entries_name_the_fix(tmp_path: Path):
         load_suite(path)
     with pytest.raises(NeauditError, match=r"unknown suite 'nope'.*smoke"):
         load_suite("nope")
+
+
+def test_learned_denoiser_follows_the_audit_seed(images):
+    """The denoiser's initialization and batches derive from the audit's seed: the same seed
+    gives the same output, another seed another one."""
+    attack = get_attack("learned_denoiser")
+
+    def run(seed: int) -> torch.Tensor:
+        ctx = AttackContext(generator=torch.Generator().manual_seed(0), seed=seed,
+                            reference=images)
+        return attack(images, ctx, steps=5)
+
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))

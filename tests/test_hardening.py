@@ -260,6 +260,8 @@ def test_bad_input_gives_one_line_and_exit_code(case, inputs, tmp_path, capsys):
     for text in case.says:
         assert text.replace("{in}", str(inputs)) in lines[0], (text, lines[0])
     assert _tree(inputs) == before, "an input file changed"
+    out = tmp_path / "out"
+    assert not out.exists() or not any(out.rglob("*")), "refused, yet something was written"
 
 
 def _argparse_code(argv: list[str]) -> int:
@@ -335,3 +337,21 @@ def test_an_internal_error_exits_3_with_the_traceback_in_a_file(inputs, tmp_path
     assert code == 3 and len(err.splitlines()) == 1 and "Traceback" not in err
     report = Path(err.split("traceback is in ")[1].split(". ")[0])
     assert report.parent == out and "ZeroDivisionError: a bug" in report.read_text()
+
+
+def test_a_full_disk_is_one_line_that_says_a_rerun_resumes(inputs, tmp_path, capsys,
+                                                          monkeypatch):
+    import errno
+
+    import neaudit.store
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(neaudit.store, "atomic_write", full)
+    code = main(["audit", str(inputs / "release"), "--model", OTHER, "--suite", "smoke",
+                 "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "No space left on device" in err and "re-running the same command resumes" in err
+    assert str(tmp_path / "run") in err
