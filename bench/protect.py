@@ -16,7 +16,7 @@ import torch
 
 from neaudit.data import builtin_dataset
 from neaudit.imageio import quantize, to_float, to_uint8, write_png
-from neaudit.ne import image_generators, reference_recode, subspace_recode
+from neaudit.ne import reference_recode, subspace_recode
 from neaudit.spectral import low_sensitivity_subspace
 from neaudit.stem import first_layer
 from neaudit.zoo import create_model
@@ -32,11 +32,11 @@ def timed(fn) -> tuple[float, object]:
 
 def recode(method: str, space, layer, batch: torch.Tensor, offset: int) -> torch.Tensor:
     """One batch of NEs on the uint8 grid, finished on the device before returning."""
-    generators = image_generators(0, torch.arange(offset, offset + len(batch)))
+    index = torch.arange(offset, offset + len(batch))
     if method == "subspace":
-        written = subspace_recode(batch, space, 30.0, generators)
+        written = subspace_recode(batch, space, 30.0, 0, index)
     else:
-        written = quantize(reference_recode(batch, layer, 30.0, generators))
+        written = quantize(reference_recode(batch, layer, 30.0, 0, index))
     if batch.device.type == "cuda":
         torch.cuda.synchronize()
     return written

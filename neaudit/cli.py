@@ -28,7 +28,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def _protect(args: argparse.Namespace) -> int:
     from neaudit.data import load_dataset
-    from neaudit.protection import FIDELITY_COLUMNS, protect
+    from neaudit.fidelity import FIDELITY_COLUMNS
+    from neaudit.protection import protect
 
     dataset = load_dataset(args.data, originals=None, resize=args.resize,
                            allow_outside=args.allow_outside)
@@ -37,11 +38,11 @@ def _protect(args: argparse.Namespace) -> int:
                      seed=args.seed, key=args.key, store_key=args.store_key,
                      save_originals=args.save_originals, output_format=args.format,
                      batch_size=args.batch_size, patch_fraction=args.patch_fraction,
-                     l2=args.l2,
-                     device=args.device)
+                     l2=args.l2, device=args.device, fidelity_images=args.fidelity_images)
     if not args.quiet:
         summary = result.summary
-        print(f"wrote {len(result.per_image)} NEs ({args.method}) to {result.out}")
+        print(f"wrote {len(result.per_image)} NEs ({args.method}) to {result.out}; model "
+              f"figures on {result.sidecar['params']['fidelity_images']} of them")
         print(f"authorized: {result.sidecar['authorized']}")
         for key, meaning in FIDELITY_COLUMNS.items():
             print(f"  {key:<20} {summary[key]:>10.4f}   {meaning}")
@@ -227,6 +228,9 @@ def _add_protect(sub) -> None:
     protect.add_argument("--resize", type=_size, help="resize policy for mixed sizes, H[xW]")
     protect.add_argument("--batch-size", type=int, default=32)
     protect.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    protect.add_argument("--fidelity-images", type=int, default=64,
+                         help="images the authorized model is run on to preview its agreement "
+                              "(pixel and first-layer figures cover every image)")
     protect.add_argument("--allow-outside", action="store_true",
                          help="read input files outside the dataset's folder (manifest paths, "
                               "symlinks); recorded in neaudit.json")

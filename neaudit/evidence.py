@@ -82,7 +82,8 @@ def write_spectral(worker: Worker, summary: dict) -> None:
         return
     batch = next(dataset.batches(min(SPECTRAL_IMAGES, len(dataset))))
     delta = (batch.protected - batch.original).cpu()
-    noise = isotropic_like(delta, generator(worker.seed, "spectral-noise"))
+    noise = isotropic_like(delta, torch.randn(delta.shape,
+                                              generator=generator(worker.seed, "spectral")))
     rows = []
     for spec, model in models.items():
         if spec == worker.authorized:

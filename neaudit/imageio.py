@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -136,9 +137,17 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
         raise
 
 
+PNG_LEVEL = 1
+"""zlib level of written PNGs. Measured on 224×224 photo NEs, 2 cores (imagecodecs' libpng):
+level 1 encodes 280 img/s per thread at 108.6 KiB, level 6 206 img/s at 105.9 KiB (Pillow's
+default, level 6: 139 img/s at 102.6 KiB): 3% larger files for 1.4× the speed."""
+
+
 def write_png(path: Path, image: np.ndarray) -> None:
-    """Write one HWC uint8 image as a lossless PNG, atomically."""
-    atomic_write(path, lambda handle: Image.fromarray(image).save(handle, format="PNG"))
+    """Write one HWC uint8 image as a lossless PNG, atomically (imagecodecs' libpng, which
+    releases the GIL, so writer threads run in parallel)."""
+    encoded = imagecodecs.png_encode(np.ascontiguousarray(image), level=PNG_LEVEL)
+    atomic_write(path, lambda handle: handle.write(encoded))
 
 
 def is_lossy(path: Path) -> bool:

@@ -63,9 +63,10 @@ def relative_first_layer_change(layer: FirstLayer, clean: torch.Tensor, delta: t
     return layer.response(delta).flatten(1).norm(dim=1) / clean_response.flatten(1).norm(dim=1)
 
 
-def isotropic_like(delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise with the same per-image energy as ``delta``."""
-    noise = torch.randn(delta.shape, generator=generator).to(delta.device)
+def isotropic_like(delta: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Isotropic ``noise`` (e.g. standard normal, same shape) rescaled to the per-image energy
+    of ``delta``: the control every first-layer gain is compared with."""
+    noise = noise.to(delta)
     scale = delta.flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1)
     return noise * scale.view(-1, 1, 1, 1)
 

@@ -34,20 +34,20 @@ import torch.nn.functional as F
 
 from neaudit.imageio import quantize
 from neaudit.patches import from_patches, to_patches
-from neaudit.seeding import generator
+from neaudit.seeding import counter_normal, derive_seed
 from neaudit.spectral import PatchSubspace, Subspace
 from neaudit.stem import FirstLayer
 
 METHODS = ("subspace", "reference")
 
 
-def image_generators(key: int, indices: torch.Tensor) -> list[torch.Generator]:
-    """One generator per image, so noise depends on (key, image index) only, not batching."""
-    return [generator(key, "ne-noise", int(i)) for i in indices]
+def noise_key(key: int) -> int:
+    """The counter key of an NE key's noise (:func:`neaudit.seeding.counter_normal`)."""
+    return derive_seed(key, "ne-noise")
 
 
 def subspace_recode(clean: torch.Tensor, space: Subspace,
-                    psnr: float, generators: list[torch.Generator],
+                    psnr: float, key: int, index: torch.Tensor,
                     patch_fraction: float = 1.0, repair_iterations: int = 10,
                     calibration_rounds: int = 4) -> torch.Tensor:
     """Recode clean [0,1] images into NEs on the uint8 grid at ``psnr`` (measured).
@@ -64,8 +64,7 @@ def subspace_recode(clean: torch.Tensor, space: Subspace,
     _check_images(clean)
     if not 0.0 < patch_fraction <= 1.0:
         raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
-    noise = torch.cat([space.sample((1, *clean.shape[1:]), g, patch_fraction, clean.device)
-                       for g in generators])
+    noise = space.sample(clean.shape, noise_key(key), index.to(clean.device), patch_fraction)
     target_norm = (clean[0].numel() * 10 ** (-psnr / 10)) ** 0.5
     scale = 1.25 * target_norm / noise.flatten(1).norm(dim=1).clamp_min(1e-12)
     delta = torch.empty_like(clean)
@@ -102,7 +101,7 @@ def reference_basis(layer: FirstLayer, tau: float = 1e-2) -> torch.Tensor:
 
 
 def reference_recode(clean: torch.Tensor, layer: FirstLayer, psnr: float,
-                     generators: list[torch.Generator], tau: float = 1e-2) -> torch.Tensor:
+                     key: int, index: torch.Tensor, tau: float = 1e-2) -> torch.Tensor:
     """The published construction (steps 3–5); returns unclipped float pixels."""
     _check_images(clean)
     basis = reference_basis(layer, tau)
@@ -112,8 +111,9 @@ def reference_recode(clean: torch.Tensor, layer: FirstLayer, psnr: float,
     kernel, stride, padding = layer.kernel, layer.stride, layer.padding
     unfolded = F.unfold(normalized, kernel, stride=stride, padding=padding)  # (B, d, L)
     k = basis.shape[1]
-    first = torch.stack([basis @ torch.randn(k, generator=g) for g in generators]).to(clean)
-    second = torch.stack([basis @ torch.randn(k, generator=g) for g in generators]).to(clean)
+    rows = index.to(clean.device)
+    first = counter_normal(noise_key(key), rows, k, stream=0) @ basis.to(clean).T
+    second = counter_normal(noise_key(key), rows, k, stream=1) @ basis.to(clean).T
     target_mse = 255.0**2 / 10 ** (psnr / 10)
     scale = (target_mse / (unfolded + first[:, :, None]).pow(2).mean(dim=(1, 2))).sqrt()
     recoded = unfolded + (scale[:, None] * second)[:, :, None]

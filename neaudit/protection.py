@@ -25,38 +25,22 @@ from neaudit.data import ORIGINAL_DIR, PROTECTED_DIR, SIDECAR, load_dataset
 from neaudit.dataset import ImageDataset
 from neaudit.device import resolve_device
 from neaudit.errors import NeauditError
-from neaudit.imageio import atomic_write, quantize, sha256_file, to_uint8, write_png
-from neaudit.metrics import (
-    first_layer_gain,
-    isotropic_like,
-    logit_cosine,
-    relative_first_layer_change,
-    ssim,
-)
-from neaudit.metrics import psnr as measured_psnr
-from neaudit.ne import METHODS, image_generators, reference_recode, subspace_recode
+from neaudit.fidelity import fidelity_sample, measure
+from neaudit.imageio import atomic_write, quantize, sha256_file, to_uint8
+from neaudit.ne import METHODS, reference_recode, subspace_recode
 from neaudit.paths import output_path, refuse_overlap, safe_component, safe_relative
-from neaudit.seeding import generator
+from neaudit.pipeline import PngWriter, read_ahead
 from neaudit.spectral import Subspace, low_sensitivity_subspace
 from neaudit.stem import FirstLayer, first_layer
 from neaudit.zoo import ImageClassifier, check_model, create_model
+
+FIDELITY_IMAGES = 64
+"""Images the authorized model is run on (three forwards each) to preview its agreement."""
 
 MAX_PSNR = 55.0
 """Uint8 rounding alone is a 59 dB perturbation: a higher measured target cannot be written
 (the published construction's *nominal* PSNR counts the image itself and has no such bound)."""
 
-FIDELITY_COLUMNS = {
-    "psnr": "measured PSNR of the written image (dB)",
-    "l2": "L2 norm of the written perturbation ([0, 1] pixel units)",
-    "ssim": "SSIM of the written image",
-    "gain": "first-layer gain ‖W̃δ‖/‖δ‖ of the written perturbation",
-    "isotropic_gain": "gain of isotropic noise with the same energy",
-    "relative_change": "relative first-layer change ‖W̃δ‖/‖Wx̃‖",
-    "agreement": "authorized top-1 on the written NE equals its clean top-1",
-    "logit_cosine": "cosine between authorized logits on NE and on clean",
-    "noise_agreement": "control: top-1 agreement under isotropic noise of the same PSNR",
-    "noise_logit_cosine": "control: logit cosine under that noise",
-}
 
 
 @dataclass
@@ -75,7 +59,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
             key: int | None = None, store_key: bool = False, save_originals: bool = False,
             output_format: str = "png", batch_size: int = 32, tau: float = 1e-2,
             patch_fraction: float = 1.0, l2: float | None = None,
-            device: str = "auto", allow_outside: bool = False) -> ProtectResult:
+            device: str = "auto", allow_outside: bool = False,
+            fidelity_images: int = FIDELITY_IMAGES) -> ProtectResult:
     """Recode ``data`` into NEs for ``authorized`` and write them under ``out``.
 
     ``key`` seeds the noise inside the subspace (defaults to ``seed``); it is recorded in
@@ -86,8 +71,13 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     stems) puts the noise into that share of each image's patches: the authorized model sees
     less of it, the other models more of the clean image. ``allow_outside`` reads input files
     outside the dataset's folder (see :mod:`neaudit.paths`); outputs always stay in ``out``.
+    The authorized model's agreement and logit figures are measured on ``fidelity_images``
+    evenly spaced images (a preview: the audit measures utility on every image); the pixel
+    and first-layer figures on every image.
     """
     _check_options(method, psnr, l2, rank, patch_fraction, output_format, batch_size)
+    if fidelity_images < 1:
+        raise NeauditError(f"--fidelity-images {fidelity_images}: must be at least 1.")
     dataset = (data if isinstance(data, ImageDataset)
                else load_dataset(data, allow_outside=allow_outside))
     out = Path(out)
@@ -109,7 +99,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
                            f"{model.name} with --method {method} has none. Fix: drop the option.")
     noise_key = seed if key is None else key
     recoding = _Recoding(model, layer, space, method, psnr, noise_key, seed, tau,
-                         patch_fraction)
+                         patch_fraction, fidelity_images)
     per_image = _recode_all(dataset, recoding, out, names, batch_size, save_originals,
                             output_format)
     summary = {col: float(per_image[col].mean()) for col in per_image.columns if col != "name"}
@@ -121,7 +111,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         "tau": tau if method == "reference" else None,
         "patch_fraction": patch_fraction if method == "subspace" else None,
         "seed": seed, "key": noise_key if store_key else None, "key_stored": store_key,
-        "image_size": list(size),
+        "image_size": list(size), "fidelity_images": min(fidelity_images, len(dataset)),
     }
     sidecar = _sidecar(out, dataset, model, method, params, summary, names)
     return ProtectResult(out, per_image, summary, sidecar)
@@ -166,73 +156,48 @@ class _Recoding:
     seed: int
     tau: float
     patch_fraction: float
+    fidelity_images: int
 
     def __call__(self, clean: torch.Tensor, index: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The written NEs (on the uint8 grid) and, for ``reference``, the float output."""
-        generators = image_generators(self.key, index)
         if self.method == "subspace":
-            return subspace_recode(clean, self.space, self.psnr, generators,
+            return subspace_recode(clean, self.space, self.psnr, self.key, index,
                                    self.patch_fraction), None
-        floats = reference_recode(clean, self.layer, self.psnr, generators, self.tau)
+        floats = reference_recode(clean, self.layer, self.psnr, self.key, index, self.tau)
         return quantize(floats), floats
 
 
 def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
                 names: list[PurePosixPath], batch_size: int, save_originals: bool,
                 output_format: str) -> pd.DataFrame:
-    """Recode and write every batch; returns the per-image fidelity table."""
+    """Recode and write every batch, the next batch decoded and the previous ones written
+    while the device works on the current one; returns the per-image fidelity table."""
     device = recoding.model.mean.device
+    sampled = fidelity_sample(len(dataset), recoding.fidelity_images)
     rows, written, originals = [], [], []
-    for batch in dataset.batches(batch_size):
-        clean = quantize(batch.protected).to(device)
-        protected, floats = recoding(clean, batch.index)
-        rows.append(_fidelity(recoding, clean, protected, floats, batch.index))
-        paths = names[int(batch.index[0]):int(batch.index[-1]) + 1]
-        stored = _store(out, paths, protected, clean, save_originals, output_format)
-        written.append(stored[0])
-        originals.append(stored[1])
+    with PngWriter() as writer:
+        for batch in read_ahead(dataset.batches(batch_size)):
+            clean = quantize(batch.protected).to(device, non_blocking=True)
+            protected, floats = recoding(clean, batch.index)
+            rows.append(measure(recoding.model, recoding.layer, recoding.seed, clean, protected,
+                                floats, batch.index, sampled))
+            images, clean_images = to_uint8(protected), to_uint8(clean)
+            if output_format == "npz":
+                written.append(images)
+                originals.append(clean_images)
+                continue
+            paths = names[int(batch.index[0]):int(batch.index[-1]) + 1]
+            for path, image, original in zip(paths, images, clean_images, strict=True):
+                writer.write(output_path(out / PROTECTED_DIR, path), image)
+                if save_originals:
+                    writer.write(output_path(out / ORIGINAL_DIR, path), original)
     per_image = pd.concat(rows, ignore_index=True)
     per_image.insert(0, "name", dataset.names)
     if output_format == "npz":
         _write_npz(out, dataset, np.concatenate(written),
                    np.concatenate(originals) if save_originals else None)
     return per_image
-
-
-def _fidelity(recoding: _Recoding, clean: torch.Tensor, protected: torch.Tensor,
-              floats: torch.Tensor | None, index: torch.Tensor) -> pd.DataFrame:
-    """Per-image fidelity of the written NEs, beside isotropic noise of the same energy."""
-    model, layer = recoding.model, recoding.layer
-    delta = protected - clean
-    noise = isotropic_like(delta, generator(recoding.seed, "noise-control", int(index[0])))
-    noisy = quantize(clean + noise)
-    with torch.inference_mode():
-        logits_clean, logits_ne, logits_noise = model(clean), model(protected), model(noisy)
-    if not all(torch.isfinite(t).all() for t in (logits_clean, logits_ne, logits_noise)):
-        raise NeauditError(f"{model.name}: the authorized model returns NaN or infinite logits "
-                           "on these images, so no fidelity figure can be trusted. Fix: check "
-                           "its weights and normalization.")
-    top = logits_clean.argmax(1)
-    frame = {
-        "psnr": measured_psnr(protected, clean),
-        "l2": delta.flatten(1).norm(dim=1),
-        "ssim": ssim(protected, clean),
-        "gain": first_layer_gain(layer, delta),
-        "isotropic_gain": first_layer_gain(layer, noise),
-        "relative_change": relative_first_layer_change(layer, clean, delta),
-        "agreement": (logits_ne.argmax(1) == top).float(),
-        "logit_cosine": logit_cosine(logits_ne, logits_clean),
-        "noise_agreement": (logits_noise.argmax(1) == top).float(),
-        "noise_logit_cosine": logit_cosine(logits_noise, logits_clean),
-        "clean_prediction": top.float(),
-    }
-    if floats is not None:  # reference: what the paper evaluated, before materializing
-        with torch.inference_mode():
-            logits_float = model(floats)
-        frame["psnr_float"] = measured_psnr(floats, clean)
-        frame["agreement_float"] = (logits_float.argmax(1) == top).float()
-    return pd.DataFrame({k: v.detach().cpu().numpy() for k, v in frame.items()})
 
 
 def _output_names(dataset: ImageDataset) -> list[PurePosixPath]:
@@ -268,17 +233,6 @@ def _refuse_foreign_files(out: Path, names: list[PurePosixPath]) -> None:
             raise NeauditError(f"{out}: {folder.name}/ already holds {len(extra)} file(s) this "
                                f"run would not write, e.g. {extra[0]}. Fix: choose a new --out "
                                "folder, or delete the old one.")
-
-
-def _store(out: Path, paths: list[PurePosixPath], protected: torch.Tensor, clean: torch.Tensor,
-           save_originals: bool, output_format: str) -> tuple[np.ndarray, np.ndarray]:
-    images, clean_images = to_uint8(protected), to_uint8(clean)
-    if output_format == "png":
-        for path, image, original in zip(paths, images, clean_images, strict=True):
-            write_png(output_path(out / PROTECTED_DIR, path), image)
-            if save_originals:
-                write_png(output_path(out / ORIGINAL_DIR, path), original)
-    return images, clean_images
 
 
 def _write_npz(out: Path, dataset: ImageDataset, protected: np.ndarray,

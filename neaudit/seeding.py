@@ -10,6 +10,7 @@ to 63 bits), unlike arithmetic on seeds.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -36,3 +37,54 @@ def seeded(build: Callable[[], T], *parts: object) -> T:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(*parts))
         return build()
+
+
+# --- Counter-based noise: the same numbers on every device and in every batch --------------
+
+_MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B - (1 << 32)  # lowbias32's multipliers, as int32
+
+
+def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int32 values holding uint32 bit patterns."""
+    return (x >> bits) & ((1 << (32 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (a 32-bit integer hash with low bias) in int32 tensor ops; multiplication
+    wraps modulo 2³² the same way on every device."""
+    x = x ^ _shift(x, 16)
+    x = x * _MIX1
+    x = x ^ _shift(x, 15)
+    x = x * _MIX2
+    return x ^ _shift(x, 16)
+
+
+def _int32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def counter_uniform(key: int, rows: torch.Tensor, count: int, stream: int = 0
+                    ) -> torch.Tensor:
+    """(len(rows), count) uniforms in (0, 1], a pure function of (key, stream, row, column):
+    computed where ``rows`` lives, with no generator state, so a row (an image index) gets the
+    same numbers whatever batch it is in and on whichever device."""
+    device = rows.device
+    seed = torch.tensor([_int32(key), _int32(key >> 32), _int32(stream)], dtype=torch.int32,
+                        device=device)
+    head = _mix(_mix(_mix(seed[0]) ^ seed[1]) ^ seed[2])
+    per_row = _mix(head ^ rows.to(torch.int32))
+    per_column = _mix(torch.arange(count, dtype=torch.int32, device=device))
+    bits = _mix(per_row[:, None] ^ per_column[None, :])
+    return (_shift(bits, 8).float() + 1.0) * 2.0**-24
+
+
+def counter_normal(key: int, rows: torch.Tensor, count: int, stream: int = 0
+                   ) -> torch.Tensor:
+    """(len(rows), count) standard normals by Box–Muller on :func:`counter_uniform`. Integer
+    hashing is bit-identical across devices; log/cos may differ in the last float bit
+    between CPU and GPU libraries."""
+    half = (count + 1) // 2
+    radius = torch.sqrt(-2.0 * torch.log(counter_uniform(key, rows, half, 2 * stream)))
+    angle = (2 * math.pi) * counter_uniform(key, rows, half, 2 * stream + 1)
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :count]

@@ -26,6 +26,7 @@ import torch
 
 from neaudit.errors import NeauditError
 from neaudit.patches import from_patches, to_patches
+from neaudit.seeding import counter_normal, counter_uniform
 from neaudit.stem import FirstLayer
 
 
@@ -54,6 +55,10 @@ def _select(singular_values: torch.Tensor, rank: int | None, threshold: float | 
                            "so the perturbation would reach the authorized model in full. Fix: "
                            "a lower --rank or --threshold.")
     return mask.view_as(singular_values)
+
+
+PATCH_CHOICE = 1
+"""The counter stream that chooses which patches carry noise (``patch_fraction`` < 1)."""
 
 
 class Subspace(ABC):
@@ -89,10 +94,11 @@ class Subspace(ABC):
         """Orthogonal projection of pixel perturbations (NCHW) onto the subspace."""
 
     @abstractmethod
-    def sample(self, shape: torch.Size, generator: torch.Generator,
-               patch_fraction: float = 1.0, device: torch.device | None = None
-               ) -> torch.Tensor:
-        """Noise in the subspace, drawn from ``generator`` on the CPU, shaped on ``device``."""
+    def sample(self, shape: torch.Size, key: int, rows: torch.Tensor,
+               patch_fraction: float = 1.0) -> torch.Tensor:
+        """Noise in the subspace for the images ``rows`` (their dataset indices), a pure
+        function of (key, image index) computed on ``rows``' device
+        (:func:`neaudit.seeding.counter_normal`)."""
 
     @abstractmethod
     def to_rows(self, images: torch.Tensor) -> torch.Tensor:
@@ -154,26 +160,26 @@ class PatchSubspace(Subspace):
         patches = self._unfold(delta)
         return self._fold(basis @ (basis.T @ patches), delta)
 
-    def sample(self, shape: torch.Size, generator: torch.Generator,
-               patch_fraction: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
-        """Gaussian noise with unit variance per subspace coordinate, independent per patch,
-        drawn from ``generator`` (on the CPU, so every device gets the same draw) and shaped on
-        ``device``.
+    def sample(self, shape: torch.Size, key: int, rows: torch.Tensor,
+               patch_fraction: float = 1.0) -> torch.Tensor:
+        """Gaussian noise with unit variance per subspace coordinate, independent per patch.
 
-        With ``patch_fraction`` < 1 only that share of each image's patches, drawn from
-        ``generator``, carries noise. Rounding to uint8 leaves a residual first-layer response
-        in every noisy patch whatever its strength, so the same energy in fewer patches
-        reaches the authorized model less (and leaves the other patches untouched).
+        With ``patch_fraction`` < 1 only that share of each image's patches, chosen by the
+        key, carries noise. Rounding to uint8 leaves a residual first-layer response in every
+        noisy patch whatever its strength, so the same energy in fewer patches reaches the
+        authorized model less (and leaves the other patches untouched).
         """
         b, _, h, w = shape
         count = (h // self.patch[0]) * (w // self.patch[1])
-        z = torch.randn(b, self.rank, count, generator=generator)
+        z = counter_normal(key, rows, self.rank * count).view(b, self.rank, count)
         if patch_fraction < 1.0:
             noisy = max(1, round(patch_fraction * count))
-            for image in z:
-                image[:, torch.randperm(count, generator=generator)[noisy:]] = 0.0
-        z = z.to(device)
+            order = counter_uniform(key, rows, count, stream=PATCH_CHOICE).argsort(dim=1)
+            keep = torch.zeros(b, count, dtype=torch.bool, device=z.device)
+            keep.scatter_(1, order[:, :noisy], True)
+            z = z * keep[:, None, :]
         return self._fold(self.basis.to(z) @ z, torch.zeros(shape, device=z.device))
+
 
 class FourierSubspace(Subspace):
     """Whole-operator subspace of an overlapping (strided) convolution, built per frequency."""
@@ -247,18 +253,17 @@ class FourierSubspace(Subspace):
         out = torch.fft.ifft2(spec, norm="ortho").real
         return out.permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w).to(delta.dtype)
 
-    def sample(self, shape: torch.Size, generator: torch.Generator,
-               patch_fraction: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
-        """Noise spread over the whole operator's subspace, drawn on the CPU and projected on
-        ``device``; an overlapping stem has no patches to leave out, so ``patch_fraction``
-        must be 1."""
+    def sample(self, shape: torch.Size, key: int, rows: torch.Tensor,
+               patch_fraction: float = 1.0) -> torch.Tensor:
+        """Noise spread over the whole operator's subspace; an overlapping stem has no patches
+        to leave out, so ``patch_fraction`` must be 1."""
         if patch_fraction != 1.0:
             raise ValueError("patch_fraction applies to non-overlapping stems (patch "
                              f"embeddings); this stem {self.layer.kernel}/{self.layer.stride} "
                              "overlaps. Fix: leave it at 1.")
-        noise = torch.randn(shape, generator=generator).to(device)
-        scale = math.sqrt(noise[0].numel() / self.rank)
-        return self.project(noise) * scale
+        numel = math.prod(shape[1:])
+        noise = counter_normal(key, rows, numel).view(shape)
+        return self.project(noise) * math.sqrt(numel / self.rank)
 
 
 def low_sensitivity_subspace(layer: FirstLayer, image_size: tuple[int, int],

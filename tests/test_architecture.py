@@ -12,12 +12,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "neaudit"
 LAYERS = [
     # the foundation: no neaudit imports but each other
     {"_version", "errors", "seeding", "vocabulary", "presets"},
-    {"imageio", "device", "patches", "paths", "demo_zoo"},
+    {"imageio", "device", "patches", "paths", "demo_zoo", "pipeline"},
     {"dataset", "models"},
     {"data", "builders"},
     {"zoo"},
     {"stem"},
     {"metrics", "spectral"},
+    {"fidelity"},
     {"ne"},
     # the attack library
     {"attacks.registry"},

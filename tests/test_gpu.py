@@ -57,14 +57,14 @@ def test_ne_recoding_on_cuda_matches_cpu(spec, tmp_path):
 
 
 def test_models_take_turns_on_the_gpu_when_they_do_not_fit(tmp_path, monkeypatch):
-    import neaudit.engine as engine
+    import neaudit.worker as worker
 
     dataset = digits_test_set(64)
     protect(dataset, demo_zoo.AUTHORIZED, tmp_path / "data", psnr=20, save_originals=True)
     common = dict(suite="smoke", score="accuracy", quiet=True, loader_workers=2)
     resident = audit(tmp_path / "data", ["demo:resnet"], out=tmp_path / "a", device="cuda",
                      **common).table
-    monkeypatch.setattr(engine, "fits_on_device", lambda models, device: False)
+    monkeypatch.setattr(worker, "fits_on_device", lambda models, device: False)
     turns = audit(tmp_path / "data", ["demo:resnet"], out=tmp_path / "b", device="cuda",
                   **common).table
     pd.testing.assert_frame_equal(resident, turns)

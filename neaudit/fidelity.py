@@ -1,0 +1,100 @@
+"""What ``neaudit protect`` measures on the NEs it writes, per image: pixel fidelity (PSNR,
+L2, SSIM), the first-layer gain beside isotropic noise of the same energy, and, on an evenly
+spaced sample, the authorized model's agreement and logit cosine with its clean predictions
+(and the same under the noise control). Every figure is computed on the uint8 images as
+written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from neaudit.errors import NeauditError
+from neaudit.imageio import quantize
+from neaudit.metrics import (
+    first_layer_gain,
+    isotropic_like,
+    logit_cosine,
+    relative_first_layer_change,
+    ssim,
+)
+from neaudit.metrics import psnr as measured_psnr
+from neaudit.models import ImageClassifier
+from neaudit.seeding import counter_normal, derive_seed
+from neaudit.stem import FirstLayer
+
+FIDELITY_COLUMNS = {
+    "psnr": "measured PSNR of the written image (dB)",
+    "l2": "L2 norm of the written perturbation ([0, 1] pixel units)",
+    "ssim": "SSIM of the written image",
+    "gain": "first-layer gain ‖W̃δ‖/‖δ‖ of the written perturbation",
+    "isotropic_gain": "gain of isotropic noise with the same energy",
+    "relative_change": "relative first-layer change ‖W̃δ‖/‖Wx̃‖",
+    "agreement": "authorized top-1 on the written NE equals its clean top-1",
+    "logit_cosine": "cosine between authorized logits on NE and on clean",
+    "noise_agreement": "control: top-1 agreement under isotropic noise of the same PSNR",
+    "noise_logit_cosine": "control: logit cosine under that noise",
+}
+
+
+def fidelity_sample(count: int, size: int) -> torch.Tensor:
+    """Evenly spaced item indices whose fidelity includes the model-based figures."""
+    return torch.linspace(0, count - 1, min(count, size)).round().long().unique()
+
+
+def measure(model: ImageClassifier, layer: FirstLayer, seed: int, clean: torch.Tensor,
+            protected: torch.Tensor, floats: torch.Tensor | None, index: torch.Tensor,
+            sampled: torch.Tensor) -> pd.DataFrame:
+    """Per-image fidelity of the written NEs, beside isotropic noise of the same energy.
+    Pixel and first-layer figures cover every image; the authorized model's agreement and
+    logit figures cover the ``sampled`` items (NaN elsewhere)."""
+    delta = protected - clean
+    gaussian = counter_normal(derive_seed(seed, "noise-control"),
+                              index.to(clean.device), delta[0].numel()).view_as(delta)
+    noise = isotropic_like(delta, gaussian)
+    frame = {
+        "psnr": measured_psnr(protected, clean),
+        "l2": delta.flatten(1).norm(dim=1),
+        "ssim": ssim(protected, clean),
+        "gain": first_layer_gain(layer, delta),
+        "isotropic_gain": first_layer_gain(layer, noise),
+        "relative_change": relative_first_layer_change(layer, clean, delta),
+    }
+    if floats is not None:
+        frame["psnr_float"] = measured_psnr(floats, clean)
+    table = pd.DataFrame({k: v.detach().float().cpu().numpy() for k, v in frame.items()})
+    rows = torch.isin(index, sampled).nonzero().flatten()
+    if len(rows):
+        picked = rows.to(clean.device)
+        model_figures = _model_figures(model, clean[picked], protected[picked],
+                                        quantize(clean + noise)[picked],
+                                        None if floats is None else floats[picked])
+        for column, values in model_figures.items():
+            table[column] = np.nan
+            table.loc[rows.numpy(), column] = values
+    return table
+
+
+def _model_figures(model: ImageClassifier, clean: torch.Tensor, protected: torch.Tensor,
+                    noisy: torch.Tensor, floats: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """The authorized model's agreement and logit cosine on the NEs and on the noise control
+    (and on the reference construction's float output, as the paper evaluated it)."""
+    with torch.inference_mode():
+        logits_clean, logits_ne, logits_noise = model(clean), model(protected), model(noisy)
+        logits_float = model(floats) if floats is not None else None
+    if not all(torch.isfinite(t).all() for t in (logits_clean, logits_ne, logits_noise)):
+        raise NeauditError(f"{model.name}: the authorized model returns NaN or infinite logits "
+                           "on these images, so no fidelity figure can be trusted. Fix: check "
+                           "its weights and normalization.")
+    top = logits_clean.argmax(1)
+    figures = {
+        "agreement": (logits_ne.argmax(1) == top).float(),
+        "logit_cosine": logit_cosine(logits_ne, logits_clean),
+        "noise_agreement": (logits_noise.argmax(1) == top).float(),
+        "noise_logit_cosine": logit_cosine(logits_noise, logits_clean),
+        "clean_prediction": top.float(),
+    }
+    if logits_float is not None:
+        figures["agreement_float"] = (logits_float.argmax(1) == top).float()
+    return {k: v.float().cpu().numpy() for k, v in figures.items()}
