@@ -63,28 +63,6 @@ class ResultStore:
         return [json.loads(p.read_text()) for p in sorted(self.tasks_dir.glob("*.json"))]
 
 
-class ScratchStore:
-    """A store that keeps new records in memory and reads arrays from a real store: used to
-    re-run tasks for the nondeterminism check without touching the results."""
-
-    def __init__(self, backing: ResultStore) -> None:
-        self.root = backing.root
-        self.backing = backing
-        self.saved: dict[str, dict] = {}
-
-    def done(self, key: str) -> bool:
-        return False
-
-    def save(self, key: str, record: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
-        self.saved[key] = record
-
-    def load_arrays(self, key: str) -> dict[str, np.ndarray]:
-        return self.backing.load_arrays(key)
-
-    def record(self, key: str) -> dict:
-        return json.loads((self.backing.tasks_dir / f"{key}.json").read_text())
-
-
 def write_table(root: Path, table: pd.DataFrame) -> None:
     """``results.csv`` and ``results.parquet``, each replaced atomically."""
     atomic_write(root / "results.csv", lambda h: table.to_csv(h, index=False))

@@ -69,7 +69,9 @@ def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> W
         dataset = replace(dataset, decode_device=device)
     models = {spec: create_model(spec, dataset.class_names) for spec in recipe.specs}
     offload = not fits_on_device(models, device)
-    models = {spec: m if offload else m.to(device) for spec, m in models.items()}
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    models = {spec: m.to(memory_format=layout) if offload else m.to(device, memory_format=layout)
+              for spec, m in models.items()}
     _check_models(models, dataset, recipe.score_metric, device, offload)
     reference = (reference_images(dataset, recipe.reference, recipe.seed)
                  if recipe.needs_reference else None)
@@ -146,13 +148,6 @@ class Worker:
         self._shard: tuple[int, Batch] | None = None
         self._upcoming: Iterator | None = None
 
-    def with_store(self, store) -> Worker:
-        """The same worker (models, caches) writing to another store."""
-        twin = Worker(self.dataset, self.models, self.authorized, store, self.device,
-                      self.seed, self.reference, self.score_metric, self.offload)
-        twin.extras = self.extras
-        return twin
-
     def attack_context(self, task_parts: Sequence[object], originals: torch.Tensor | None
                        ) -> AttackContext:
         """The context a batch attack gets: a generator keyed by the audit's seed and the
@@ -185,28 +180,42 @@ class Worker:
         if self._shard is None or self._shard[0] != task.shard:
             batch = next(self.dataset.batches(task.stop - task.start, task.start, task.stop))
             self._shard = (task.shard, batch)
+        if self._shard[1].protected.device != self.device:  # once per shard, for every task
+            self._shard = (self._shard[0], self.to_device(self._shard[1]))
         return self._shard[1]
 
+    def to_device(self, batch: Batch) -> Batch:
+        """The batch's images on the audit's device (labels stay on the CPU)."""
+        def move(images: torch.Tensor | None) -> torch.Tensor | None:
+            return None if images is None else images.to(self.device, non_blocking=True)
+
+        return replace(batch, protected=move(batch.protected), original=move(batch.original))
+
     def predict(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        """Top-1 predictions of every model (autocast on CUDA)."""
+        """Top-1 predictions of every model on one batch, copied back to the CPU once (bf16
+        autocast and channels-last on CUDA)."""
+        cuda = self.device.type == "cuda"
         images = images.to(self.device, non_blocking=True)
-        out = {}
-        with torch.inference_mode(), torch.autocast(self.device.type, enabled=(
-                self.device.type == "cuda")):
-            for spec, model in self.models.items():
+        if cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        top = []
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=cuda):
+            for model in self.models.values():
                 if self.offload:
                     model.to(self.device)
-                out[spec] = model(images).float().argmax(1).cpu().numpy()
+                top.append(model(images).argmax(1))
                 if self.offload:
                     model.cpu()
-        return out
+        stacked = torch.stack(top).cpu().numpy()
+        return dict(zip(self.models, stacked, strict=True))
 
     def attack(self, task: Task, images: torch.Tensor, originals: torch.Tensor | None
                ) -> torch.Tensor:
-        """``images`` under the task's batch attack, back on the CPU."""
+        """``images`` under the task's batch attack, left on the device for every model."""
         ctx = self.attack_context((task.key, task.shard), originals)
         attack = get_attack(task.attack)
-        return attack(images.to(self.device, non_blocking=True), ctx, **dict(task.params)).cpu()
+        return attack(images.to(self.device, non_blocking=True), ctx, **dict(task.params))
 
     def __call__(self, task: Task) -> None:
         if self.store.done(task.task_id):
@@ -270,13 +279,14 @@ class Worker:
 
 
 def _image_sums(images: torch.Tensor, originals: torch.Tensor) -> dict:
-    """PSNR and SSIM sums of an attacked batch against its clean originals (the table's
-    mean and interval add them up over shards)."""
+    """PSNR and SSIM sums of an attacked batch against its clean originals, computed where
+    the images are and copied back as four numbers (the table's mean and interval add them
+    up over shards)."""
     p = psnr(images, originals).clamp(max=100.0)
     s = ssim(images, originals)
-    return {"psnr_sum": float(p.sum()), "psnr_sq_sum": float(p.pow(2).sum()),
-            "ssim_sum": float(s.sum()), "ssim_sq_sum": float(s.pow(2).sum()),
-            "n_images": len(p)}
+    sums = torch.stack([p.sum(), p.pow(2).sum(), s.sum(), s.pow(2).sum()]).tolist()
+    return dict(zip(("psnr_sum", "psnr_sq_sum", "ssim_sum", "ssim_sq_sum"), sums,
+                    strict=True)) | {"n_images": len(p)}
 
 
 class _ShardReader(torch.utils.data.Dataset):

@@ -98,8 +98,10 @@ def test_an_audit_finishes_with_a_report_whatever_kind_of_attack_is_worst(
     captured = capsys.readouterr()
     assert code in (0, 1), captured.err
     worst = json.loads((out / "summary.json").read_text())["worst_leakage"]
-    expected = "planted_learning(correct=10)" if worst_kind == DATASET else "oracle_originals"
-    assert worst["attack"] == expected
+    if worst_kind == DATASET:
+        assert worst["attack"] == "planted_learning(correct=10)"
+    else:  # the oracle (1.0), or the NEs as released if they read slightly better than clean
+        assert worst["threat"] != "learning" and worst["value"] >= 1.0
     assert (out / "index.html").is_file() and "verdict:" in captured.out
     samples = json.loads((out / "samples.json").read_text())
     assert samples["attack"] == "oracle_originals"  # the worst attack that has images
