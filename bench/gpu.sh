@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU run: install what the device image lacks (wheels carried in .whl/), run the
-# GPU-marked tests, then the GPU benchmark beside the same machine's CPUs.
-# Usage on a GPU machine, from the repository root: bash bench/gpu.sh
+# GPU-marked tests, then the end-to-end benchmarks beside their bare loops and floors.
+# Usage on a GPU machine, from the repository root: bash bench/gpu.sh [quick]
 set -uo pipefail
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -11,8 +11,10 @@ else
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
-python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
-python3 bench/gpu_bench.py
-python3 bench/protect.py --images 256 --batch 64 --device cuda --threads 16
-python3 bench/protect.py --images 64 --batch 32 --device cpu --threads 16
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cpus', __import__('os').cpu_count())"
+python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -s -W ignore::DeprecationWarning
+python3 bench/e2e.py --device cuda --images 2048 --audit-images 512 --suite standard --batch 256
+if [ "${1:-}" != quick ]; then
+  python3 bench/protect.py --images 1024 --batch 256 --device cuda --threads 16
+  python3 bench/gpu_bench.py
+fi

@@ -154,14 +154,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _zoo(args: argparse.Namespace) -> int:
-    from neaudit.zoo import PRESETS
-
     if args.zoo_command == "train-demo":
         from neaudit import demo_zoo
 
         demo_zoo.train_all(Path(args.out) if args.out else demo_zoo.WEIGHTS, seed=args.seed)
         return 0
     if args.zoo_command == "list":
+        from neaudit.presets import PRESETS  # specs only: listing them loads no framework
+
         for name, specs in PRESETS.items():
             print(name)
             for spec in specs:

@@ -1,0 +1,161 @@
+"""End-to-end throughput of the jobs users run, each beside its own limit measured in the
+same process:
+
+* ``protect``: PNG files in, PNG NEs out (ViT-B/16 stem at 224×224, protected images only),
+  against the PNG-writing floor (the same images written by the same writer threads) and the
+  recoding kernel alone;
+* ``audit``: a release at 224×224 against ImageNet-size models (ResNet-50 authorized,
+  ConvNeXt-T, ViT-S/16) and a suite without training attacks, against a bare loop doing the
+  same attacks and the same forwards (same precision, same device) with no engine around them;
+* the device's matmul FLOP/s, for scale.
+
+Run: ``python bench/e2e.py [--device cuda] [--images 512] [--suite standard]``. Prints ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neaudit.attacks import AttackContext, get_attack, load_suite
+from neaudit.auditing import audit
+from neaudit.data import builtin_dataset, load_dataset
+from neaudit.imageio import quantize, to_float, write_png
+from neaudit.ne import subspace_recode
+from neaudit.pipeline import PngWriter
+from neaudit.protection import protect
+from neaudit.spectral import low_sensitivity_subspace
+from neaudit.stem import first_layer
+from neaudit.zoo import create_model
+
+VIT_B = "timm:vit_base_patch16_224"
+ZOO = ["timm:resnet50", "timm:convnext_tiny", "timm:vit_small_patch16_224"]
+
+
+def photos(folder: Path, count: int, size: int = 224) -> Path:
+    crops = builtin_dataset("samples", count=count, size=size).protected
+    for i, crop in enumerate(crops):
+        write_png(folder / f"{i:05d}.png", crop)
+    return folder
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def protect_bench(tmp: Path, count: int, device: str, batch: int) -> None:
+    data = photos(tmp / "clean", count)
+    protect(photos(tmp / "warm", 8), VIT_B, tmp / "warm-out", device=device, batch_size=8)
+    job = timed(lambda: protect(data, VIT_B, tmp / "ne", device=device, batch_size=batch))
+    images = builtin_dataset("samples", count=count, size=224).protected  # the inputs' pixels
+
+    def write_all() -> None:
+        with PngWriter() as writer:
+            for i, image in enumerate(images):
+                writer.write(tmp / "floor" / f"{i:05d}.png", image)
+
+    floor = timed(write_all)
+    model = create_model(VIT_B).to(device)
+    space = low_sensitivity_subspace(first_layer(model), (224, 224))
+    clean = quantize(to_float(images)).to(device)
+    subspace_recode(clean[:batch], space, 30.0, 0, torch.arange(batch))  # warm-up
+    kernel = timed(lambda: [subspace_recode(clean[lo:lo + batch], space, 30.0, 0,
+                                            torch.arange(lo, lo + len(clean[lo:lo + batch])))
+                            for lo in range(0, count, batch)])
+    print(f"protect ViT-B/16 224×224, {count} PNGs in → PNG NEs out, batch {batch}, {device}:")
+    print(f"  job {count / job:,.0f} img/s | PNG-writing floor {count / floor:,.0f} img/s | "
+          f"recoding kernel {count / kernel:,.0f} img/s | job / floor = {floor / job:.2f}")
+
+
+def bare_loop(data: Path, entries, device: torch.device, batch: int) -> float:
+    """The same attacks and forwards as the audit (same precision), nothing else."""
+    dataset = load_dataset(data)
+    cuda = device.type == "cuda"
+    layout = torch.channels_last if cuda else torch.contiguous_format
+    models = [create_model(s).to(device, memory_format=layout) for s in ZOO]
+
+    def forward(images: torch.Tensor) -> None:
+        images = images.contiguous(memory_format=layout)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                    enabled=cuda):
+            torch.stack([m(images).argmax(1) for m in models]).cpu()
+
+    def run() -> None:
+        for shard in dataset.batches(batch):
+            original, protected = shard.original.to(device), shard.protected.to(device)
+            forward(original)
+            forward(protected)
+            for entry in entries:
+                ctx = AttackContext(generator=torch.Generator().manual_seed(0), device=device,
+                                    reference=shard.original, originals=original)
+                forward(get_attack(entry.attack)(protected, ctx, **dict(entry.params)))
+
+    return timed(run)
+
+
+def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int) -> None:
+    data = tmp / "release"
+    crops = builtin_dataset("samples", count=count, size=224).protected
+    rng = np.random.default_rng(0)
+    for i, crop in enumerate(crops):
+        noisy = np.clip(crop.astype(np.int16) + rng.integers(-4, 5, crop.shape), 0, 255)
+        write_png(data / "protected" / f"{i:05d}.png", noisy.astype(np.uint8))
+        write_png(data / "original" / f"{i:05d}.png", crop)
+    entries = [e for e in load_suite(suite)
+               if e.attack != "learned_denoiser" and e.kind == "batch"]
+    suite_file = tmp / "suite.toml"
+    suite_file.write_text("".join(
+        f'[[attack]]\nname = "{e.attack}"\n' + "".join(
+            f"{k} = {list(v) if isinstance(v, tuple) else v}\n" for k, v in e.params) + "\n"
+        for e in entries))
+    torch_device = torch.device(device)
+    bare_loop(data, entries[:1], torch_device, batch)  # warm-up (kernels, caches)
+    bare = bare_loop(data, entries, torch_device, batch)
+    job = timed(lambda: audit(data, ZOO[1:], authorized=ZOO[0], suite=suite_file,
+                              out=tmp / "run", device=device, batch_size=batch, quiet=True,
+                              score="agreement"))
+    units = count * len(ZOO) * (len(entries) + 2)
+    print(f"audit {count} images 224×224 × {len(ZOO)} models × {len(entries)} attacks "
+          f"({suite} without training attacks), batch {batch}, {device}:")
+    print(f"  job {job:.1f} s ({units / job:,.0f} image·model evaluations/s) | bare loop "
+          f"{bare:.1f} s ({units / bare:,.0f}/s) | job / bare = {job / bare:.2f}")
+
+
+def flops(device: str) -> None:
+    n = 4096 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device == "cuda" else
+                    torch.float32)
+    a @ a
+    seconds = timed(lambda: [a @ a for _ in range(10)])
+    print(f"matmul {n}×{n} on {device}: {10 * 2 * n**3 / seconds / 1e12:.2f} TFLOP/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--audit-images", type=int)
+    parser.add_argument("--suite", default="smoke")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--skip", choices=("protect", "audit"))
+    args = parser.parse_args()
+    flops(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.skip != "protect":
+            protect_bench(Path(tmp), args.images, args.device, args.batch)
+        if args.skip != "audit":
+            audit_bench(Path(tmp), args.audit_images or args.images, args.device, args.suite,
+                        args.batch)
+
+
+if __name__ == "__main__":
+    main()
