@@ -7,6 +7,7 @@ view (principal angles, predicted and measured first-layer gains). Stored as dat
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -75,8 +76,11 @@ def write_spectral(worker: Worker, summary: dict) -> None:
     auth = models[worker.authorized]
     try:
         rank = ((dataset.sidecar or {}).get("params") or {}).get("rank")
-        space = low_sensitivity_subspace(first_layer(auth, size),
-                                         tuple(auth.input_size or size), rank)
+        stem = first_layer(auth, size)
+        # principal angles are defined for patch stems only; an overlapping stem's
+        # per-frequency subspace is costly and would give NaN
+        space = None if stem.overlapping else low_sensitivity_subspace(
+            stem, tuple(auth.input_size or size), rank)
     except (NeauditError, ValueError) as exc:
         worker.store.write_text("spectral.json", json.dumps({"error": str(exc)}))
         return
@@ -99,7 +103,7 @@ def write_spectral(worker: Worker, summary: dict) -> None:
                                                 align_corners=False)
             return float(first_layer_gain(layer, x).mean())
 
-        angle, predicted = misalignment(space, layer)
+        angle, predicted = misalignment(space, layer) if space else (math.nan, math.nan)
         rows.append({"model": spec, "stem": f"{tuple(layer.unfolded.shape)} k{layer.kernel[0]}"
                      f"/s{layer.stride[0]}", "mean_angle_deg": angle,
                      "predicted_gain_ratio": predicted,
