@@ -15,6 +15,9 @@ Run: ``python bench/e2e.py [--device cuda] [--images 512] [--suite standard]``. 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,18 +47,32 @@ def photos(folder: Path, count: int, size: int = 224) -> Path:
     return folder
 
 
-def timed(fn) -> float:
+PROFILE = False
+
+
+def timed(fn, profile: bool = False) -> float:
+    """Seconds ``fn`` takes (device work included); with ``profile``, the main thread's
+    cProfile top lines are printed too."""
+    profiler = cProfile.Profile() if profile and PROFILE else None
     start = time.perf_counter()
+    if profiler:
+        profiler.enable()
     fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if profiler:
+        profiler.disable()
+        stats = pstats.Stats(profiler, stream=sys.stdout)
+        stats.sort_stats("cumulative").print_stats(r"neaudit|threading|concurrent", 18)
+    return seconds
 
 
 def protect_bench(tmp: Path, count: int, device: str, batch: int) -> None:
     data = photos(tmp / "clean", count)
     protect(photos(tmp / "warm", 8), VIT_B, tmp / "warm-out", device=device, batch_size=8)
-    job = timed(lambda: protect(data, VIT_B, tmp / "ne", device=device, batch_size=batch))
+    job = timed(lambda: protect(data, VIT_B, tmp / "ne", device=device, batch_size=batch),
+                profile=True)
     images = builtin_dataset("samples", count=count, size=224).protected  # the inputs' pixels
 
     def write_all() -> None:
@@ -77,11 +94,14 @@ def protect_bench(tmp: Path, count: int, device: str, batch: int) -> None:
 
 
 def bare_loop(data: Path, entries, device: torch.device, batch: int) -> float:
-    """The same attacks and forwards as the audit (same precision), nothing else."""
+    """The same attacks and forwards as the audit (same precision), nothing else; its time
+    includes loading the data and the models, as a user's loop would."""
+    start = time.perf_counter()
     dataset = load_dataset(data)
     cuda = device.type == "cuda"
     layout = torch.channels_last if cuda else torch.contiguous_format
     models = [create_model(s).to(device, memory_format=layout) for s in ZOO]
+    setup = time.perf_counter() - start
 
     def forward(images: torch.Tensor) -> None:
         images = images.contiguous(memory_format=layout)
@@ -99,7 +119,7 @@ def bare_loop(data: Path, entries, device: torch.device, batch: int) -> float:
                                     reference=shard.original, originals=original)
                 forward(get_attack(entry.attack)(protected, ctx, **dict(entry.params)))
 
-    return timed(run)
+    return setup + timed(run)
 
 
 def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int) -> None:
@@ -122,7 +142,7 @@ def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int) -> N
     bare = bare_loop(data, entries, torch_device, batch)
     job = timed(lambda: audit(data, ZOO[1:], authorized=ZOO[0], suite=suite_file,
                               out=tmp / "run", device=device, batch_size=batch, quiet=True,
-                              score="agreement"))
+                              score="agreement"), profile=True)
     units = count * len(ZOO) * (len(entries) + 2)
     print(f"audit {count} images 224×224 × {len(ZOO)} models × {len(entries)} attacks "
           f"({suite} without training attacks), batch {batch}, {device}:")
@@ -147,7 +167,10 @@ def main() -> None:
     parser.add_argument("--suite", default="smoke")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--skip", choices=("protect", "audit"))
+    parser.add_argument("--profile", action="store_true", help="cProfile the two jobs")
     args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     flops(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         if args.skip != "protect":

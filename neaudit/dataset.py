@@ -6,7 +6,9 @@ dataset. The loaders for each layout are in :mod:`neaudit.data`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -137,7 +139,7 @@ class ImageDataset:
                 p.suffix.lower() in JPEG_SUFFIXES for p in paths):
             images = read_jpegs_on(paths, self.decode_device)
         else:
-            images = [read_image(p) for p in paths]
+            images = read_images(paths)
         return self._fit(images, [str(p) for p in paths])
 
     def _fit(self, images: Sequence[torch.Tensor] | torch.Tensor, labels: list[str]
@@ -155,6 +157,37 @@ class ImageDataset:
                                       antialias=True, align_corners=False)[0].clamp(0, 1)
             out.append(image)
         return torch.stack(out)
+
+
+DECODE_THREADS = max(1, os.cpu_count() or 1)
+"""Threads decoding one batch's files: Pillow's decoders release the GIL."""
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _decoders() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="neaudit-decode")
+    return _pool
+
+
+def _forget_pool() -> None:
+    """A forked child (a DataLoader worker) has none of its parent's threads: it starts its
+    own pool instead of waiting on the parent's forever."""
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def read_images(paths: Sequence[Path]) -> list[torch.Tensor]:
+    """Decode files in parallel threads, in order (one file is read in the caller)."""
+    if len(paths) < 2:
+        return [read_image(p) for p in paths]
+    return list(_decoders().map(read_image, paths))
 
 
 def _check_values(images: torch.Tensor, where: str) -> None:

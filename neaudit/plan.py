@@ -2,8 +2,8 @@
 
 A task is one attack on one shard (a batch of images) for every model, so each attacked batch
 is shared by all models; a ``dataset`` attack (learning) is one task over the whole dataset.
-The ``clean`` tasks (originals) come first: label-free ``agreement`` is scored against the
-clean predictions they record.
+A shard's ``clean`` task (originals) comes before its other tasks: label-free ``agreement``
+is scored against the clean predictions it records.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ class Task:
 
 
 def plan(dataset: ImageDataset, entries: Sequence[SuiteEntry], batch_size: int) -> list[Task]:
-    """Clean tasks first (they feed agreement), then every batch attack shard by shard, then
-    the dataset attacks, which each need the whole dataset."""
+    """Shard by shard, each shard's clean task first (it feeds agreement), then its other
+    batch attacks, so every shard is read once; then the dataset attacks, which each need the
+    whole dataset."""
     count = len(dataset)
     shards = [(i, lo, min(lo + batch_size, count))
               for i, lo in enumerate(range(0, count, batch_size))]
@@ -53,6 +54,6 @@ def plan(dataset: ImageDataset, entries: Sequence[SuiteEntry], batch_size: int) 
                        if e.kind == BATCH]
     tasks = [Task(a, p, label, key, i, lo, hi) for (i, lo, hi) in shards
              for (a, p, label, key) in attacks]
-    tasks = sorted(tasks, key=lambda t: (t.attack != CLEAN, t.shard))
+    tasks = sorted(tasks, key=lambda t: (t.shard, t.attack != CLEAN))
     return tasks + [Task(e.attack, e.params, e.label, e.key, 0, 0, count)
                     for e in entries if e.kind == DATASET]
