@@ -114,7 +114,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     write_run_manifest(worker.store, command=command or shlex.join(sys.argv), config=config,
                        complete=summary["complete"], device=worker.device,
                        source=str(dataset.source), count=len(dataset),
-                       outside_files=dataset.outside_files, models=worker.models,
+                       outside_files=dataset.outside_files, weights=worker.weights,
                        seconds=time.time() - started)
     return AuditResult(out, table, summary, len(pending), len(tasks) - len(pending))
 

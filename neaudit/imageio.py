@@ -121,13 +121,21 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     )
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+"""Read once: setting the umask to read it is process-wide, so no writer thread does it."""
+
+
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write through a temporary file in the same folder, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; written files are ordinary files
+    os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp creates 0600; written files are ordinary files
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)

@@ -12,6 +12,7 @@ input, whatever a manifest, a label or a symlink says.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
@@ -44,15 +45,21 @@ def safe_component(name: str, what: str) -> str:
 
 
 def output_path(root: Path, relative: PurePosixPath) -> Path:
-    """``root / relative``, refused if a symlink in ``root`` would lead the write elsewhere."""
+    """``root / relative``, refused if a symlink in ``root`` would lead the write elsewhere
+    (each folder is resolved once per process: resolving is slow on some file systems)."""
     target = root / relative
     parent = target.parent
     while not parent.exists() and parent != root:
         parent = parent.parent
-    if not inside(parent, root):
+    if not _leads_inside(parent, root):
         raise NeauditError(f"{target}: a symlink under {root} leads outside it; neaudit never "
                            "writes outside --out. Fix: remove the link or choose a new --out.")
     return target
+
+
+@functools.lru_cache(maxsize=4096)
+def _leads_inside(folder: Path, root: Path) -> bool:
+    return inside(folder, root)
 
 
 def refuse_overlap(out: Path, inputs: Iterable[Path]) -> None:

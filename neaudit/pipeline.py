@@ -1,52 +1,69 @@
-"""Overlap the three stages of a files-to-files job: decoding the next batch (a reader
-thread), device work on the current one (the caller), and encoding and writing the previous
-ones (a pool of writer threads). Pillow's decoders and the PNG encoder release the GIL, so
-threads give real parallelism without copying images between processes.
+"""Overlap the three stages of a files-to-files job: decoding the next batches (reader
+processes), device work on the current one (the caller), and encoding and writing the
+previous ones (writer processes). Processes rather than threads: decoding and encoding hold
+the GIL for part of each image, and threads doing it starve the thread that feeds the device.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
+import torch
 
 from neaudit.imageio import write_png
 
-T = TypeVar("T")
+
+def default_readers() -> int:
+    """Reader processes: a quarter of the cores (each decodes with threads of its own)."""
+    return max(1, (os.cpu_count() or 2) // 4)
 
 
 def default_writers() -> int:
-    """Writer threads: every core but the one driving the device."""
-    return max(1, (os.cpu_count() or 2) - 1)
+    """Writer processes: the cores left beside the readers and the one feeding the device."""
+    return max(1, (os.cpu_count() or 2) - default_readers() - 1)
 
 
-def read_ahead(items: Iterable[T]) -> Iterator[T]:
-    """``items``, with the next one produced in a background thread while the caller works
-    on the current one."""
-    iterator = iter(items)
-    with ThreadPoolExecutor(1, thread_name_prefix="neaudit-read") as reader:
-        upcoming = reader.submit(next, iterator, None)
-        while True:
-            item = upcoming.result()
-            if item is None:
-                return
-            upcoming = reader.submit(next, iterator, None)
-            yield item
+class SpanReader(torch.utils.data.Dataset):
+    """Item spans ``[start, stop)`` of a dataset as one batch each, so that a DataLoader can
+    read them ahead in worker processes."""
+
+    def __init__(self, dataset, spans: Sequence[tuple[int, int]]) -> None:
+        self.dataset, self.spans = dataset, list(spans)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, index: int):
+        start, stop = self.spans[index]
+        return next(self.dataset.batches(stop - start, start, stop))
+
+
+def read_ahead(dataset, batch_size: int, workers: int | None = None,
+               pin_memory: bool = False) -> Iterator:
+    """The dataset's batches in order, read ahead in ``workers`` processes (pinned memory
+    for a CUDA device, so copies to it do not block)."""
+    spans = [(lo, min(lo + batch_size, len(dataset))) for lo in range(0, len(dataset),
+                                                                       batch_size)]
+    loader = torch.utils.data.DataLoader(
+        SpanReader(dataset, spans), batch_size=None, pin_memory=pin_memory,
+        num_workers=default_readers() if workers is None else workers)
+    yield from loader
 
 
 class PngWriter:
-    """Writes PNGs in ``workers`` threads; at most ``pending`` files are in flight, so memory
-    stays bounded. Leaving the ``with`` block waits for every file and re-raises the first
-    error (a full disk, say)."""
+    """Encodes and writes PNGs in ``workers`` processes; at most ``pending`` images are in
+    flight, so memory stays bounded. Leaving the ``with`` block waits for every file and
+    re-raises the first error (a full disk, say)."""
 
-    def __init__(self, workers: int | None = None, pending: int = 512) -> None:
-        self.pool = ThreadPoolExecutor(workers or default_writers(),
-                                       thread_name_prefix="neaudit-write")
+    def __init__(self, workers: int | None = None, pending: int = 1024) -> None:
+        self.pool = ProcessPoolExecutor(workers or default_writers(),
+                                        mp_context=multiprocessing.get_context("fork"))
         self.pending = pending
         self.futures: deque[Future] = deque()
 

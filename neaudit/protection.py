@@ -177,7 +177,7 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
     sampled = fidelity_sample(len(dataset), recoding.fidelity_images)
     rows, written, originals = [], [], []
     with PngWriter() as writer:
-        for batch in read_ahead(dataset.batches(batch_size)):
+        for batch in read_ahead(dataset, batch_size, pin_memory=device.type == "cuda"):
             clean = quantize(batch.protected).to(device, non_blocking=True)
             protected, floats = recoding(clean, batch.index)
             rows.append(measure(recoding.model, recoding.layer, recoding.seed, clean, protected,

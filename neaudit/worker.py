@@ -27,9 +27,10 @@ from neaudit.dataset import Batch, ImageDataset
 from neaudit.device import resolve_device
 from neaudit.errors import DataError
 from neaudit.metrics import psnr, ssim
+from neaudit.pipeline import SpanReader
 from neaudit.plan import Task
 from neaudit.seeding import generator
-from neaudit.store import ResultStore
+from neaudit.store import ResultStore, weights_hash
 from neaudit.zoo import ImageClassifier, check_model, create_model
 
 REFERENCE_IMAGES = 256
@@ -68,6 +69,7 @@ def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> W
     if recipe.decode == "device":
         dataset = replace(dataset, decode_device=device)
     models = {spec: create_model(spec, dataset.class_names) for spec in recipe.specs}
+    weights = {spec: weights_hash(model) for spec, model in models.items()}
     offload = not fits_on_device(models, device)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     models = {spec: m.to(memory_format=layout) if offload else m.to(device, memory_format=layout)
@@ -76,8 +78,10 @@ def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> W
     reference = (reference_images(dataset, recipe.reference, recipe.seed)
                  if recipe.needs_reference else None)
     store = ResultStore(Path(recipe.out), recipe.config)
-    return Worker(dataset, models, recipe.authorized, store, device, recipe.seed, reference,
-                  recipe.score_metric, offload)
+    worker = Worker(dataset, models, recipe.authorized, store, device, recipe.seed, reference,
+                    recipe.score_metric, offload)
+    worker.weights = weights
+    return worker
 
 
 PROBE_IMAGES = 4
@@ -145,6 +149,7 @@ class Worker:
         # what attacks cache between calls (trained denoisers, subspaces) and the L3
         # attacker's zoo of public models
         self.extras: dict = {"surrogates": models, "authorized": authorized}
+        self.weights: dict[str, str] = {}  # spec → weights_hash, taken on the CPU
         self._shard: tuple[int, Batch] | None = None
         self._upcoming: Iterator | None = None
 
@@ -164,8 +169,8 @@ class Worker:
         visits = [v for i, v in enumerate(visits) if i == 0 or v[0] != visits[i - 1][0]]
         if workers > 0 and visits:
             loader = torch.utils.data.DataLoader(
-                _ShardReader(self.dataset, visits), batch_size=None, num_workers=workers,
-                pin_memory=self.device.type == "cuda")
+                SpanReader(self.dataset, [(start, stop) for _, start, stop in visits]),
+                batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda")
             self._upcoming = iter(zip(visits, loader, strict=True))
 
     def _batch(self, task: Task) -> Batch:
@@ -287,17 +292,3 @@ def _image_sums(images: torch.Tensor, originals: torch.Tensor) -> dict:
     sums = torch.stack([p.sum(), p.pow(2).sum(), s.sum(), s.pow(2).sum()]).tolist()
     return dict(zip(("psnr_sum", "psnr_sq_sum", "ssim_sum", "ssim_sq_sum"), sums,
                     strict=True)) | {"n_images": len(p)}
-
-
-class _ShardReader(torch.utils.data.Dataset):
-    """Shard visits as a map-style dataset, so a DataLoader can read them in worker processes."""
-
-    def __init__(self, dataset: ImageDataset, visits: list[tuple[int, int, int]]) -> None:
-        self.dataset, self.visits = dataset, visits
-
-    def __len__(self) -> int:
-        return len(self.visits)
-
-    def __getitem__(self, index: int) -> Batch:
-        _, start, stop = self.visits[index]
-        return next(self.dataset.batches(stop - start, start, stop))
