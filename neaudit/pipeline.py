@@ -56,21 +56,30 @@ def read_ahead(dataset, batch_size: int, workers: int | None = None,
     yield from loader
 
 
+def _write_pngs(paths: Sequence[Path], images: np.ndarray) -> None:
+    for path, image in zip(paths, images, strict=True):
+        write_png(path, image)
+
+
 class PngWriter:
-    """Encodes and writes PNGs in ``workers`` processes; at most ``pending`` images are in
+    """Encodes and writes PNGs in ``workers`` processes, ``chunk`` images per message (one
+    message per image costs more than the encoding); at most ``pending`` chunks are in
     flight, so memory stays bounded. Leaving the ``with`` block waits for every file and
     re-raises the first error (a full disk, say)."""
 
-    def __init__(self, workers: int | None = None, pending: int = 1024) -> None:
+    def __init__(self, workers: int | None = None, chunk: int = 16, pending: int = 64) -> None:
         self.pool = ProcessPoolExecutor(workers or default_writers(),
                                         mp_context=multiprocessing.get_context("fork"))
-        self.pending = pending
+        self.chunk, self.pending = chunk, pending
         self.futures: deque[Future] = deque()
 
-    def write(self, path: Path, image: np.ndarray) -> None:
-        while len(self.futures) >= self.pending:
-            self.futures.popleft().result()
-        self.futures.append(self.pool.submit(write_png, path, image))
+    def write(self, paths: Sequence[Path], images: np.ndarray) -> None:
+        """Write ``images`` (N, H, W, 3 uint8) to ``paths``."""
+        for lo in range(0, len(paths), self.chunk):
+            while len(self.futures) >= self.pending:
+                self.futures.popleft().result()
+            self.futures.append(self.pool.submit(_write_pngs, paths[lo:lo + self.chunk],
+                                                 images[lo:lo + self.chunk]))
 
     def __enter__(self) -> PngWriter:
         return self

@@ -188,10 +188,9 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
                 originals.append(clean_images)
                 continue
             paths = names[int(batch.index[0]):int(batch.index[-1]) + 1]
-            for path, image, original in zip(paths, images, clean_images, strict=True):
-                writer.write(output_path(out / PROTECTED_DIR, path), image)
-                if save_originals:
-                    writer.write(output_path(out / ORIGINAL_DIR, path), original)
+            writer.write([output_path(out / PROTECTED_DIR, p) for p in paths], images)
+            if save_originals:
+                writer.write([output_path(out / ORIGINAL_DIR, p) for p in paths], clean_images)
     per_image = pd.concat(rows, ignore_index=True)
     per_image.insert(0, "name", dataset.names)
     if output_format == "npz":
