@@ -3,6 +3,8 @@ lower ones, so the layout shows the architecture (cli → jobs → engine parts 
 metrics, zoo, data). Read with ``ast``, without importing anything."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,14 @@ def test_the_checker_sees_a_violation(tmp_path):
     bad.write_text("def f():\n    from neaudit.reporting import render_report\n"
                    "from neaudit import __version__\n")
     assert _imports(bad, set(_modules())) == {"", "reporting"}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["zoo", "list"], ["audit", "--batch-size", "x"]])
+def test_help_listing_and_argument_errors_do_not_import_torch(argv):
+    """The command line answers these without loading a framework (fast on any machine)."""
+    code = ("import sys\nfrom neaudit.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr
