@@ -284,7 +284,8 @@ def _add_diff(sub) -> None:
     diff.add_argument("run_a")
     diff.add_argument("run_b")
     diff.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
-    diff.add_argument("--out", help="HTML file to write (default: RUN_B/diff-<A>.html)")
+    diff.add_argument("--out", help="HTML file to write (default: "
+                                    "RUN_B/diff-<name of A>-<hash of A's path>.html)")
     diff.set_defaults(handler=_diff)
 
 

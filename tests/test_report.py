@@ -113,7 +113,9 @@ def test_diff_reports_flipped_criteria_and_moves(tmp_path, capsys):
     assert flipped == ["max_leakage"] and result.verdicts == ("PASS", "FAIL")
     top = result.moves.iloc[0]
     assert top.attack == "median(kernel=3)" and top.change == pytest.approx(50 / 90)
-    assert result.html.is_file()
+    assert result.html.is_file() and result.html.parent == b
+    other = make_run(tmp_path / "elsewhere" / "a", leak=30)  # another run named "a"
+    assert diff_runs(other, b, policy_file(tmp_path, 0.5)).html != result.html
     assert main(["diff", str(a), str(b), "--policy", str(policy_file(tmp_path, 0.5))]) == 0
     assert "FLIPPED max_leakage" in capsys.readouterr().out
 

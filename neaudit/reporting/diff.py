@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,12 @@ class DiffResult:
         return "\n".join(lines)
 
 
+def _path_key(run: Path) -> str:
+    """Eight hex digits of the run's resolved path: two runs with the same folder name (say
+    two demos' ``audit``) get different diff files."""
+    return hashlib.blake2b(str(run.resolve()).encode(), digest_size=4).hexdigest()
+
+
 def diff_runs(run_a: str | Path, run_b: str | Path, policy: str | Path | None = None,
               out: str | Path | None = None) -> DiffResult:
     run_a, run_b = Path(run_a), Path(run_b)
@@ -59,7 +66,7 @@ def diff_runs(run_a: str | Path, run_b: str | Path, policy: str | Path | None = 
     moves = merged.reindex(merged.change.abs().sort_values(ascending=False).index)
     verdicts = (judged_a.verdict, judged_b.verdict)
     failing = tuple([f.name for f in j.flags if f.failing] for j in (judged_a, judged_b))
-    html_path = Path(out) if out else run_b / f"diff-{run_a.name}.html"
+    html_path = Path(out) if out else run_b / f"diff-{run_a.name}-{_path_key(run_a)}.html"
     html = _environment().get_template("diff.html.j2").render(
         run_a=str(run_a), run_b=str(run_b), verdicts=verdicts, failing_flags=failing,
         criteria=criteria.to_dict("records"), moves=moves.head(50).to_dict("records"))
