@@ -117,12 +117,14 @@ def _build_timm(spec: ModelSpec, class_names: Sequence[str] | None) -> ImageClas
     _apply_weights(net, spec)
     cfg = net.pretrained_cfg
     size = size_option(spec) or size_option(spec, "img_size") or tuple(cfg["input_size"][-2:])
-    return ImageClassifier(
+    model = ImageClassifier(
         net,
         floats_option(spec, "mean", cfg.get("mean", IMAGENET_MEAN)),
         floats_option(spec, "std", cfg.get("std", IMAGENET_STD)),
         size, spec.text, cfg.get("interpolation", "bilinear"),
     )
+    model.random_init = not spec.flag("pretrained") and "weights" not in spec.options
+    return model
 
 
 def _missing_weights(spec: ModelSpec, reason: str) -> ModelSpecError:

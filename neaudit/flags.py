@@ -15,7 +15,7 @@ import pandas as pd
 
 from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, UNAUTHORIZED
 
-FLAG_NAMES = ("degenerate_model", "wrong_preprocessing", "authorized_failing",
+FLAG_NAMES = ("random_init_model", "degenerate_model", "wrong_preprocessing", "authorized_failing",
               "nominal_vs_measured", "lossy_or_altered_input", "trivial_break",
               "too_few_samples", "nondeterminism", "missing_threat_levels",
               "device_decoding")
@@ -55,6 +55,16 @@ def evaluate_flags(table: pd.DataFrame, summary: dict, policy, criteria: Sequenc
     fail_on = set(getattr(policy, "fail_on", ()) or ())
     return [Flag(f.name, f.message, f.advice, f.name in fail_on)
             for check in CHECKS for f in check(run)]
+
+
+def _random_init_models(run: _Run) -> Iterator[Flag]:
+    for spec in run.diagnostics.get("random_init_models") or []:
+        yield Flag(
+            "random_init_model",
+            f"{spec} has random-init weights (a timm spec without pretrained=true or "
+            "weights=): its figures describe an untrained network, not a model anyone would "
+            "use, so they say little about the release.",
+            "Audit with trained weights: pretrained=true (from the local cache) or weights=FILE.")
 
 
 def _degenerate_models(run: _Run) -> Iterator[Flag]:
@@ -183,5 +193,6 @@ def _missing_threat_levels(run: _Run) -> Iterator[Flag]:
 
 
 CHECKS: tuple[Check, ...] = (
-    _degenerate_models, _near_chance, _authorized_failing, _nominal_vs_measured, _input_files,
-    _trivial_break, _too_few_samples, _nondeterminism, _missing_threat_levels)
+    _random_init_models, _degenerate_models, _near_chance, _authorized_failing,
+    _nominal_vs_measured, _input_files, _trivial_break, _too_few_samples, _nondeterminism,
+    _missing_threat_levels)

@@ -63,6 +63,7 @@ class ImageClassifier(nn.Module):
         self.input_size = input_size
         self.name = name
         self.interpolation = "bicubic" if interpolation == "bicubic" else "bilinear"
+        self.random_init = False  # set by a builder that knows no weights were loaded
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[0,1] images → the normalized tensor the network's first layer sees."""

@@ -41,6 +41,8 @@ def diagnostics(worker: Worker, records: list[dict], tasks: list[Task]) -> dict:
     params = (dataset.sidecar or {}).get("params") or {}
     return {
         "chance": 1.0 / num_classes if num_classes else None,
+        "random_init_models": [spec for spec, model in worker.models.items()
+                               if getattr(model, "random_init", False)],
         "clean_predictions": clean,
         "sidecar": {"psnr": params.get("psnr"), "psnr_is_nominal": params.get("psnr_is_nominal"),
                     "method": (dataset.sidecar or {}).get("method")} if params else None,

@@ -181,3 +181,18 @@ def test_device_decoding_needs_cuda_and_is_flagged(release, tmp_path):
     flag = next(f for f in report.flags if f.name == "device_decoding")
     assert flag.message.startswith("7 JPEG input file(s) were decoded with nvJPEG")
     assert flag.failing and report.verdict == "FAIL"
+
+
+def test_random_init_models_are_flagged_from_their_spec(release, tmp_path):
+    from safetensors.torch import save_file
+
+    from neaudit.zoo import create_model
+
+    untrained = "timm:resnet18?num_classes=10&input_size=32"
+    weights = tmp_path / "resnet18.safetensors"
+    save_file(create_model(untrained).net.state_dict(), str(weights))
+    loaded = f"{untrained}&weights={weights}"  # the same numbers, but given as weights
+    result = _audit(release, tmp_path, zoo=[OTHERS[0], untrained, loaded])
+    flagged = [f.message.split(" ")[0] for f in _flags(result)["random_init_model"]]
+    assert flagged == [untrained]  # demo models ship trained weights; loaded ones are given
+    assert "random-init weights" in result.report.html.read_text()
