@@ -26,7 +26,7 @@ from neaudit.imageio import atomic_write
 from neaudit.policy import Criterion, Policy
 from neaudit.reporting import plots
 from neaudit.reporting.samples import write_sample_grid
-from neaudit.vocabulary import AUTHORIZED, THREAT_LEVELS
+from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, THREAT_LEVELS
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -119,7 +119,8 @@ def _render_html(run_dir, table, summary, manifest, policy, criteria, flags, res
     context = dict(
         verdict=result, verdict_text=_verdict_text(criteria, flags, result), criteria=criteria,
         policy_name=policy.name, authorized=authorized, n_models=len(models),
-        n_attacks=table.attack.nunique(), score_metric=summary.get("score_metric", "score"),
+        n_attacks=table[~table.attack.isin([CLEAN, NONE])].attack.nunique(),
+        score_metric=summary.get("score_metric", "score"),
         retention=summary.get("authorized_retention"), worst=summary.get("worst_leakage"),
         suppression=summary.get("suppression_ratio"), models=models,
         flags=flags,
