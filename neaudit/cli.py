@@ -110,6 +110,10 @@ def format_summary(summary: dict, out: Path) -> str:
         w = summary["worst_leakage"]
         lines.append(f"worst-case leakage {w['value']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
                      f" by {w['model']} under {w['attack']} ({w['threat']})")
+    if "worst_learning_leakage" in summary:
+        w = summary["worst_learning_leakage"]
+        lines.append(f"worst learning leakage {w['value']:.3f} [{w['ci_low']:.3f}, "
+                     f"{w['ci_high']:.3f}] by {w['model']} trained by {w['attack']}")
     lines.append(f"results: {out / 'results.csv'}")
     return "\n".join(lines)
 

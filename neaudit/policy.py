@@ -4,7 +4,8 @@ A policy is TOML. Top-level keys apply to every attack; a ``[family.NAME]`` tabl
 them for one attack family (``preprocess``, ``purify``)::
 
     min_authorized_retention = 0.95   # authorized utility retention on the unattacked NEs
-    max_leakage = 0.5                 # worst unauthorized leakage over all attacks
+    max_leakage = 0.5                 # worst unauthorized inference leakage (L0–L3)
+    max_learning_leakage = 0.5        # worst gain from training on the NEs (learning attacks)
     max_leakage_above_chance = 0.4
     min_suppression_ratio = 2.0       # authorized score / best unauthorized score
     min_psnr = 28.0                   # measured PSNR of the NEs as released
@@ -34,7 +35,7 @@ from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, THREAT_LEVELS, UNAUTHORI
 
 DEFAULT_POLICY = Path(__file__).parent / "reporting" / "default_policy.toml"
 KEYS = ("min_authorized_retention", "max_leakage", "max_leakage_above_chance",
-        "min_suppression_ratio", "min_psnr")
+        "max_learning_leakage", "min_suppression_ratio", "min_psnr")
 LIST_KEYS = ("fail_on", "levels")
 EXCLUDED_ATTACKS = (CLEAN,)
 EXCLUDED_FAMILIES = ("test",)
@@ -172,7 +173,8 @@ def _check(key: str, threshold: float, table: pd.DataFrame, summary: dict,
         chosen = rows[(rows.metric == "psnr") & (rows.attack == NONE)]
         criterion = _extreme(key, scope, threshold, chosen.head(1), lowest=True)
         return criterion and replace(criterion, where="the released NEs (no attack)")
-    metric = "leakage" if key == "max_leakage" else "leakage_above_chance"
+    metric = {"max_leakage": "leakage", "max_leakage_above_chance": "leakage_above_chance",
+              "max_learning_leakage": "learning_leakage"}[key]
     chosen = rows[(rows.metric == metric) & (rows.role == UNAUTHORIZED)]
     return _extreme(key, scope, threshold, chosen, lowest=False)
 

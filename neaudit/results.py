@@ -114,25 +114,34 @@ def _image_rows(base: dict, sums: list[float]) -> list[dict]:
 
 
 def _learning_rows(record: dict, roles: dict[str, str], num_classes: int | None) -> list[dict]:
-    """Rows of a learning attack: accuracy and leakage against the clean-data baseline, per
-    probe or per fine-tuning fraction, and SLC-AUC for the fine-tuning curve."""
+    """Rows of a learning attack: accuracy and learning leakage = (score on NEs − start) /
+    (score on clean − start), per probe or per fine-tuning fraction, and SLC-AUC."""
     rows: list[dict] = []
-    chance = 1.0 / num_classes if num_classes else None
 
-    def add(model: str, attack: str, params: str, counts, baseline) -> None:
+    def add(model: str, attack: str, params: str, counts, baseline, start: float) -> None:
         base = dict(model=model, role=roles[model], attack=attack, family="learning",
                     threat="learning", params=params)
-        rows.extend(score_rows(base, "accuracy", counts, baseline[0] / baseline[1], chance))
+        correct, n = counts
+        score, (low, high) = correct / n, wilson_interval(correct, n)
+        clean = baseline[0] / baseline[1]
+        rows.append({**base, "metric": "accuracy", "value": score, "ci_low": low,
+                     "ci_high": high, "n": n})
+        rows.append({**base, "metric": "learning_leakage",
+                     "value": above_chance(score, clean, start),
+                     "ci_low": above_chance(low, clean, start),
+                     "ci_high": above_chance(high, clean, start), "n": n})
 
     if "baseline" in record:
         for model, counts in record["models"].items():
-            add(model, record["attack"], record["params"], counts, record["baseline"][model])
+            add(model, record["attack"], record["params"], counts, record["baseline"][model],
+                record["start"])
         return rows
     for model, curve in record["curve"].items():
+        start = curve["start"][0] / curve["start"][1]
         for fraction, prot, clean in zip(curve["fractions"], curve["protected"], curve["clean"],
                                          strict=True):
             add(model, f"finetune(fraction={fraction:g})",
-                json.dumps({"fraction": fraction}), prot, clean)
+                json.dumps({"fraction": fraction}), prot, clean, start)
         area = slc_auc(curve["fractions"], [c / n for c, n in curve["protected"]],
                        [c / n for c, n in curve["clean"]])
         rows.append(dict(model=model, role=roles[model], attack=record["attack"],
@@ -183,7 +192,15 @@ def summarize(table: pd.DataFrame, score_metric: str) -> dict:
         summary["worst_leakage"] = {"model": worst.model, "attack": worst.attack,
                                     "value": float(worst.value), "ci_low": float(worst.ci_low),
                                     "ci_high": float(worst.ci_high), "threat": worst.threat}
-        by_threat = leak[leak.threat.isin(list(THREAT_LEVELS))]
+    learned = table[(table.metric == "learning_leakage") & (table.role == UNAUTHORIZED)
+                    ].dropna(subset="value")
+    if len(learned):
+        worst = learned.loc[learned.value.idxmax()]
+        summary["worst_learning_leakage"] = {
+            "model": worst.model, "attack": worst.attack, "value": float(worst.value),
+            "ci_low": float(worst.ci_low), "ci_high": float(worst.ci_high)}
+    if len(leak) or len(learned):
+        by_threat = pd.concat([leak[leak.threat.isin(list(THREAT_LEVELS))], learned])
         summary["worst_by_threat"] = {
             level: {"model": row.model, "attack": row.attack, "value": float(row.value),
                     "ci_low": float(row.ci_low), "ci_high": float(row.ci_high)}

@@ -15,6 +15,7 @@ from neaudit.demo import digits_test_set
 from neaudit.errors import NeauditError
 from neaudit.metrics import slc_auc
 from neaudit.protection import protect
+from neaudit.reporting import render_report
 from neaudit.zoo import create_model
 
 
@@ -50,14 +51,16 @@ def test_probe_and_finetune_rows_in_the_results(tmp_path):
     table = result.table.set_index(["model", "attack", "metric"]).value
     probe = table["demo:small_cnn", "linear_probe", "accuracy"]
     assert probe >= 0.8  # a trained model's features separate digits, NEs or not
-    # the probe on NEs is compared with the same probe on the clean originals
+    # learning leakage = the NE probe's gain over chance / the clean probe's gain over chance
     rows = result.table.set_index(["model", "attack", "metric"])
-    leak = rows.loc[("demo:small_cnn", "linear_probe", "leakage")]
-    clean_probe = probe / leak.value
+    leak = rows.loc[("demo:small_cnn", "linear_probe", "learning_leakage")]
+    clean_probe = 0.1 + (probe - 0.1) / leak.value
     assert 0.8 <= clean_probe <= 1.0 and leak.ci_low <= leak.value <= leak.ci_high
-    assert ("demo:small_cnn", "finetune(fraction=0.5)", "leakage") in table.index
+    assert ("demo:small_cnn", "linear_probe", "leakage") not in table.index
+    assert ("demo:small_cnn", "finetune(fraction=0.5)", "learning_leakage") in table.index
     slc = result.table[(result.table.metric == "slc_auc")]
     assert slc.model.tolist() == ["demo:small_cnn"] and np.isfinite(slc.value).all()
+    assert result.summary["worst_learning_leakage"]["model"] == "demo:small_cnn"
     assert "learning" in result.summary["worst_by_threat"]
 
 
@@ -84,7 +87,7 @@ def test_an_audit_finishes_with_a_report_whatever_kind_of_attack_is_worst(
     1.0); either way the run ends with a verdict and a report, not a usage error."""
     def planted(ctx, correct: int) -> dict:
         return {"models": {spec: [correct, 10] for spec in ctx.models},
-                "baseline": {spec: [5, 10] for spec in ctx.models}}
+                "baseline": {spec: [5, 10] for spec in ctx.models}, "start": 0.1}
 
     monkeypatch.setitem(ATTACKS, "planted_learning",
                         Attack("planted_learning", "test", "learning", planted,
@@ -97,11 +100,35 @@ def test_an_audit_finishes_with_a_report_whatever_kind_of_attack_is_worst(
                  str(suite), "--out", str(out), "--quiet"])
     captured = capsys.readouterr()
     assert code in (0, 1), captured.err
-    worst = json.loads((out / "summary.json").read_text())["worst_leakage"]
-    if worst_kind == DATASET:
-        assert worst["attack"] == "planted_learning(correct=10)"
-    else:  # the oracle (1.0), or the NEs as released if they read slightly better than clean
-        assert worst["threat"] != "learning" and worst["value"] >= 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    worst = summary["worst_by_threat"]
+    if worst_kind == DATASET:  # learning leakage (10/10 − 0.1) / (5/10 − 0.1) = 2.25
+        assert summary["worst_learning_leakage"]["attack"] == "planted_learning(correct=10)"
+        assert worst["learning"]["value"] == pytest.approx(2.25)
+    else:  # the oracle reads as well as the originals: inference leakage 1.0
+        assert summary["worst_leakage"]["value"] >= 1.0 > worst["learning"]["value"]
     assert (out / "index.html").is_file() and "verdict:" in captured.out
     samples = json.loads((out / "samples.json").read_text())
     assert samples["attack"] == "oracle_originals"  # the worst attack that has images
+
+
+def test_learning_attacks_do_not_move_the_inference_headline(digits_release, tmp_path):
+    """Fine-tuning models that already solve the task (the demo zoo) is learning leakage, a
+    headline of its own: adding it leaves the worst inference leakage exactly as it was."""
+    inference = '[[attack]]\nname = "jpeg"\nquality = 50\n\n[[attack]]\nname = "median"\n'
+    learning = ('\n[[attack]]\nname = "linear_probe"\n\n[[attack]]\nname = "finetune"\n'
+                "fractions = [0.5, 1.0]\nepochs = 1\nmax_steps = 4\n")
+    summaries = []
+    for name, text in (("plain", inference), ("with_learning", inference + learning)):
+        suite = tmp_path / f"{name}.toml"
+        suite.write_text(text)
+        result = audit(digits_release, ["demo:small_cnn", "demo:resnet"], suite=suite,
+                       out=tmp_path / name, quiet=True)
+        summaries.append(result.summary)
+    plain, learned = summaries
+    assert learned["worst_leakage"] == plain["worst_leakage"]
+    assert learned["worst_leakage"]["threat"] != "learning"
+    assert "worst_learning_leakage" in learned and "worst_learning_leakage" not in plain
+    report = render_report(tmp_path / "with_learning")
+    names = {c.name for c in report.criteria}
+    assert {"max_leakage", "max_learning_leakage"} <= names

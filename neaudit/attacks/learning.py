@@ -7,10 +7,16 @@ dataset.
   model (the input of its last linear layer), trained on a seeded half of the protected images
   and scored on the other half; the same probe trained and scored on the clean originals is
   the baseline, and leakage = protected probe accuracy / clean probe accuracy.
-* ``finetune``: fine-tune an unauthorized model on random subsets of the protected training
-  half at several sample fractions, scoring each on the held-out clean originals; the same
-  curve trained on clean data is the baseline. SLC-AUC (:func:`neaudit.metrics.slc_auc`)
+* ``finetune``: fine-tune an unauthorized model, from a freshly initialized classifier head
+  (so it starts not knowing the task), on random subsets of the protected training half at
+  several sample fractions, scoring each on the held-out clean originals; the same curve
+  trained on clean data is the baseline. SLC-AUC (:func:`neaudit.metrics.slc_auc`)
   summarizes the two curves.
+
+Learning leakage is defined on the gain over the starting point: (score after training on
+NEs − start) / (score after training on clean originals − start); the start is the fresh
+head's score for ``finetune`` and chance for the probe. A model that already solves the task
+can therefore not show a learning leakage of about 1 for having learnt nothing.
 
 Both are bounded for CPUs by ``max_samples``, ``epochs`` and ``max_steps``.
 """
@@ -84,28 +90,57 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     return int((probe.predict(test_x) == test_y).sum()), len(test_y)
 
 
+def _fresh_head(tuned: ImageClassifier, num_classes: int, seed: int) -> nn.Module | None:
+    """Give ``tuned`` a freshly initialized classifier head, so that fine-tuning starts from
+    a backbone that does not know the task: timm's ``reset_classifier``, else the last
+    ``nn.Linear`` replaced; a model with neither gets a head on its logits (returned)."""
+    net = tuned.net
+    if hasattr(net, "reset_classifier"):
+        seeded(lambda: net.reset_classifier(num_classes), seed, "finetune-head")
+        tuned.to(tuned.mean.device)
+        return None
+    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if linears:
+        name, old = linears[-1]
+        parent, _, attribute = name.rpartition(".")
+        new = seeded(lambda: nn.Linear(old.in_features, num_classes), seed, "finetune-head")
+        setattr(net.get_submodule(parent) if parent else net, attribute,
+                new.to(tuned.mean.device))
+        return None
+    with torch.no_grad():
+        outputs = tuned(torch.zeros(1, 3, *(tuned.input_size or (32, 32)),
+                                    device=tuned.mean.device)).shape[-1]
+    return seeded(lambda: nn.Linear(outputs, num_classes), seed, "finetune-head").to(
+        tuned.mean.device)
+
+
 def finetune_accuracy(model: ImageClassifier, train_x: torch.Tensor, train_y: torch.Tensor,
                       test_x: torch.Tensor, test_y: torch.Tensor, epochs: int, max_steps: int,
-                      lr: float, seed: int, num_classes: int) -> tuple[int, int]:
-    """Fine-tune a copy of ``model`` (all weights; a fresh head when the class count
-    differs) and return (correct, n) on the test images."""
+                      lr: float, seed: int, num_classes: int
+                      ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Fine-tune a copy of ``model`` (all weights, from a fresh classifier head) and return
+    (correct, n) on the test images before training (the start) and after."""
     draws = generator(seed, "finetune-batches")
     tuned = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        outputs = tuned(test_x[:2].to(tuned.mean.device)).shape[-1]
-    tuned.train().requires_grad_(True)
-    head: nn.Module | None = None
-    if outputs != num_classes:
-        head = seeded(lambda: nn.Linear(outputs, num_classes), seed, "finetune-head").to(
-            tuned.mean.device)
-    params = list(tuned.parameters()) + (list(head.parameters()) if head else [])
-    optimizer = torch.optim.Adam(params, lr=lr)
+    head = _fresh_head(tuned, num_classes, seed)
     device = tuned.mean.device
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         logits = tuned(x.to(device))
         return head(logits) if head is not None else logits
 
+    def score() -> tuple[int, int]:
+        tuned.eval()
+        with torch.inference_mode():
+            correct = sum(int((forward(test_x[lo:lo + 128]).argmax(1).cpu()
+                               == test_y[lo:lo + 128]).sum()) for lo in range(0, len(test_x),
+                                                                              128))
+        return correct, len(test_x)
+
+    start = score()
+    tuned.train().requires_grad_(True)
+    params = list(tuned.parameters()) + (list(head.parameters()) if head else [])
+    optimizer = torch.optim.Adam(params, lr=lr)
     steps = 0
     for _ in range(epochs):
         order = torch.randperm(len(train_x), generator=draws)
@@ -120,13 +155,7 @@ def finetune_accuracy(model: ImageClassifier, train_x: torch.Tensor, train_y: to
                 break
         if steps >= max_steps:
             break
-    tuned.eval()
-    correct = 0
-    with torch.inference_mode():
-        for lo in range(0, len(test_x), 128):
-            correct += int((forward(test_x[lo:lo + 128]).argmax(1).cpu()
-                            == test_y[lo:lo + 128]).sum())
-    return correct, len(test_x)
+    return start, score()
 
 
 def subset(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -151,7 +180,7 @@ def linear_probe(ctx: DatasetContext, max_samples: int, c: float) -> dict:
     """Logistic-regression probe on frozen features, NEs against clean originals."""
     (protected_train, clean_train, y_train), (protected_test, clean_test, y_test) = _halves(
         ctx, int(max_samples))
-    record: dict = {"models": {}, "baseline": {}}
+    record: dict = {"models": {}, "baseline": {}, "start": 1.0 / ctx.num_classes}
     for spec, model in ctx.models.items():
         record["models"][spec] = probe_accuracy(
             features(model, protected_train), y_train.numpy(),
@@ -177,12 +206,14 @@ def finetune(ctx: DatasetContext, fractions: list[float], epochs: int, max_steps
     for spec, model in ctx.models.items():
         if spec == ctx.authorized:
             continue
-        curve = {"fractions": fractions, "protected": [], "clean": []}
+        curve = {"fractions": fractions, "protected": [], "clean": [], "start": None}
         for fraction in fractions:
             idx = torch.as_tensor(subset(np.arange(len(y_train)), fraction, ctx.seed))
             for kind, images in (("protected", protected_train), ("clean", clean_train)):
-                curve[kind].append(finetune_accuracy(
+                start, tuned = finetune_accuracy(
                     model, images[idx], y_train[idx], clean_test, y_test, int(epochs),
-                    int(max_steps), float(lr), ctx.seed, ctx.num_classes))
+                    int(max_steps), float(lr), ctx.seed, ctx.num_classes)
+                curve[kind].append(tuned)
+                curve["start"] = start  # the same fresh head every time
         record["curve"][spec] = curve
     return record

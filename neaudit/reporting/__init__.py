@@ -122,6 +122,7 @@ def _render_html(run_dir, table, summary, manifest, policy, criteria, flags, res
         n_attacks=table[~table.attack.isin([CLEAN, NONE])].attack.nunique(),
         score_metric=summary.get("score_metric", "score"),
         retention=summary.get("authorized_retention"), worst=summary.get("worst_leakage"),
+        learning=summary.get("worst_learning_leakage"),
         suppression=summary.get("suppression_ratio"), models=models,
         flags=flags,
         plots=dict(heatmap=plots.leakage_heatmap(table), strength=plots.strength_curves(table),
