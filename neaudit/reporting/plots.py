@@ -29,8 +29,8 @@ def _short(text: str, width: int = 38) -> str:
 
 
 def leakage_heatmap(table: pd.DataFrame) -> str | None:
-    rows = table[(table.metric == "leakage") & (table.attack != CLEAN)]
-    if rows.empty:
+    rows = table[(table.metric == "leakage") & (table.attack != CLEAN)].dropna(subset="value")
+    if rows.empty:  # e.g. every clean score is 0, so no leakage is defined
         return None
     grid = rows.pivot_table(index="model", columns="attack", values="value", aggfunc="first")
     grid = grid[sorted(grid.columns, key=lambda a: (a != NONE, a))]
