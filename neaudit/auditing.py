@@ -28,6 +28,7 @@ from neaudit.dataset import ImageDataset
 from neaudit.device import resolve_device
 from neaudit.errors import NeauditError
 from neaudit.executors import Executor, LocalExecutor
+from neaudit.models import display_names
 from neaudit.paths import refuse_overlap
 from neaudit.plan import plan
 from neaudit.results import build_table, summarize
@@ -84,7 +85,9 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     if max_images is not None:
         dataset = dataset.head(max_images)
     authorized = authorized or (dataset.sidecar or {}).get("authorized")
-    specs = _check_inputs(dataset, authorized, zoo, entries, score)
+    names = _check_inputs(dataset, authorized, zoo, entries, score)
+    specs = list(names)
+    authorized = specs[0]
     score_metric = score if score != "auto" else (
         "accuracy" if dataset.labels is not None else "agreement")
     torch_device = resolve_device(device)
@@ -94,6 +97,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     refuse_overlap(out, [*dataset.input_roots(), *([Path(reference)] if reference else [])])
     config = {  # the run's identity: a run folder holding another config is refused
         "dataset": _dataset_hash(dataset), "count": len(dataset), "models": specs,
+        "names": names,
         "authorized": authorized, "suite": [e.label for e in entries], "seed": seed,
         "batch_size": batch_size, "score_metric": score_metric,
         "reference": str(reference) if reference else None, "decode": decode,
@@ -104,6 +108,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
         config, str(torch_device), seed, str(reference) if reference else None,
         any(e.threat == "L2" for e in entries), score_metric, decode)
     worker = build_worker(recipe, dataset)
+    worker.names = names
     tasks = plan(worker.dataset, entries, batch_size)
     pending = [t for t in tasks if not worker.store.done(t.task_id)][:stop_after]
     if loader_workers:
@@ -139,7 +144,7 @@ def _finish(worker, tasks, entries: Sequence[SuiteEntry]) -> tuple[pd.DataFrame,
              for spec in worker.models}
     num_classes = len(dataset.class_names) if dataset.class_names else None
     records = store.records()
-    table = build_table(records, roles, worker.score_metric, num_classes)
+    table = build_table(records, roles, worker.score_metric, num_classes, worker.names)
     summary = summarize(table, worker.score_metric)
     summary["complete"] = all(store.done(t.task_id) for t in tasks)
     if summary["complete"]:
@@ -155,14 +160,14 @@ def _finish(worker, tasks, entries: Sequence[SuiteEntry]) -> tuple[pd.DataFrame,
 
 
 def _check_inputs(dataset: ImageDataset, authorized: str | None, zoo: str | Sequence[str],
-                  entries: Sequence[SuiteEntry], score: str) -> list[str]:
-    """Refuse what cannot be audited, before any work; returns the zoo's specs, authorized
-    first."""
+                  entries: Sequence[SuiteEntry], score: str) -> dict[str, str]:
+    """Refuse what cannot be audited, before any work; returns the zoo's specs (authorized
+    first) with their display names."""
     if authorized is None:
         raise NeauditError("no authorized model: the dataset has no neaudit.json naming one. "
                            "Fix: pass --authorized SPEC.")
-    specs = [authorized] + [s for s in resolve_zoo(zoo) if s != authorized]
-    if len(specs) < 2:
+    names = display_names([authorized, *resolve_zoo(zoo)])
+    if len(names) < 2:
         raise NeauditError("the zoo has no unauthorized model. Fix: pass --zoo or --model.")
     if any(e.kind == DATASET for e in entries) and (
             dataset.labels is None or not dataset.has_originals):
@@ -180,7 +185,7 @@ def _check_inputs(dataset: ImageDataset, authorized: str | None, zoo: str | Sequ
     if score == "auto" and dataset.labels is None and not dataset.has_originals:
         raise NeauditError(f"{dataset.source}: agreement needs the clean originals. Fix: pass "
                            "--originals DIR, or --score accuracy with labels.")
-    return specs
+    return names
 
 
 def _check_decode(decode: str, device_type: str, loader_workers: int) -> None:

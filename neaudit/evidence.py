@@ -66,7 +66,8 @@ def write_samples(worker: Worker, table: pd.DataFrame, entries: Sequence[SuiteEn
 def surrogate_ranking(worker: Worker) -> list[tuple[str, float]]:
     """The L3 attacker's ranking of candidate models on the first images (for the report)."""
     images = next(worker.dataset.batches(min(SURROGATE_IMAGES, len(worker.dataset)))).protected
-    return rank_surrogates(images, worker.attack_context(("surrogate-ranking",), None))
+    ranking = rank_surrogates(images, worker.attack_context(("surrogate-ranking",), None))
+    return [(worker.names.get(spec, spec), odds) for spec, odds in ranking]
 
 
 def write_spectral(worker: Worker, summary: dict) -> None:
@@ -104,9 +105,10 @@ def write_spectral(worker: Worker, summary: dict) -> None:
             return float(first_layer_gain(layer, x).mean())
 
         angle, predicted = misalignment(space, layer) if space else (math.nan, math.nan)
-        rows.append({"model": spec, "stem": f"{tuple(layer.unfolded.shape)} k{layer.kernel[0]}"
+        name = worker.names.get(spec, spec)
+        rows.append({"model": name, "stem": f"{tuple(layer.unfolded.shape)} k{layer.kernel[0]}"
                      f"/s{layer.stride[0]}", "mean_angle_deg": angle,
                      "predicted_gain_ratio": predicted,
                      "measured_gain_ratio": gain(delta) / gain(noise),
-                     "leakage": summary["models"][spec].get("leakage")})
+                     "leakage": summary["models"][name].get("leakage")})
     worker.store.write_text("spectral.json", json.dumps(rows, default=json_default))

@@ -8,8 +8,10 @@ per-channel normalization); a :class:`ModelSpec` is a parsed spec string
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 from urllib.parse import parse_qsl
 
 import torch
@@ -128,3 +130,49 @@ def floats_option(spec: ModelSpec, key: str, default: Sequence[float]) -> tuple[
                              f"{' above 0' if key == 'std' else ''}. Fix: e.g. "
                              f"{key}=0.5,0.5,0.5.")
     return numbers
+
+
+_NAMED = re.compile(rf"^([A-Za-z0-9_.+-]+)=((?:{'|'.join(SCHEMES)}):.*)$", re.S)
+
+
+def split_name(text: str) -> tuple[str | None, str]:
+    """``NAME=SPEC`` → (NAME, SPEC); a plain spec → (None, spec)."""
+    match = _NAMED.match(text.strip())
+    return (match.group(1), match.group(2)) if match else (None, text.strip())
+
+
+def short_name(spec: str) -> str:
+    """What people read for a spec: the timm architecture, the open_clip architecture and
+    tag, a ``python:`` factory's name, a TorchScript file's stem; demo models keep theirs."""
+    scheme, _, rest = spec.partition(":")
+    target, _, query = rest.partition("?")
+    if scheme == "timm":
+        return target.split(".")[0]
+    if scheme == "open_clip":
+        tag = dict(parse_qsl(query)).get("pretrained")
+        return f"{target}/{tag}" if tag else target
+    if scheme == "python":
+        return target.rpartition(":")[2] or target
+    if scheme == "torchscript":
+        return PurePath(target).stem
+    return spec
+
+
+def display_names(texts: Sequence[str]) -> dict[str, str]:
+    """Spec → display name for a zoo: given names (``NAME=SPEC``) kept, others shortened,
+    made unique with ``-2``, ``-3``… where two would read alike. Keys are the plain specs."""
+    parsed = [split_name(text) for text in texts]
+    taken = {name for name, _ in parsed if name}
+    names: dict[str, str] = {}
+    for given, spec in parsed:
+        if spec in names:
+            continue
+        name = given or short_name(spec)
+        if not given:
+            base, count = name, 1
+            while name in taken:
+                count += 1
+                name = f"{base}-{count}"
+        taken.add(name)
+        names[spec] = name
+    return names

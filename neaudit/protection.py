@@ -27,6 +27,7 @@ from neaudit.device import resolve_device
 from neaudit.errors import NeauditError
 from neaudit.fidelity import fidelity_sample, measure
 from neaudit.imageio import atomic_write, quantize, sha256_file, to_uint8
+from neaudit.models import split_name
 from neaudit.ne import METHODS, reference_recode, subspace_recode
 from neaudit.paths import output_path, refuse_overlap, safe_component, safe_relative
 from neaudit.pipeline import PngWriter, read_ahead
@@ -85,6 +86,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     names = _output_names(dataset) if output_format == "png" else []
     _refuse_foreign_files(out, names)
     torch_device = resolve_device(device)
+    if isinstance(authorized, str):
+        authorized = split_name(authorized)[1]  # a display name does not name the weights
     model = create_model(authorized, dataset.class_names).to(torch_device)
     check_model(model, next(dataset.batches(min(4, len(dataset)))).protected)
     size = tuple(model.input_size or dataset.image_shape)

@@ -33,12 +33,16 @@ from neaudit.metrics import (
 )
 from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, THREAT_LEVELS, UNAUTHORIZED, ratio_metric
 
-COLUMNS = ["model", "role", "attack", "family", "threat", "params", "metric", "value", "ci_low",
-           "ci_high", "n"]
+COLUMNS = ["model", "spec", "role", "attack", "family", "threat", "params", "metric", "value",
+           "ci_low", "ci_high", "n"]
 
 
 def build_table(records: list[dict], roles: dict[str, str], score_metric: str,
-                num_classes: int | None) -> pd.DataFrame:
+                num_classes: int | None, names: dict[str, str] | None = None) -> pd.DataFrame:
+    """The tidy table: one row per (model, attack, metric). ``roles`` is keyed by spec;
+    ``names`` gives each spec's display name (the ``model`` column; the spec itself is in
+    ``spec``)."""
+    names = names or {}
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     images: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0, 0])
     meta: dict[str, tuple[str, str, str]] = {}
@@ -66,8 +70,8 @@ def build_table(records: list[dict], roles: dict[str, str], score_metric: str,
     rows = []
     for (model, attack), (correct, n) in sorted(counts.items()):
         family, threat, params = meta[attack]
-        base = dict(model=model, role=roles[model], attack=attack, family=family,
-                    threat=threat, params=params)
+        base = dict(model=names.get(model, model), spec=model, role=roles[model],
+                    attack=attack, family=family, threat=threat, params=params)
         clean_correct, clean_n = counts.get((model, CLEAN), (0, 0))
         clean = clean_correct / clean_n if attack != CLEAN and clean_n else None
         chance = _chance(score_metric, num_classes, histograms.get(model))
@@ -75,7 +79,7 @@ def build_table(records: list[dict], roles: dict[str, str], score_metric: str,
         if attack in images and images[attack][4]:
             rows += _image_rows(base, images[attack])
     for record in learned:
-        rows += _learning_rows(record, roles, num_classes)
+        rows += _learning_rows(record, roles, names)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -113,14 +117,14 @@ def _image_rows(base: dict, sums: list[float]) -> list[dict]:
     return rows
 
 
-def _learning_rows(record: dict, roles: dict[str, str], num_classes: int | None) -> list[dict]:
+def _learning_rows(record: dict, roles: dict[str, str], names: dict[str, str]) -> list[dict]:
     """Rows of a learning attack: accuracy and learning leakage = (score on NEs − start) /
     (score on clean − start), per probe or per fine-tuning fraction, and SLC-AUC."""
     rows: list[dict] = []
 
     def add(model: str, attack: str, params: str, counts, baseline, start: float) -> None:
-        base = dict(model=model, role=roles[model], attack=attack, family="learning",
-                    threat="learning", params=params)
+        base = dict(model=names.get(model, model), spec=model, role=roles[model],
+                    attack=attack, family="learning", threat="learning", params=params)
         correct, n = counts
         score, (low, high) = correct / n, wilson_interval(correct, n)
         clean = baseline[0] / baseline[1]
@@ -144,7 +148,8 @@ def _learning_rows(record: dict, roles: dict[str, str], num_classes: int | None)
                 json.dumps({"fraction": fraction}), prot, clean, start)
         area = slc_auc(curve["fractions"], [c / n for c, n in curve["protected"]],
                        [c / n for c, n in curve["clean"]])
-        rows.append(dict(model=model, role=roles[model], attack=record["attack"],
+        rows.append(dict(model=names.get(model, model), spec=model, role=roles[model],
+                         attack=record["attack"],
                          family="learning", threat="learning", params=record["params"],
                          metric="slc_auc", value=area, ci_low=math.nan, ci_high=math.nan,
                          n=len(curve["fractions"])))

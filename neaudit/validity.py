@@ -36,12 +36,15 @@ def diagnostics(worker: Worker, records: list[dict], tasks: list[Task]) -> dict:
             merged = histograms.setdefault(spec, {})
             for cls, count in hist.items():
                 merged[cls] = merged.get(cls, 0) + count
-    clean = {spec: {"distinct": len(h), "top_share": max(h.values()) / sum(h.values()),
-                    "classes": num_classes or 1000} for spec, h in histograms.items()}
+    names = worker.names
+    clean = {names.get(spec, spec): {"distinct": len(h),
+                                     "top_share": max(h.values()) / sum(h.values()),
+                                     "classes": num_classes or 1000}
+             for spec, h in histograms.items()}
     params = (dataset.sidecar or {}).get("params") or {}
     return {
         "chance": 1.0 / num_classes if num_classes else None,
-        "random_init_models": [spec for spec, model in worker.models.items()
+        "random_init_models": [names.get(spec, spec) for spec, model in worker.models.items()
                                if getattr(model, "random_init", False)],
         "clean_predictions": clean,
         "sidecar": {"psnr": params.get("psnr"), "psnr_is_nominal": params.get("psnr_is_nominal"),

@@ -150,6 +150,7 @@ class Worker:
         # attacker's zoo of public models
         self.extras: dict = {"surrogates": models, "authorized": authorized}
         self.weights: dict[str, str] = {}  # spec → weights_hash, taken on the CPU
+        self.names: dict[str, str] = {spec: spec for spec in models}  # spec → display name
         self._shard: tuple[int, Batch] | None = None
         self._upcoming: Iterator | None = None
 

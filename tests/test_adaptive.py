@@ -128,9 +128,9 @@ def test_tile_estimation_and_l3_projection_break_reference_nes(reference_nes, tm
     result = audit(reference_nes, CANDIDATES[1:], suite=suite, out=tmp_path / "run",
                    score="agreement", quiet=True)
     table = result.table
-    agreement = table[(table.model == DEIT) & (table.metric == "agreement")]
+    agreement = table[(table.spec == DEIT) & (table.metric == "agreement")]
     value = agreement.set_index("attack").value
-    sensitivity = result.summary["diagnostics"]["clean_predictions"][DEIT]
+    sensitivity = result.summary["diagnostics"]["clean_predictions"]["deit_tiny_patch16_224"]
     assert sensitivity["distinct"] >= 4 and sensitivity["top_share"] < 0.5, sensitivity
     assert value["none"] < 0.85, "the NEs must hurt this input-sensitive model first"
     lost = value["clean"] - value["none"]
@@ -138,7 +138,7 @@ def test_tile_estimation_and_l3_projection_break_reference_nes(reference_nes, tm
         # each recovers a large share of what the NEs took from this random-init model
         # (about half to two thirds across random inits and noise draws at this strength)
         assert value[attack] - value["none"] >= 0.4 * lost, (attack, value.to_dict())
-    assert result.summary["surrogate_ranking"][0][0] == VIT
+    assert result.summary["surrogate_ranking"][0][0] == "vit_small_patch16_224"  # the name
     assert set(result.summary["worst_by_threat"]) == {"L1", "L2", "L3"}
     html = render_report(result.out).html.read_text()
     assert "Worst case by threat level" in html and "ranks <b>1 of" in html

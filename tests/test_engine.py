@@ -32,7 +32,7 @@ def suite(tmp_path: Path) -> Path:
 
 
 def _value(table: pd.DataFrame, model: str, attack: str, metric: str) -> float:
-    rows = table[(table.model == model) & (table.attack == attack) & (table.metric == metric)]
+    rows = table[(table.spec == model) & (table.attack == attack) & (table.metric == metric)]
     assert len(rows) == 1, (model, attack, metric)
     return float(rows.value.iloc[0])
 
@@ -57,7 +57,8 @@ def test_audit_measures_retention_leakage_and_plumbing(protected, suite, tmp_pat
         assert (result.out / name).is_file()
     assert pd.read_parquet(result.out / "results.parquet").equals(table)
     summary = result.summary
-    assert summary["models"][OTHER]["worst_attack"] == "oracle_originals"
+    assert summary["models"]["convnext_atto"]["worst_attack"] == "oracle_originals"
+    assert set(table.model) == {"vit_small_patch16_224", "convnext_atto"}  # display names
     assert summary["worst_leakage"]["value"] == 1.0
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +14,7 @@ from PIL import Image
 from neaudit import demo_zoo
 from neaudit.attacks import ATTACKS, Attack
 from neaudit.auditing import audit
+from neaudit.cli import main
 from neaudit.data import load_dataset
 from neaudit.demo import digits_test_set
 from neaudit.errors import NeauditError
@@ -74,7 +76,7 @@ def test_degenerate_model_flag_and_fail_on(release, tmp_path):
     result = _audit(release, tmp_path, "min_authorized_retention = 0.5\n"
                     'fail_on = ["degenerate_model"]\n', zoo=[*OTHERS, spec])
     flags = _flags(result)
-    assert [f.message.split(" ")[0] for f in flags["degenerate_model"]] == [spec]
+    assert [f.message.split(" ")[0] for f in flags["degenerate_model"]] == ["make"]  # its name
     assert flags["degenerate_model"][0].failing and result.report.verdict == "FAIL"
     html = result.report.html.read_text()
     assert html.index("degenerate_model") < html.index('<div class="verdict')
@@ -194,5 +196,23 @@ def test_random_init_models_are_flagged_from_their_spec(release, tmp_path):
     loaded = f"{untrained}&weights={weights}"  # the same numbers, but given as weights
     result = _audit(release, tmp_path, zoo=[OTHERS[0], untrained, loaded])
     flagged = [f.message.split(" ")[0] for f in _flags(result)["random_init_model"]]
-    assert flagged == [untrained]  # demo models ship trained weights; loaded ones are given
+    assert flagged == ["resnet18"]  # demo models ship trained weights; loaded ones are given
     assert "random-init weights" in result.report.html.read_text()
+
+
+def test_models_are_shown_by_display_names(release, tmp_path, capsys):
+    """Terminal, table and report read short names; the full spec is in the ``spec`` column
+    and in the provenance."""
+    resnet = "timm:resnet18?num_classes=10&input_size=32"
+    code = main(["audit", str(release), "--model", "small=demo:small_cnn", "--model", resnet,
+                 "--model", f"{resnet}&drop_rate=0.1", "--suite", "smoke", "--out",
+                 str(tmp_path / "run"), "--quiet", "--policy",
+                 str(_policy(tmp_path, "min_authorized_retention = 0.5\n"))])
+    printed = capsys.readouterr().out
+    assert code in (0, 1)
+    table = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    assert set(table.model) == {"demo:patch_cnn", "small", "resnet18", "resnet18-2"}
+    assert f"{resnet}&drop_rate=0.1" in set(table.spec)
+    assert "resnet18-2" in printed and "num_classes=10" not in printed
+    html = (tmp_path / "run" / "index.html").read_text()
+    assert "resnet18-2" in html and "drop_rate=0.1" in html  # the spec, once, in provenance
