@@ -128,7 +128,8 @@ def _print_verdict(report) -> None:
     for criterion in report.criteria:
         print(f"  {'PASS' if criterion.passed else 'FAIL'}  {criterion.title}: "
               f"{criterion.observed:.3f} (threshold {criterion.threshold:g}; {criterion.where})")
-    print(f"verdict: {report.verdict}    report: {report.html}")
+    print(f"verdict: {report.verdict}. {report.sentence}")
+    print(f"report: {report.html}")
 
 
 def _report(args: argparse.Namespace) -> int:

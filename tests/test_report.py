@@ -70,7 +70,8 @@ def test_report_verdict_matches_policy_and_everything_is_escaped(tmp_path):
     assert worst == pytest.approx(60 / 90)  # the median attack breaks it
     expected = verdict(policy.evaluate(table, json.loads((run / "summary.json").read_text())))
     assert result.verdict == expected == "FAIL"
-    assert '<div class="verdict FAIL">FAIL: 1 of 4 criteria fail: max_leakage 0.667' in html
+    assert '<div class="verdict FAIL">FAIL. Do not release:' in html
+    assert "1 of 4 criteria fail: max_leakage 0.667" in html
     for model in MODELS:
         if model != EVIL:
             assert model in html
@@ -88,6 +89,12 @@ def test_exit_codes_and_junit_on_passing_and_failing_policies(tmp_path, capsys):
     criteria = [case for case in junit if case.get("classname") == "neaudit.policy"]
     assert junit.get("failures") == "0" and len(criteria) == 4
     assert main(["report", str(run), "--policy", str(policy_file(tmp_path, 0.2))]) == 1
+    sentence = render_report(run, policy_file(tmp_path, 0.2)).sentence
+    assert sentence.startswith("Do not release: timm:vit_small_patch16_224 under "
+                               "median(kernel=3)")
+    assert "recovers 33% of its clean accuracy" in sentence
+    assert "the policy allows at most 20%" in sentence and "95% interval" in sentence
+    assert sentence in (run / "index.html").read_text().replace("&#39;", "'")
     junit = ET.parse(run / "junit.xml").getroot()
     failed = [case.get("name") for case in junit if case.find("failure") is not None]
     assert failed == ["max_leakage"]
@@ -133,6 +140,7 @@ def test_report_terminal_junit_and_diff_agree_on_a_run_failed_by_a_flag(tmp_path
     report = render_report(run, policy)
     assert all(c.passed for c in report.criteria)
     assert report.verdict == "FAIL" and verdict(report.criteria, report.flags) == "FAIL"
+    assert "failed a validity check" in report.sentence and "degenerate_model" in report.sentence
     assert verdict(report.criteria) == "PASS"  # the same criteria without the flag
     assert main(["report", str(run), "--policy", str(policy)]) == 1
     assert "verdict: FAIL" in capsys.readouterr().out

@@ -26,6 +26,7 @@ from neaudit.imageio import atomic_write
 from neaudit.policy import Criterion, Policy
 from neaudit.reporting import plots
 from neaudit.reporting.samples import write_sample_grid
+from neaudit.reporting.wording import verdict_sentence
 from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, THREAT_LEVELS
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -36,6 +37,7 @@ class ReportResult:
     """What ``report`` returns: the verdict, the criteria, the validity flags and the files."""
 
     verdict: str
+    sentence: str
     criteria: list[Criterion]
     flags: list[Flag]
     html: Path
@@ -66,15 +68,19 @@ def render_report(run_dir: str | Path, policy: str | Path | Policy | None = None
     policy = policy if isinstance(policy, Policy) else Policy.load(policy)
     judgement = policy.judge(table, summary)
     criteria, flags, result = judgement.criteria, judgement.flags, judgement.verdict
+    sentence = verdict_sentence(criteria, flags, result, policy.name,
+                                summary.get("score_metric", "score"))
     summary.update(criteria=[{**asdict(c), "title": c.title} for c in criteria],
-                   flags=[asdict(f) for f in flags], verdict=result, policy=policy.name)
+                   flags=[asdict(f) for f in flags], verdict=result, policy=policy.name,
+                   verdict_sentence=sentence)
     atomic_write(run_dir / "summary.json",
                  lambda h: h.write(json.dumps(summary, indent=2, default=str).encode()))
     html = _render_html(run_dir, table, summary, manifest, policy, criteria, flags, result)
     atomic_write(run_dir / "index.html", lambda h: h.write(html.encode()))
     junit = junit_xml(criteria, flags, policy.name)
     atomic_write(run_dir / "junit.xml", lambda h: h.write(junit.encode()))
-    return ReportResult(result, criteria, flags, run_dir / "index.html", run_dir / "junit.xml")
+    return ReportResult(result, sentence, criteria, flags, run_dir / "index.html",
+                        run_dir / "junit.xml")
 
 
 def _fmt(value, pattern: str = "%.3f") -> str:
@@ -118,6 +124,7 @@ def _render_html(run_dir, table, summary, manifest, policy, criteria, flags, res
     headline = table[table.metric != "ssim"].sort_values(["model", "attack", "metric"])
     context = dict(
         verdict=result, verdict_text=_verdict_text(criteria, flags, result), criteria=criteria,
+        sentence=summary["verdict_sentence"],
         policy_name=policy.name, authorized=authorized, n_models=len(models),
         n_attacks=table[~table.attack.isin([CLEAN, NONE])].attack.nunique(),
         score_metric=summary.get("score_metric", "score"),

@@ -1,0 +1,66 @@
+"""The verdict in one plain sentence, for the reader who reads nothing else: what decided it,
+how large it is, with its interval, and what the policy allows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from neaudit.flags import Flag
+from neaudit.policy import Criterion
+
+PRIORITY = ("max_leakage", "max_leakage_above_chance", "max_learning_leakage",
+            "min_authorized_retention", "min_suppression_ratio", "min_psnr")
+"""Which failed criterion the sentence leads with: the protection's own failure first."""
+
+
+def _percent(value: float) -> str:
+    return "–" if value != value else f"{value:.0%}"
+
+
+def _interval(c: Criterion) -> str:
+    if c.ci_low != c.ci_low:
+        return ""
+    return f" (95% interval {_percent(c.ci_low)}–{_percent(c.ci_high)})"
+
+
+def _failure(c: Criterion, metric: str) -> str:
+    if c.name == "max_leakage":
+        return (f"{c.where}, a model the release should not serve recovers "
+                f"{_percent(c.observed)} of its clean {metric}{_interval(c)}; the policy allows "
+                f"at most {_percent(c.threshold)}")
+    if c.name == "max_leakage_above_chance":
+        return (f"{c.where}, a model the release should not serve gets "
+                f"{_percent(c.observed)} of the way from chance back to its clean {metric}"
+                f"{_interval(c)}; the policy allows at most {_percent(c.threshold)}")
+    if c.name == "max_learning_leakage":
+        return (f"training on the released images, {c.where.split(' under ')[0]} gains "
+                f"{_percent(c.observed)} of what training on the originals gains"
+                f"{_interval(c)}; the policy allows at most {_percent(c.threshold)}")
+    if c.name == "min_authorized_retention":
+        return (f"the authorized model keeps only {_percent(c.observed)} of its clean {metric} "
+                f"({c.where}){_interval(c)}; the policy requires {_percent(c.threshold)}")
+    if c.name == "min_suppression_ratio":
+        return (f"on the released images the authorized model scores only "
+                f"{c.observed:.2f}× the best other model; the policy requires "
+                f"{c.threshold:g}×")
+    return (f"the released images measure {c.observed:.1f} dB PSNR; the policy requires at "
+            f"least {c.threshold:g} dB")
+
+
+def verdict_sentence(criteria: Sequence[Criterion], flags: Sequence[Flag], verdict: str,
+                     policy: str, metric: str) -> str:
+    """One sentence a compliance reader understands, leading with what decided the verdict."""
+    if not criteria:
+        return "No verdict: no criterion of the policy could be evaluated on these results."
+    if verdict == "PASS":
+        return (f"Release allowed under policy '{policy}': all {len(criteria)} of its criteria "
+                "are met, at the threat levels that were run.")
+    failed = sorted((c for c in criteria if not c.passed),
+                    key=lambda c: PRIORITY.index(c.name) if c.name in PRIORITY else len(PRIORITY))
+    if not failed:
+        names = ", ".join(f.name for f in flags if f.failing)
+        return ("Do not release: the evaluation failed a validity check the policy treats as "
+                f"fatal ({names}).")
+    more = len(failed) - 1
+    tail = f" ({more} more criteri{'on fails' if more == 1 else 'a fail'})" if more else ""
+    return f"Do not release: {_failure(failed[0], metric)}{tail}."
