@@ -35,7 +35,7 @@ LAYERS = [
     {"validity", "evidence", "executors"},
     # the jobs
     {"auditing", "protection"},
-    {"reporting", "reporting.plots", "reporting.samples", "reporting.diff"},
+    {"reporting", "reporting.plots", "reporting.samples", "reporting.wording", "reporting.diff"},
     {"demo"},
     {"cli"},
 ]
