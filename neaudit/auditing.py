@@ -35,7 +35,7 @@ from neaudit.results import build_table, summarize
 from neaudit.store import json_default, write_run_manifest, write_table
 from neaudit.vocabulary import AUTHORIZED, UNAUTHORIZED
 from neaudit.worker import WorkerRecipe, build_worker
-from neaudit.zoo import resolve_zoo
+from neaudit.zoo import resolve_zoo, zoo_authorized
 
 SCORES = ("auto", "accuracy", "agreement")
 DECODERS = ("cpu", "device")
@@ -84,7 +84,8 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
                else load_dataset(data, originals, allow_outside=allow_outside))
     if max_images is not None:
         dataset = dataset.head(max_images)
-    authorized = authorized or (dataset.sidecar or {}).get("authorized")
+    authorized = (authorized or (zoo_authorized(zoo) if isinstance(zoo, str) else None)
+                  or (dataset.sidecar or {}).get("authorized"))
     names = _check_inputs(dataset, authorized, zoo, entries, score)
     specs = list(names)
     authorized = specs[0]

@@ -63,19 +63,21 @@ def _audit(args: argparse.Namespace) -> int:
     from neaudit.reporting import render_report
 
     policy = Policy.load(args.policy)  # a bad policy fails before any work
-    zoo = list(args.model or [])
+    zoo, authorized = list(args.model or []), args.authorized
     if args.zoo:
-        from neaudit.zoo import resolve_zoo
+        from neaudit.zoo import resolve_zoo, zoo_authorized
 
         zoo = resolve_zoo(args.zoo) + zoo
+        authorized = authorized or zoo_authorized(args.zoo)
     if not zoo:
-        raise NeauditError("no models to audit. Fix: pass --zoo PRESET|SPEC,SPEC or --model SPEC.")
+        raise NeauditError("no models to audit. Fix: pass --zoo PRESET|FILE.toml|SPEC,SPEC or "
+                           "--model [NAME=]SPEC.")
     executor = None
     if args.executor == "ray":
         from neaudit.executors import RayExecutor
 
         executor = RayExecutor(args.ray_address, args.ray_workers, args.ray_cpus, args.ray_gpus)
-    result = audit(args.data, zoo, authorized=args.authorized, suite=args.suite, out=args.out,
+    result = audit(args.data, zoo, authorized=authorized, suite=args.suite, out=args.out,
                    executor=executor,
                    device=args.device, seed=args.seed, batch_size=args.batch_size,
                    originals=args.originals, reference=args.reference,
@@ -247,8 +249,10 @@ def _add_audit(sub) -> None:
     run = sub.add_parser("audit", help="attack a protected dataset and measure leakage")
     run.add_argument("data", help="protected dataset (folder, .npz, manifest)")
     run.add_argument("--authorized", help="authorized model spec (default: from neaudit.json)")
-    run.add_argument("--zoo", help="preset name or comma-separated specs of other models")
-    run.add_argument("--model", action="append", help="one more model spec (repeatable)")
+    run.add_argument("--zoo", help="preset name, zoo file (.toml: [[model]] name, spec, role) "
+                                   "or comma-separated specs")
+    run.add_argument("--model", action="append",
+                     help="one more model, SPEC or NAME=SPEC (repeatable)")
     run.add_argument("--suite", default="standard", help="suite name or TOML file")
     run.add_argument("--out", help="run folder (default: reports/<data>-<suite>-<hash>)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

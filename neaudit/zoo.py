@@ -21,7 +21,9 @@ parser are in :mod:`neaudit.models`, one builder per scheme in :mod:`neaudit.bui
 """
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Sequence
+from pathlib import Path
 
 from neaudit.builders import BUILDERS
 from neaudit.errors import ModelSpecError
@@ -57,9 +59,59 @@ def create_model(spec: str | ModelSpec | ImageClassifier,
                              "options and its code.") from exc
 
 def resolve_zoo(zoo: str | Sequence[str]) -> list[str]:
-    """Preset name, comma-separated specs, or a list of specs → a list of spec strings."""
+    """Preset name, zoo file (``.toml``), comma-separated specs, or a list of specs → a list
+    of spec strings (``NAME=SPEC`` where a name is given)."""
     if isinstance(zoo, str):
         if zoo in PRESETS:
             return list(PRESETS[zoo])
+        if zoo.endswith(".toml"):
+            return [f"{m['name']}={m['spec']}" if m.get("name") else m["spec"]
+                    for m in load_zoo_file(zoo)]
         return [s for s in (part.strip() for part in zoo.split(",")) if s]
     return list(zoo)
+
+
+ZOO_KEYS = {"name", "spec", "role"}
+
+
+def load_zoo_file(path: str | Path) -> list[dict[str, str]]:
+    """A reviewed list of named models, so that long specs live in one file::
+
+        [[model]]
+        name = "resnet44"
+        spec = "python:/models/akresnet.py:resnet44?weights=/w/resnet44.pt&input_size=32"
+        role = "authorized"          # optional: the audit's default authorized model
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelSpecError(f"zoo file {path} does not exist.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ModelSpecError(f"{path}: not valid TOML ({exc}).") from exc
+    models = raw.get("model")
+    if not isinstance(models, list) or not models or set(raw) - {"model", "description"}:
+        raise ModelSpecError(f"{path}: a zoo file holds [[model]] tables (name, spec, role). "
+                             "Fix: list at least one model.")
+    for model in models:
+        unknown = sorted(set(model) - ZOO_KEYS)
+        if unknown or not isinstance(model.get("spec"), str) or model.get("role") not in (
+                None, "authorized", "unauthorized"):
+            extra = f" (unknown key(s) {', '.join(unknown)})" if unknown else ""
+            raise ModelSpecError(f"{path}: model {model.get('name', '?')!r} needs a 'spec' "
+                                 "string, an optional 'name' and a role of authorized or "
+                                 f"unauthorized{extra}.")
+    return models
+
+
+def zoo_authorized(zoo: str | Sequence[str]) -> str | None:
+    """The model a zoo file marks ``role = "authorized"``, if any."""
+    if isinstance(zoo, str) and zoo.endswith(".toml"):
+        marked = [m for m in load_zoo_file(zoo) if m.get("role") == "authorized"]
+        if len(marked) > 1:
+            raise ModelSpecError(f"{zoo}: {len(marked)} models are marked authorized. Fix: mark "
+                                 "one.")
+        if marked:
+            return f"{marked[0]['name']}={marked[0]['spec']}" if marked[0].get("name") else (
+                marked[0]["spec"])
+    return None

@@ -216,3 +216,22 @@ def test_models_are_shown_by_display_names(release, tmp_path, capsys):
     assert "resnet18-2" in printed and "num_classes=10" not in printed
     html = (tmp_path / "run" / "index.html").read_text()
     assert "resnet18-2" in html and "drop_rate=0.1" in html  # the spec, once, in provenance
+
+
+def test_a_zoo_file_names_the_models_and_the_authorized_one(release, tmp_path):
+    """Long specs live in one reviewed file; its names are what the report reads."""
+    zoo = tmp_path / "zoo.toml"
+    zoo.write_text('[[model]]\nname = "guardian"\nspec = "demo:patch_cnn"\nrole = "authorized"\n'
+                   '\n[[model]]\nname = "mixer"\nspec = "demo:mixer"\n'
+                   '\n[[model]]\nspec = "demo:small_cnn"\n')
+    code = main(["audit", str(release), "--zoo", str(zoo), "--suite", "smoke", "--out",
+                 str(tmp_path / "run"), "--quiet", "--policy",
+                 str(_policy(tmp_path, "min_authorized_retention = 0.5\n"))])
+    assert code in (0, 1)
+    table = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    roles = dict(zip(table.model, table.role, strict=False))
+    assert roles == {"guardian": "authorized", "mixer": "unauthorized",
+                     "demo:small_cnn": "unauthorized"}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[model]]\nname = "x"\nspek = "demo:vit"\n')
+    assert main(["audit", str(release), "--zoo", str(bad), "--out", str(tmp_path / "r")]) == 2
