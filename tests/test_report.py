@@ -90,8 +90,8 @@ def test_exit_codes_and_junit_on_passing_and_failing_policies(tmp_path, capsys):
     assert junit.get("failures") == "0" and len(criteria) == 4
     assert main(["report", str(run), "--policy", str(policy_file(tmp_path, 0.2))]) == 1
     sentence = render_report(run, policy_file(tmp_path, 0.2)).sentence
-    assert sentence.startswith("Do not release: timm:vit_small_patch16_224 under "
-                               "median(kernel=3)")
+    assert sentence.startswith("Do not release: under median(kernel=3), the unauthorized "
+                               "model timm:vit_small_patch16_224 recovers")
     assert "recovers 33% of its clean accuracy" in sentence
     assert "the policy allows at most 20%" in sentence and "95% interval" in sentence
     assert sentence in (run / "index.html").read_text().replace("&#39;", "'")

@@ -24,16 +24,17 @@ def _interval(c: Criterion) -> str:
 
 
 def _failure(c: Criterion, metric: str) -> str:
+    model, _, attack = c.where.partition(" under ")
     if c.name == "max_leakage":
-        return (f"{c.where}, a model the release should not serve recovers "
+        return (f"under {attack}, the unauthorized model {model} recovers "
                 f"{_percent(c.observed)} of its clean {metric}{_interval(c)}; the policy allows "
                 f"at most {_percent(c.threshold)}")
     if c.name == "max_leakage_above_chance":
-        return (f"{c.where}, a model the release should not serve gets "
+        return (f"under {attack}, the unauthorized model {model} gets "
                 f"{_percent(c.observed)} of the way from chance back to its clean {metric}"
                 f"{_interval(c)}; the policy allows at most {_percent(c.threshold)}")
     if c.name == "max_learning_leakage":
-        return (f"training on the released images, {c.where.split(' under ')[0]} gains "
+        return (f"training on the released images, {model} gains "
                 f"{_percent(c.observed)} of what training on the originals gains"
                 f"{_interval(c)}; the policy allows at most {_percent(c.threshold)}")
     if c.name == "min_authorized_retention":
