@@ -84,8 +84,6 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
                else load_dataset(data, originals, allow_outside=allow_outside))
     if max_images is not None:
         dataset = dataset.head(max_images)
-    authorized = (authorized or (zoo_authorized(zoo) if isinstance(zoo, str) else None)
-                  or (dataset.sidecar or {}).get("authorized"))
     names = _check_inputs(dataset, authorized, zoo, entries, score)
     specs = list(names)
     authorized = specs[0]
@@ -98,11 +96,9 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     refuse_overlap(out, [*dataset.input_roots(), *([Path(reference)] if reference else [])])
     config = {  # the run's identity: a run folder holding another config is refused
         "dataset": _dataset_hash(dataset), "count": len(dataset), "models": specs,
-        "names": names,
-        "authorized": authorized, "suite": [e.label for e in entries], "seed": seed,
-        "batch_size": batch_size, "score_metric": score_metric,
-        "reference": str(reference) if reference else None, "decode": decode,
-    }
+        "names": names, "authorized": authorized, "suite": [e.label for e in entries],
+        "seed": seed, "batch_size": batch_size, "score_metric": score_metric,
+        "reference": str(reference) if reference else None, "decode": decode}
     recipe = WorkerRecipe(
         data if isinstance(data, ImageDataset) else str(data),
         str(originals) if originals else None, max_images, tuple(specs), authorized, str(out),
@@ -163,7 +159,10 @@ def _finish(worker, tasks, entries: Sequence[SuiteEntry]) -> tuple[pd.DataFrame,
 def _check_inputs(dataset: ImageDataset, authorized: str | None, zoo: str | Sequence[str],
                   entries: Sequence[SuiteEntry], score: str) -> dict[str, str]:
     """Refuse what cannot be audited, before any work; returns the zoo's specs (authorized
-    first) with their display names."""
+    first: given, else marked in a zoo file, else recorded in neaudit.json) with their display
+    names."""
+    authorized = (authorized or (zoo_authorized(zoo) if isinstance(zoo, str) else None)
+                  or (dataset.sidecar or {}).get("authorized"))
     if authorized is None:
         raise NeauditError("no authorized model: the dataset has no neaudit.json naming one. "
                            "Fix: pass --authorized SPEC.")

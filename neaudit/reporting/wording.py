@@ -23,29 +23,33 @@ def _interval(c: Criterion) -> str:
     return f" (95% interval {_percent(c.ci_low)}–{_percent(c.ci_high)})"
 
 
+SENTENCES = {
+    "max_leakage": "under {attack}, the unauthorized model {model} recovers {value} of its "
+                   "clean {metric}{interval}; the policy allows at most {threshold}",
+    "max_leakage_above_chance": "under {attack}, the unauthorized model {model} gets {value} "
+                                "of the way from chance back to its clean {metric}{interval}; "
+                                "the policy allows at most {threshold}",
+    "max_learning_leakage": "training on the released images, {model} gains {value} of what "
+                            "training on the originals gains{interval}; the policy allows at "
+                            "most {threshold}",
+    "min_authorized_retention": "the authorized model keeps only {value} of its clean "
+                                "{metric} ({where}){interval}; the policy requires {threshold}",
+    "min_suppression_ratio": "on the released images the authorized model scores only "
+                             "{observed:.2f}× the best other model; the policy requires "
+                             "{limit:g}×",
+    "min_psnr": "the released images measure {observed:.1f} dB PSNR; the policy requires at "
+                "least {limit:g} dB",
+}
+"""What a failed criterion means, in words; {value}, {interval} and {threshold} are
+percentages."""
+
+
 def _failure(c: Criterion, metric: str) -> str:
     model, _, attack = c.where.partition(" under ")
-    if c.name == "max_leakage":
-        return (f"under {attack}, the unauthorized model {model} recovers "
-                f"{_percent(c.observed)} of its clean {metric}{_interval(c)}; the policy allows "
-                f"at most {_percent(c.threshold)}")
-    if c.name == "max_leakage_above_chance":
-        return (f"under {attack}, the unauthorized model {model} gets "
-                f"{_percent(c.observed)} of the way from chance back to its clean {metric}"
-                f"{_interval(c)}; the policy allows at most {_percent(c.threshold)}")
-    if c.name == "max_learning_leakage":
-        return (f"training on the released images, {model} gains "
-                f"{_percent(c.observed)} of what training on the originals gains"
-                f"{_interval(c)}; the policy allows at most {_percent(c.threshold)}")
-    if c.name == "min_authorized_retention":
-        return (f"the authorized model keeps only {_percent(c.observed)} of its clean {metric} "
-                f"({c.where}){_interval(c)}; the policy requires {_percent(c.threshold)}")
-    if c.name == "min_suppression_ratio":
-        return (f"on the released images the authorized model scores only "
-                f"{c.observed:.2f}× the best other model; the policy requires "
-                f"{c.threshold:g}×")
-    return (f"the released images measure {c.observed:.1f} dB PSNR; the policy requires at "
-            f"least {c.threshold:g} dB")
+    return SENTENCES[c.name].format(
+        model=model, attack=attack, where=c.where, metric=metric, observed=c.observed,
+        limit=c.threshold, value=_percent(c.observed), interval=_interval(c),
+        threshold=_percent(c.threshold))
 
 
 def verdict_sentence(criteria: Sequence[Criterion], flags: Sequence[Flag], verdict: str,
