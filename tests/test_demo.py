@@ -42,6 +42,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "Open the report" in printed
     run = out / "audit"
     assert (run / "index.html").is_file() and (run / "samples.png").is_file()
+    from PIL import Image
+
+    width, height = Image.open(run / "samples.png").size  # 32-px digits shown at 96 px
+    assert width >= 4 * 96 and height >= 96
     table = pd.read_parquet(run / "results.parquet")
     retention = table[(table.role == "authorized") & (table.attack == "none")
                       & (table.metric == "utility_retention")].value.iloc[0]
