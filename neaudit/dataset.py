@@ -71,7 +71,7 @@ class ImageDataset:
                 raise DataError(f"{self.source}: {len(self.labels)} labels for "
                                 f"{len(self.names)} images. Fix: give one label per image.")
             if self.class_names is not None and len(self.labels):
-                bad = np.flatnonzero((self.labels < 0) | (self.labels >= len(self.class_names)))
+                bad = np.flatnonzero(self.labels >= len(self.class_names))
                 if bad.size:
                     raise DataError(
                         f"{self.source}: label {int(self.labels[bad[0]])} of item "
