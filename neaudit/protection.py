@@ -185,7 +185,8 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
             protected, floats = recoding(clean, batch.index)
             rows.append(measure(recoding.model, recoding.layer, recoding.seed, clean, protected,
                                 floats, batch.index, sampled))
-            images, clean_images = to_uint8(protected), to_uint8(clean)
+            images = to_uint8(protected)
+            clean_images = to_uint8(clean) if save_originals else None  # copied back if kept
             if output_format == "npz":
                 written.append(images)
                 originals.append(clean_images)
