@@ -103,7 +103,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
         data if isinstance(data, ImageDataset) else str(data),
         str(originals) if originals else None, max_images, tuple(specs), authorized, str(out),
         config, str(torch_device), seed, str(reference) if reference else None,
-        any(e.threat == "L2" for e in entries), score_metric, decode)
+        any(e.threat in ("L2", "L3") for e in entries), score_metric, decode)
     worker = build_worker(recipe, dataset)
     worker.names = names
     tasks = plan(worker.dataset, entries, batch_size)

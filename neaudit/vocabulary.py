@@ -11,7 +11,7 @@ CLEAN, NONE = "clean", "none"
 """Not attacks but the reference conditions every audit measures: the clean originals and the
 NEs as released."""
 
-FAMILIES = ("preprocess", "purify", "adaptive", "learning", "test")
+FAMILIES = ("preprocess", "purify", "adaptive", "reconstruct", "learning", "test")
 
 THREAT_LEVELS = {
     "L0": "preprocessing an ordinary pipeline applies",

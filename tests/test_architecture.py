@@ -25,6 +25,7 @@ LAYERS = [
     # the attack library
     {"attacks.registry"},
     {"attacks", "attacks.preprocess", "attacks.purify", "attacks.adaptive", "attacks.learning",
+     "attacks.training", "attacks.reconstruct",
      "attacks.suites"},
     # from task records to a verdict
     {"flags", "results"},

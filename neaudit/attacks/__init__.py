@@ -1,6 +1,12 @@
 """Attack library: one registry (:mod:`neaudit.attacks.registry`), attacks by family, suites."""
 
-from neaudit.attacks import adaptive, learning, preprocess, purify  # noqa: F401  (registers)
+from neaudit.attacks import (  # noqa: F401  (registers)
+    adaptive,
+    learning,
+    preprocess,
+    purify,
+    reconstruct,
+)
 from neaudit.attacks.registry import (
     ATTACKS,
     BATCH,

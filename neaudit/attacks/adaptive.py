@@ -182,17 +182,38 @@ def _project_out(images: torch.Tensor, space, ctx: AttackContext, sigma: float
     return (cpu - space.project(cpu - smooth)).to(images.device)
 
 
-@register_attack("surrogate_projection", "adaptive", "L3", {"sigma": SIGMA})
-def surrogate_projection(images: torch.Tensor, ctx: AttackContext, sigma: float
-                         ) -> torch.Tensor:
-    """Identify the most likely authorized model among public candidates, project out its
-    low-sensitivity subspace and refill it from the denoised copy."""
+def identified_subspace(images: torch.Tensor, ctx: AttackContext, sigma: float = 1.0
+                        ) -> tuple[str, object]:
+    """The L3 attacker's guess of the authorized model (the best-ranked public candidate,
+    the ranking kept in ``ctx.extras["ranking"]``) and its low-sensitivity subspace."""
     ranking = rank_surrogates(images, ctx, sigma)
     if not ranking:
         raise NeauditError("no candidate model has a pixel-space subspace at this image size.")
     ctx.extras["ranking"] = ranking
     best = ranking[0][0]
-    space = _subspace(best, ctx.extras["surrogates"][best], tuple(images.shape[-2:]), ctx)
+    return best, _subspace(best, ctx.extras["surrogates"][best], tuple(images.shape[-2:]), ctx)
+
+
+def known_subspace(images: torch.Tensor, ctx: AttackContext, attack: str
+                   ) -> tuple[str, object]:
+    """The authorized model and its subspace, for the direct case where the attacker knows
+    which model the release was made for."""
+    spec = ctx.extras.get("authorized")
+    surrogates = ctx.extras.get("surrogates") or {}
+    if spec not in surrogates:
+        raise NeauditError(f"{attack} needs the authorized model (threat L3).")
+    space = _subspace(spec, surrogates[spec], tuple(images.shape[-2:]), ctx)
+    if space is None:
+        raise NeauditError(f"{spec}: no pixel-space subspace at this image size.")
+    return spec, space
+
+
+@register_attack("surrogate_projection", "adaptive", "L3", {"sigma": SIGMA})
+def surrogate_projection(images: torch.Tensor, ctx: AttackContext, sigma: float
+                         ) -> torch.Tensor:
+    """Identify the most likely authorized model among public candidates, project out its
+    low-sensitivity subspace and refill it from the denoised copy."""
+    _, space = identified_subspace(images, ctx, sigma)
     return _project_out(images, space, ctx, sigma)
 
 
@@ -200,11 +221,5 @@ def surrogate_projection(images: torch.Tensor, ctx: AttackContext, sigma: float
 def known_model_projection(images: torch.Tensor, ctx: AttackContext, sigma: float
                            ) -> torch.Tensor:
     """The direct case: the attacker knows the authorized model."""
-    spec = ctx.extras.get("authorized")
-    surrogates = ctx.extras.get("surrogates") or {}
-    if spec not in surrogates:
-        raise NeauditError("known_model_projection needs the authorized model (threat L3).")
-    space = _subspace(spec, surrogates[spec], tuple(images.shape[-2:]), ctx)
-    if space is None:
-        raise NeauditError(f"{spec}: no pixel-space subspace at this image size.")
+    _, space = known_subspace(images, ctx, "known_model_projection")
     return _project_out(images, space, ctx, sigma)

@@ -3,19 +3,18 @@ purification), implemented batched with Kornia and torch."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import kornia
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from neaudit.attacks.preprocess import bit_depth, gaussian_blur, jpeg, resize_round_trip
 from neaudit.attacks.registry import AttackContext, Param, odd_kernel, register_attack
+from neaudit.attacks.training import content_digest, minibatches, trained
 from neaudit.errors import NeauditError
-from neaudit.seeding import generator, seeded
+from neaudit.seeding import generator
 
 # Stronger settings of ordinary operations, used as purifiers (APBench/ART's JPEG, bit-depth
 # reduction and blur; a down-and-up resampling that destroys fine structure).
@@ -89,33 +88,23 @@ class SmallDenoiser(nn.Module):
 
 def train_denoiser(reference: torch.Tensor, sigma: float, steps: int, seed: int,
                    ctx: AttackContext) -> SmallDenoiser:
-    """Train on clean reference images + Gaussian noise; cached by content hash."""
-    digest = hashlib.sha256(reference.cpu().numpy().tobytes())
-    digest.update(f"{sigma}-{steps}-{seed}".encode())
-    path = (ctx.cache_dir / f"denoiser-{digest.hexdigest()[:16]}.safetensors"
-            if ctx.cache_dir else None)
-    model = seeded(SmallDenoiser, seed, "denoiser-init")
-    if path is not None and path.is_file():
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
-    draws = generator(seed, "denoiser-batches")
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    with torch.enable_grad():
-        for _ in range(int(steps)):
-            idx = torch.randint(0, len(reference), (min(16, len(reference)),),
-                                generator=draws)
-            clean = reference[idx]
-            noisy = clean + sigma * torch.randn(clean.shape, generator=draws)
+    """Train on clean reference images + Gaussian noise (on ``ctx.device``); cached by
+    content hash."""
+    reference = reference.to(ctx.device)
+
+    def train(model: nn.Module) -> None:
+        draws = generator(seed, "denoiser-batches")
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+        for idx in minibatches(len(reference), 16, steps, draws):
+            clean = reference[idx.to(ctx.device)]
+            noisy = clean + sigma * torch.randn(clean.shape, generator=draws).to(ctx.device)
             loss = F.mse_loss(model(noisy), clean)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(model.state_dict(), str(tmp))
-        tmp.replace(path)
-    return model.eval()
+
+    digest = content_digest(reference, sigma, steps, seed)
+    return trained(ctx, "denoiser", digest, SmallDenoiser, train, seed)
 
 
 @register_attack("learned_denoiser", "purify", "L2",
@@ -126,12 +115,16 @@ def learned_denoiser(images: torch.Tensor, ctx: AttackContext, sigma: float, ste
     if ctx.reference is None:
         raise NeauditError("learned_denoiser needs clean reference images (threat level L2); "
                            "give the audit originals or --reference DIR.")
+    with torch.no_grad():
+        return denoiser(ctx, sigma, steps)(images)
+
+
+def denoiser(ctx: AttackContext, sigma: float, steps: int = 150) -> SmallDenoiser:
+    """The audit's denoiser for noise level ``sigma``, trained once on the reference images."""
     key = ("denoiser", float(sigma), int(steps), ctx.seed)
     if key not in ctx.extras:
-        ctx.extras[key] = train_denoiser(ctx.reference.cpu(), sigma, steps, ctx.seed, ctx).to(
-            images.device)
-    with torch.no_grad():
-        return ctx.extras[key](images)
+        ctx.extras[key] = train_denoiser(ctx.reference, sigma, steps, ctx.seed, ctx)
+    return ctx.extras[key]
 
 
 @register_attack("oracle_originals", "test", "L3", {})

@@ -68,15 +68,23 @@ AttackFn = Callable[..., object]
 @dataclass(frozen=True)
 class Param:
     """One attack parameter: its default (whose type is the parameter's type: int, float or
-    a list of floats), an inclusive range and optionally the only values allowed."""
+    a list of floats), an inclusive range and optionally the only values allowed; or, with
+    ``path``, a local folder (default ``""``: none), which must exist."""
 
     default: object
     low: float | None = None
     high: float | None = None
     choices: tuple | None = None
+    path: bool = False
 
     def check(self, value: object) -> object:
         """``value`` as the parameter's type; raises ValueError saying what is wrong."""
+        if self.path:
+            if not isinstance(value, str):
+                raise ValueError("must be a folder path (a string)")
+            if value and not Path(value).is_dir():
+                raise ValueError("names no folder")
+            return value
         if isinstance(self.default, list):
             if not isinstance(value, list | tuple) or not value:
                 raise ValueError("must be a non-empty list of numbers")
@@ -99,6 +107,8 @@ class Param:
         return value
 
     def describe(self) -> str:
+        if self.path:
+            return "path to a local folder"
         if self.choices is not None:
             return "one of " + ", ".join(map(str, self.choices))
         kind = "list of numbers" if isinstance(self.default, list) else type(self.default).__name__

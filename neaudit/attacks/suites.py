@@ -14,10 +14,11 @@ Validation happens before any work: an unknown attack or parameter fails, listin
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import tomllib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from neaudit.attacks.registry import Attack, get_attack
 from neaudit.errors import NeauditError
@@ -32,13 +33,15 @@ class SuiteEntry:
 
     @property
     def label(self) -> str:
-        inner = ", ".join(f"{k}={v}" for k, v in self.params)
+        """What people read: folder parameters by their name and a short hash."""
+        inner = ", ".join(f"{k}={_short(v)}" for k, v in self.params)
         return f"{self.attack}({inner})" if inner else self.attack
 
     @property
     def key(self) -> str:
         """Filename-safe identifier."""
-        return "-".join([self.attack] + [f"{k}={v}" for k, v in self.params])
+        return "-".join([self.attack] + [f"{k}={_digest(v) if isinstance(v, str) else v}"
+                                         for k, v in self.params])
 
     @property
     def registered(self) -> Attack:
@@ -56,6 +59,17 @@ class SuiteEntry:
     @property
     def kind(self) -> str:
         return self.registered.kind
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _short(value: object) -> object:
+    """A folder parameter as ``name@hash`` (two folders of one name stay apart)."""
+    if not isinstance(value, str):
+        return value
+    return f"{PurePath(value).name}@{_digest(value)[:6]}" if value else '""'
 
 
 def builtin_suites_dir() -> Path:
@@ -119,6 +133,8 @@ def _expand(path: Path, attack: Attack, table: dict) -> list[SuiteEntry]:
     values = []
     for key in keys:
         value = table[key]
+        if key in attack.params and attack.params[key].path and isinstance(value, str) and value:
+            value = str(path.parent / value)  # relative to the suite's own folder
         takes_list = key in attack.params and isinstance(attack.params[key].default, list)
         if isinstance(value, list) and not value:
             raise NeauditError(f"{path}: attack '{attack.name}': {key} = [] lists no value. "
