@@ -219,3 +219,35 @@ def summarize(table: pd.DataFrame, score_metric: str) -> dict:
 
 def _get(series: pd.Series, key: str) -> float | None:
     return float(series[key]) if key in series.index else None
+
+
+RECONSTRUCTING = ("purify", "adaptive", "reconstruct")
+"""Families whose attacks rebuild the image, so their output's fidelity to the clean
+original says how much of the image the attacker recovered."""
+
+
+def reconstruction_quality(table: pd.DataFrame) -> list[dict]:
+    """Per reconstructing attack (and the release itself, first): PSNR and SSIM of its output
+    to the clean originals with 95% intervals, beside the worst inference leakage it caused.
+    Empty without originals."""
+    images = table[table.metric.isin(["psnr", "ssim"])].drop_duplicates(["attack", "metric"])
+    leakage = table[table.metric == "leakage"]
+    rows = []
+    for attack, group in images.groupby("attack", sort=False):
+        family = group.family.iloc[0]
+        if attack != NONE and family not in RECONSTRUCTING:
+            continue
+        by_metric = group.set_index("metric")
+        leaks = leakage[leakage.attack == attack]
+        worst = leaks.loc[leaks.value.idxmax()] if len(leaks) else None
+        rows.append({
+            "attack": attack, "family": family, "threat": group.threat.iloc[0],
+            **{f"{metric}{suffix}": by_metric.at[metric, column]
+               for metric in ("psnr", "ssim")
+               for suffix, column in (("", "value"), ("_low", "ci_low"), ("_high", "ci_high"))},
+            "worst_leakage": None if worst is None else worst.value,
+            "worst_model": None if worst is None else worst.model,
+        })
+    order = {level: i for i, level in enumerate(THREAT_LEVELS)}
+    return sorted(rows, key=lambda r: (r["attack"] != NONE, order.get(r["threat"], -1),
+                                       -r["psnr"]))

@@ -1,6 +1,7 @@
 """Report rendering, policy verdicts, exit codes, JUnit XML and diff, on synthetic results."""
 
 import json
+import re
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -9,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from neaudit.cli import main
+from neaudit.models import display_names
 from neaudit.policy import Policy, verdict
 from neaudit.reporting import render_report
 from neaudit.reporting.diff import diff_runs
-from neaudit.results import build_table, summarize
+from neaudit.results import build_table, reconstruction_quality, summarize
 
 AUTH = "timm:resnet50?pretrained=true"
 EVIL = "<script>alert(1)</script>"
@@ -157,19 +159,29 @@ def test_report_terminal_junit_and_diff_agree_on_a_run_failed_by_a_flag(tmp_path
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed here "
-                    "(.ci/run installs it); the browser check of the report did not run")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed here (.ci/run installs it); "
+    "the browser check of the report did not run")
+ARTIFACTS = Path(__file__).parent / "artifacts"
+"""Screenshots the browser tests leave for people to look at (git-ignored)."""
+
+
+def _chromium(page: Path, profile: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={profile}", *options, page.as_uri()],
+        capture_output=True, text=True, timeout=120)
+
+
+@needs_chromium
 def test_report_renders_in_headless_chromium_without_errors_or_requests(tmp_path):
     run = make_run(tmp_path / "run", leak=60)
     html = render_report(run).html
     screenshot, netlog = tmp_path / "report.png", tmp_path / "netlog.json"
-    done = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
-         "--v=0", f"--log-net-log={netlog}", "--window-size=1200,2400",
-         f"--screenshot={screenshot}", html.as_uri()],
-        capture_output=True, text=True, timeout=120)
+    done = _chromium(html, tmp_path / "profile", "--enable-logging=stderr", "--v=0",
+                     f"--log-net-log={netlog}", "--window-size=1200,2400",
+                     f"--screenshot={screenshot}")
     assert screenshot.is_file() and screenshot.stat().st_size > 10_000, done.stderr[-2000:]
     console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
     assert console == [], console
@@ -178,6 +190,90 @@ def test_report_renders_in_headless_chromium_without_errors_or_requests(tmp_path
     from_page = [e["params"]["url"] for e in events
                  if e.get("params", {}).get("initiator") == "null"]
     assert from_page == [], from_page
+
+
+LONG_SPECS = [f"python:/srv/team/checkpoints/cifar10/akamaster-pytorch-resnet-cifar10/models/"
+              f"akresnet.py:resnet{depth}?weights=/srv/team/checkpoints/cifar10/"
+              f"akamaster-pytorch-resnet-cifar10/weights/resnet{depth}-2020-01-13.th"
+              "&mean=0.4914,0.4822,0.4465&std=0.2470,0.2435,0.2616&input_size=32"
+              for depth in (20, 32, 44, 56)]
+
+
+def _long_spec_run(root: Path) -> Path:
+    """A failing run over four real-looking ``python:`` models (resnet20 authorized)."""
+    roles = {spec: "unauthorized" for spec in LONG_SPECS} | {LONG_SPECS[0]: "authorized"}
+    names = display_names(LONG_SPECS)
+
+    def record(attack, family, threat, params, correct):
+        return {"attack": attack, "family": family, "threat": threat,
+                "params": json.dumps(params), "shard": 0,
+                "models": {m: [c, 1000] for m, c in zip(LONG_SPECS, correct, strict=True)},
+                "psnr_sum": 30_000.0, "psnr_sq_sum": 901_000.0, "ssim_sum": 900.0,
+                "ssim_sq_sum": 810.0, "n_images": 1000}
+
+    records = [{**record("clean", "clean", "-", {}, [860, 840, 830, 850]), "n_images": 0},
+               record("none", "none", "-", {}, [850, 250, 300, 210]),
+               record("resize(scale=1.5)", "preprocess", "L0", {"scale": 1.5},
+                      [840, 700, 760, 650]),
+               record("known_model_projection", "adaptive", "L3", {"sigma": 1.0},
+                      [845, 800, 790, 810])]
+    table = build_table(records, roles, "accuracy", 10, names)
+    root.mkdir(parents=True)
+    table.to_parquet(root / "results.parquet")
+    summary = summarize(table, "accuracy")
+    (root / "summary.json").write_text(json.dumps(summary))
+    (root / "run.json").write_text(json.dumps({"command": "neaudit audit data " + " ".join(
+        f"--model {spec}" for spec in LONG_SPECS), "seed": 0, "versions": {"neaudit": "0.1.0"},
+        "names": names}))
+    return root
+
+
+@needs_chromium
+def test_report_over_four_long_python_specs_fits_the_page(tmp_path):
+    """The report of four long ``python:`` specs, in a 1200 px window: no horizontal
+    overflow, the display names and the plain verdict sentence on the page. The page is
+    measured by a copy with a script appended (the report itself carries none, and its
+    Content-Security-Policy forbids them)."""
+    report = render_report(_long_spec_run(tmp_path / "run"))
+    assert report.verdict == "FAIL"
+    html = report.html.read_text()
+    for name in ("resnet20", "resnet32", "resnet44", "resnet56"):
+        assert name in html
+    assert report.sentence.startswith("Do not release:") and report.sentence in html
+    probe = tmp_path / "probe.html"  # without the report's CSP, which forbids scripts
+    probe.write_text(re.sub(r"<meta http-equiv=\"Content-Security-Policy\"[^>]*>", "",
+                            html).replace("</body>", (
+        "<pre id='measure'><script>document.getElementById('measure').textContent = "
+        "'width=' + document.documentElement.scrollWidth + ' viewport=' + "
+        "window.innerWidth;</script></pre></body>")))
+    dom = _chromium(probe, tmp_path / "profile", "--window-size=1200,900", "--dump-dom").stdout
+    width, viewport = (int(v) for v in re.search(r"width=(\d+) viewport=(\d+)", dom).groups())
+    assert width <= viewport, f"the page is {width} px wide in a {viewport} px window"
+    ARTIFACTS.mkdir(exist_ok=True)
+    for size in ("1200,3000", "800,3000"):
+        shot = ARTIFACTS / f"report-long-specs-{size.split(',')[0]}px.png"
+        _chromium(report.html, tmp_path / "profile", f"--window-size={size}",
+                  f"--screenshot={shot}")
+        assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_reconstruction_quality_lists_the_release_then_rebuilding_attacks():
+    clean = {m: 90 for m in MODELS}
+    records = [{**_record("clean", "clean", "-", {}, clean), "n_images": 0},
+               _record("none", "none", "-", {}, {AUTH: 89, "timm:vit_small_patch16_224": 10,
+                                                   EVIL: 12}, psnr=20.0),
+               _record("jpeg(quality=50)", "preprocess", "L0", {"quality": 50},
+                       {AUTH: 85, "timm:vit_small_patch16_224": 15, EVIL: 14}, psnr=19.0),
+               _record("median(kernel=3)", "purify", "L1", {"kernel": 3},
+                       {AUTH: 80, "timm:vit_small_patch16_224": 30, EVIL: 45}, psnr=24.0),
+               _record("subspace_prior", "reconstruct", "L3", {},
+                       {AUTH: 88, "timm:vit_small_patch16_224": 80, EVIL: 20}, psnr=35.0)]
+    rows = reconstruction_quality(build_table(records, MODELS, "accuracy", 10))
+    assert [r["attack"] for r in rows] == ["none", "median(kernel=3)", "subspace_prior"]
+    prior = rows[-1]
+    assert prior["psnr"] == pytest.approx(35.0) and prior["psnr_low"] < 35.0 < prior["psnr_high"]
+    assert prior["worst_leakage"] == pytest.approx(80 / 90)
+    assert prior["worst_model"] == "timm:vit_small_patch16_224"
 
 
 def test_a_large_audit_report_stays_small(tmp_path):
@@ -200,3 +296,35 @@ def test_a_large_audit_report_stays_small(tmp_path):
     assert html.stat().st_size < 5_000_000
     text = html.read_text()
     assert all(m in text for m in models) and "jpeg(quality=39)" in text
+
+
+def test_every_plot_panel_has_axis_labels_and_a_legend_for_several_series(monkeypatch):
+    """The figures as matplotlib objects: every used panel labels both axes, the heatmap
+    keeps whole labels, and more than one model on a panel comes with a legend."""
+    from neaudit.reporting import plots
+
+    monkeypatch.setattr(plots, "_encode", lambda fig: fig)
+    records = [{**_record("clean", "clean", "-", {}, {m: 90 for m in MODELS}), "n_images": 0},
+               _record("none", "none", "-", {}, {AUTH: 89, "timm:vit_small_patch16_224": 10,
+                                                   EVIL: 12})]
+    long_attack = "a_rather_long_attack_name_for_a_user_suite(strength=0.5)"
+    for quality in (90, 50, 10):
+        records.append(_record(f"jpeg(quality={quality})", "preprocess", "L0",
+                               {"quality": quality}, {AUTH: 85, "timm:vit_small_patch16_224":
+                                                      quality // 2, EVIL: 14}))
+    records.append(_record(long_attack, "purify", "L1", {"strength": 0.5},
+                           {AUTH: 80, "timm:vit_small_patch16_224": 50, EVIL: 20}))
+    table = build_table(records, MODELS, "accuracy", 10)
+    figures = {name: getattr(plots, name)(table) for name in
+               ("leakage_heatmap", "strength_curves", "damage_scatter", "retention_bars")}
+    for name, fig in figures.items():
+        for ax in fig.axes:
+            if not ax.axison or ax.get_label() == "<colorbar>":
+                continue
+            assert ax.get_xlabel() and ax.get_ylabel(), f"{name}: an axis without a label"
+    heatmap = figures["leakage_heatmap"].axes[0]
+    assert long_attack in [t.get_text() for t in heatmap.get_xticklabels()]
+    assert EVIL in [t.get_text() for t in heatmap.get_yticklabels()]
+    assert figures["damage_scatter"].axes[0].get_legend() is not None
+    assert figures["strength_curves"].legends, "several models, one legend for the panels"
+    assert figures["strength_curves"].axes[0].get_xlabel() == "quality"

@@ -27,6 +27,7 @@ from neaudit.policy import Criterion, Policy
 from neaudit.reporting import plots
 from neaudit.reporting.samples import write_sample_grid
 from neaudit.reporting.wording import verdict_sentence
+from neaudit.results import reconstruction_quality
 from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, THREAT_LEVELS
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -140,6 +141,7 @@ def _render_html(run_dir, table, summary, manifest, policy, criteria, flags, res
         samples_attack=(samples or {}).get("attack", "–"),
         spectral=json.loads(spectral_path.read_text()) if spectral_path.is_file() else None,
         rows=headline.to_dict("records"), provenance=_provenance(manifest),
+        reconstruction=reconstruction_quality(table),
         by_threat=dict(sorted(summary.get("worst_by_threat", {}).items())),
         threat_levels=THREAT_LEVELS, surrogates=summary.get("surrogate_ranking"),
         authorized_rank=_rank_of(authorized, summary.get("surrogate_ranking")),

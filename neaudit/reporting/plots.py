@@ -24,8 +24,7 @@ def _encode(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _short(text: str, width: int = 38) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+LEAKAGE = "leakage (score / clean score)"
 
 
 def leakage_heatmap(table: pd.DataFrame) -> str | None:
@@ -37,10 +36,12 @@ def leakage_heatmap(table: pd.DataFrame) -> str | None:
     fig, ax = plt.subplots(figsize=(max(6, 0.32 * grid.shape[1] + 3),
                                     max(2.2, 0.45 * grid.shape[0] + 1.5)))
     image = ax.imshow(grid.to_numpy(dtype=float), vmin=0, vmax=1, cmap="RdYlGn_r", aspect="auto")
-    ax.set_xticks(range(grid.shape[1]), [_short(c, 26) for c in grid.columns], rotation=75,
-                  ha="right", fontsize=7)
-    ax.set_yticks(range(grid.shape[0]), [_short(m) for m in grid.index], fontsize=7)
-    fig.colorbar(image, ax=ax, label="leakage (score / clean score)")
+    # whole labels: display names are short, and the figure grows to fit long attack labels
+    ax.set_xticks(range(grid.shape[1]), list(grid.columns), rotation=75, ha="right", fontsize=7)
+    ax.set_yticks(range(grid.shape[0]), list(grid.index), fontsize=7)
+    ax.set_xlabel("attack (none: the release as it is)", fontsize=8)
+    ax.set_ylabel("unauthorized model", fontsize=8)
+    fig.colorbar(image, ax=ax, label=f"{LEAKAGE}, 1 and above in one colour")
     return _encode(fig)
 
 
@@ -49,7 +50,8 @@ def strength_curves(table: pd.DataFrame) -> str | None:
     if rows.empty:
         return None
     rows["name"] = rows.attack.str.split("(").str[0]
-    rows["strength"] = rows.params.map(_single_number)
+    rows["parameter"] = rows.params.map(lambda p: _single_number(p)[0])
+    rows["strength"] = rows.params.map(lambda p: _single_number(p)[1])
     rows = rows.dropna(subset="strength")
     names = [n for n, g in rows.groupby("name") if g.strength.nunique() > 1]
     if not names:
@@ -61,14 +63,19 @@ def strength_curves(table: pd.DataFrame) -> str | None:
         group = rows[rows.name == name]
         for model, line in group.groupby("model"):
             line = line.sort_values("strength")
-            ax.plot(line.strength, line.value, marker="o", label=_short(model, 24))
+            ax.plot(line.strength, line.value, marker="o", label=model)
         ax.set_title(name, fontsize=8)
+        ax.set_xlabel(group.parameter.iloc[0], fontsize=7)
+        ax.set_ylabel("leakage", fontsize=7)
         ax.set_ylim(0, 1.05)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
+    if rows.model.nunique() > 1:  # one legend for every panel: the models are the series
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(4, len(labels)), fontsize=7, title="model", title_fontsize=7)
     return _encode(fig)
 
 
@@ -80,11 +87,12 @@ def damage_scatter(table: pd.DataFrame) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for model, group in merged.groupby("model"):
-        ax.scatter(group.value_psnr.clip(upper=60), group.value, s=14, label=_short(model, 30))
+        ax.scatter(group.value_psnr.clip(upper=60), group.value, s=14, label=model)
     ax.set_xlabel("PSNR of the attacked image vs its clean original (dB)")
-    ax.set_ylabel("leakage")
+    ax.set_ylabel(LEAKAGE)
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=6)
+    if merged.model.nunique() > 1:
+        ax.legend(fontsize=6, title="model", title_fontsize=6)
     return _encode(fig)
 
 
@@ -94,21 +102,25 @@ def retention_bars(table: pd.DataFrame) -> str | None:
     if rows.empty:
         return None
     fig, ax = plt.subplots(figsize=(6, max(2, 0.22 * len(rows) + 0.8)))
-    ax.barh([_short(a, 30) for a in rows.attack], rows.value, color="#4c72b0")
+    ax.barh(list(rows.attack), rows.value, color="#4c72b0")
     ax.errorbar(rows.value, range(len(rows)), xerr=[(rows.value - rows.ci_low).clip(lower=0),
                                                      (rows.ci_high - rows.value).clip(lower=0)],
                 fmt="none", ecolor="black", lw=0.8)
     ax.set_xlim(0, 1.1)
     ax.axvline(1.0, color="grey", lw=0.6)
     ax.tick_params(labelsize=7)
-    ax.set_xlabel("authorized utility retention")
+    ax.set_xlabel("authorized utility retention (score / clean score), 95% interval")
+    ax.set_ylabel("preprocessing", fontsize=8)
     return _encode(fig)
 
 
-def _single_number(params: str) -> float:
+def _single_number(params: str) -> tuple[str, float]:
+    """The name and value of an attack's only numeric parameter (NaN where it has none or
+    several)."""
     try:
-        values = list(json.loads(params).values())
-    except (TypeError, ValueError):
-        return np.nan
-    numeric = [v for v in values if isinstance(v, int | float)]
-    return float(numeric[0]) if len(numeric) == 1 else np.nan
+        items = json.loads(params).items()
+    except (TypeError, ValueError, AttributeError):
+        return "", np.nan
+    numeric = [(k, v) for k, v in items if isinstance(v, int | float)
+               and not isinstance(v, bool)]
+    return (numeric[0][0], float(numeric[0][1])) if len(numeric) == 1 else ("", np.nan)
