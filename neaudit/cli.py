@@ -167,13 +167,7 @@ def _zoo(args: argparse.Namespace) -> int:
         demo_zoo.train_all(Path(args.out) if args.out else demo_zoo.WEIGHTS, seed=args.seed)
         return 0
     if args.zoo_command == "list":
-        from neaudit.presets import PRESETS  # specs only: listing them loads no framework
-
-        for name, specs in PRESETS.items():
-            print(name)
-            for spec in specs:
-                print(f"  {spec}")
-        return 0
+        return _zoo_list(args.check)
     from neaudit.spectral import low_sensitivity_subspace
     from neaudit.stem import first_layer
     from neaudit.zoo import create_model
@@ -309,10 +303,41 @@ def _add_demo(sub) -> None:
     demo.set_defaults(handler=_demo)
 
 
+def _zoo_list(check: bool) -> int:
+    """Presets and the shipped demo models, each marked with whether it loads offline
+    (without ``check``, told from the caches alone, with no framework imported)."""
+    from neaudit.presets import PRESETS, demo_specs, local_status
+
+    statuses: dict[str, str] = {}
+    for name, specs in {**PRESETS, "demo (shipped)": demo_specs()}.items():
+        print(name)
+        for spec in specs:
+            if spec not in statuses:
+                statuses[spec] = _loads(spec) if check else local_status(spec)
+            print(f"  {statuses[spec]:<11} {spec}")
+    if not check and "check" in statuses.values():
+        print("\n'check': only the framework can tell; run neaudit zoo list --check.")
+    return 0
+
+
+def _loads(spec: str) -> str:
+    """``loads`` if the model builds offline, else why not (the builder's one line)."""
+    from neaudit.zoo import create_model
+
+    try:
+        create_model(spec)
+    except NeauditError as exc:
+        return f"fails: {str(exc).split('. ')[0]}"
+    return "loads"
+
+
 def _add_zoo(sub) -> None:
     zoo = sub.add_parser("zoo", help="model presets and first-layer inspection")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
-    zoo_sub.add_parser("list", help="list the named presets")
+    listing = zoo_sub.add_parser("list", help="list the named presets and demo models, "
+                                 "marked with whether their weights load offline")
+    listing.add_argument("--check", action="store_true",
+                         help="build every model to be sure (imports the frameworks)")
     inspect = zoo_sub.add_parser("inspect", help="show a model's first layer and subspace")
     inspect.add_argument("spec")
     train = zoo_sub.add_parser("train-demo", help="retrain the shipped demo zoo reproducibly")

@@ -72,12 +72,23 @@ def read_jpegs_on(paths: Sequence[Path], device: torch.device) -> list[torch.Ten
     nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: pixels can differ by tens of
     levels at colour edges, which is why this is opt-in (``--decode device``). A batch that
     nvJPEG refuses is decoded on the CPU, which names any unreadable file.
+
+    torchvision.io is the nvJPEG binding installed beside torch; it is deprecated in favour of
+    TorchCodec, which this opt-in path will move to once it is a dependency.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities",
+                                DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
     try:
-        decoded = decode_jpeg([read_file(str(p)) for p in paths], mode=ImageReadMode.RGB,
-                              device=device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The image decoding and encoding capabilities",
+                                    DeprecationWarning)
+            decoded = decode_jpeg([read_file(str(p)) for p in paths], mode=ImageReadMode.RGB,
+                                  device=device)
     except RuntimeError:
         return [read_image(p) for p in paths]
     return [image.cpu().float() / 255.0 for image in decoded]

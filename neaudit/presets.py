@@ -3,6 +3,8 @@ by :func:`neaudit.zoo.create_model`, whose weights must already be in the local 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 PRESETS: dict[str, list[str]] = {
     "imagenet-cnn": [
         "timm:resnet50.a1_in1k?pretrained=true",
@@ -32,3 +34,32 @@ PRESETS: dict[str, list[str]] = {
         "open_clip:convnext_base?pretrained=laion400m_s13b_b51k",
     ],
 }
+
+
+def demo_specs() -> list[str]:
+    """The shipped ``demo:`` models, read from the package's weight files (no framework)."""
+    folder = Path(__file__).parent / "weights"
+    return sorted(f"demo:{p.stem.removeprefix('demo-')}" for p in folder.glob("demo-*.safetensors"))
+
+
+def local_status(spec: str) -> str:
+    """Whether a spec's weights can load offline, told without importing torch:
+    ``shipped``, ``random init``, ``cached`` / ``not cached`` (timm weights in the local
+    Hugging Face cache, under timm's own ``timm/<name>`` repositories), or ``check`` where
+    only the framework can tell (open_clip's weight table; ``neaudit zoo list --check``)."""
+    scheme, _, rest = spec.partition(":")
+    target, _, query = rest.partition("?")
+    options = dict(part.partition("=")[::2] for part in query.split("&") if part)
+    if scheme == "demo":
+        return "shipped"
+    if "weights" in options:
+        return "local file" if Path(options["weights"]).is_file() else "missing file"
+    if options.get("pretrained", "false").lower() in ("false", "0", "no", ""):
+        return "random init"
+    if scheme == "timm":
+        from huggingface_hub import try_to_load_from_cache
+
+        found = (try_to_load_from_cache(f"timm/{target}", name)
+                 for name in ("model.safetensors", "pytorch_model.bin"))
+        return "cached" if any(isinstance(path, str) for path in found) else "not cached"
+    return "check"

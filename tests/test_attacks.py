@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,3 +104,22 @@ def test_learned_denoiser_follows_the_audit_seed(images):
 
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
+
+
+@pytest.mark.parametrize("quality", [95, 75, 30, 5])
+def test_jpeg_attack_writes_what_pillow_writes(images, quality):
+    """The attack's pixels equal an independent Pillow save-and-load of the same uint8
+    image (channel order, rounding and chroma subsampling all as a Pillow pipeline has
+    them)."""
+    import io
+
+    from PIL import Image
+
+    out = get_attack("jpeg")(images, _ctx(), quality=quality)
+    for image, attacked in zip(images, out, strict=True):
+        pixels = torch.round(image * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+        expected = torch.from_numpy(np.asarray(Image.open(buffer).convert("RGB")))
+        assert torch.equal(torch.round(attacked * 255).to(torch.uint8).permute(1, 2, 0),
+                           expected)

@@ -126,3 +126,34 @@ def test_presets_span_families():
         assert len(seen) >= 3 or name == "clip", (name, seen)
         for text in specs:
             ModelSpec.parse(text)
+
+
+def test_zoo_list_marks_which_models_load_offline(tmp_path):
+    """A planted Hugging Face cache entry shows as cached, the rest of the presets as not,
+    the shipped demo models as shipped; --check builds them to be sure."""
+    import os
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--timm--resnet50.a1_in1k" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(b"planted")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+
+    def listing(*extra: str) -> dict[str, str]:
+        out = subprocess.run([sys.executable, "-m", "neaudit.cli", "zoo", "list", *extra],
+                             capture_output=True, text=True, env=env, check=True).stdout
+        rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+        return {row[-1]: " ".join(row[:-1]) for row in rows}
+
+    quick = listing()
+    assert quick["timm:resnet50.a1_in1k?pretrained=true"] == "cached"
+    assert quick["timm:convnext_tiny.fb_in1k?pretrained=true"] == "not cached"
+    assert quick["demo:patch_cnn"] == "shipped"
+    assert quick["open_clip:ViT-B-32?pretrained=openai"] == "check"
+    checked = listing("--check")
+    assert checked["demo:patch_cnn"] == "loads"
+    assert checked["open_clip:ViT-B-32?pretrained=openai"].startswith("fails")
+    assert checked["timm:convnext_tiny.fb_in1k?pretrained=true"].startswith("fails")
