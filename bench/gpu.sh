@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU run: install what the device image lacks (wheels carried in .whl/), run the
-# GPU-marked tests, then the end-to-end benchmarks beside their bare loops and floors.
+# GPU-marked tests, then the end-to-end benchmarks beside their bare loops and floors, then
+# the reconstruction attacks (costs and the old-vs-new table).
 # Usage on a GPU machine, from the repository root: bash bench/gpu.sh [quick]
 set -uo pipefail
 if [ -d .whl ]; then
@@ -12,9 +13,9 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cpus', __import__('os').cpu_count())"
-python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -s -W ignore::DeprecationWarning
-python3 bench/e2e.py --device cuda --images 2048 --audit-images 512 --suite standard --batch 256
+python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::DeprecationWarning
+python3 bench/e2e.py --device cuda --images 4096 --audit-images 512 --suite standard --batch 256 --profile
 if [ "${1:-}" != quick ]; then
-  python3 bench/protect.py --images 1024 --batch 256 --device cuda --threads 16
-  python3 bench/gpu_bench.py
+  python3 bench/reconstruction.py --costs --size 224 --device cuda
+  python3 bench/reconstruction.py --device cuda --out /tmp/bench-rx
 fi

@@ -30,7 +30,7 @@ from neaudit.imageio import atomic_write, quantize, sha256_file, to_uint8
 from neaudit.models import split_name
 from neaudit.ne import METHODS, reference_recode, subspace_recode
 from neaudit.paths import output_path, refuse_overlap, safe_component, safe_relative
-from neaudit.pipeline import PngWriter, read_ahead
+from neaudit.pipeline import PngWriter, on_device, read_ahead
 from neaudit.spectral import Subspace, low_sensitivity_subspace
 from neaudit.stem import FirstLayer, first_layer
 from neaudit.zoo import ImageClassifier, check_model, create_model
@@ -180,13 +180,15 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
     sampled = fidelity_sample(len(dataset), recoding.fidelity_images)
     rows, written, originals = [], [], []
     with PngWriter() as writer:
-        for batch in read_ahead(dataset, batch_size, pin_memory=device.type == "cuda"):
-            clean = quantize(batch.protected).to(device, non_blocking=True)
+        for batch in read_ahead(dataset, batch_size, pin_memory=device.type == "cuda",
+                                on_grid=True):
+            clean = on_device(batch.protected, device)
             protected, floats = recoding(clean, batch.index)
             rows.append(measure(recoding.model, recoding.layer, recoding.seed, clean, protected,
                                 floats, batch.index, sampled))
             images = to_uint8(protected)
-            clean_images = to_uint8(clean) if save_originals else None  # copied back if kept
+            # the originals as read, already uint8 on the host: nothing copied back
+            clean_images = batch.protected.permute(0, 2, 3, 1).numpy() if save_originals else None
             if output_format == "npz":
                 written.append(images)
                 originals.append(clean_images)
