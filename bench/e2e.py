@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from neaudit import pipeline
 from neaudit.attacks import AttackContext, get_attack, load_suite
 from neaudit.auditing import audit
 from neaudit.data import builtin_dataset, load_dataset
@@ -69,6 +70,14 @@ def timed(fn, profile: bool = False) -> float:
 
 
 def protect_bench(tmp: Path, count: int, device: str, batch: int) -> None:
+    for processes in (True, False):
+        pipeline.WRITER_PROCESSES = processes
+        print(f"PNG writers: {'processes' if processes else 'threads'}")
+        protect_once(tmp / f"writers-{processes}", count, device, batch)
+    pipeline.WRITER_PROCESSES = True
+
+
+def protect_once(tmp: Path, count: int, device: str, batch: int) -> None:
     data = photos(tmp / "clean", count)
     small = photos(tmp / "small", max(batch, count // 8))
     protect(photos(tmp / "warm", 8), VIT_B, tmp / "warm-out", device=device, batch_size=8)

@@ -1,8 +1,7 @@
 """Overlap the three stages of a files-to-files job: decoding the next batches (reader
 processes: decoding holds the GIL for part of each image), device work on the current one
-(the caller), and encoding and writing the previous ones (writer threads: libpng's encoder
-releases the GIL, and threads need no copy of each image into another process; on a 16-core
-H200 machine the PNG floor was 1,875 img/s with threads against 920 with processes).
+(the caller), and encoding and writing the previous ones (writer processes by default; see
+:data:`WRITER_PROCESSES`).
 
 Batches travel from the readers as uint8 where the job works on the uint8 grid anyway
 (``protect``): a quarter of the bytes through shared and pinned memory.
@@ -10,10 +9,11 @@ Batches travel from the readers as uint8 where the job works on the uint8 grid a
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +29,7 @@ def default_readers() -> int:
 
 
 def default_writers() -> int:
-    """Writer threads: the cores left beside the readers and the one feeding the device."""
+    """Writers: the cores left beside the readers and the one feeding the device."""
     return max(1, (os.cpu_count() or 2) - default_readers() - 1)
 
 
@@ -75,23 +75,37 @@ def read_ahead(dataset, batch_size: int, workers: int | None = None,
     yield from loader
 
 
-def _write_pngs(paths: Sequence[Path], images: np.ndarray) -> None:
+WRITER_PROCESSES = True
+"""Writers are processes, fed through shared memory (a batch is copied there once and each
+chunk travels as a handle of a few hundred bytes). Threads encode as fast (libpng releases
+the GIL), but the Python around each file takes the GIL from the thread that feeds the
+device: on a 16-core H200 machine, ``protect`` with writer threads ran at a quarter of the
+PNG floor while its profile showed the device thread waiting."""
+
+
+def _write_pngs(paths: Sequence[Path], images: np.ndarray | torch.Tensor) -> None:
     for path, image in zip(paths, images, strict=True):
-        write_png(path, image)
+        write_png(path, np.asarray(image))
 
 
 class PngWriter:
-    """Encodes and writes PNGs in ``workers`` threads, ``chunk`` images per task; at most
-    ``pending`` chunks are in flight, so memory stays bounded. Leaving the ``with`` block
-    waits for every file and re-raises the first error (a full disk, say)."""
+    """Encodes and writes PNGs in ``workers`` processes (or threads), ``chunk`` images per
+    task; at most ``pending`` chunks are in flight, so memory stays bounded. Leaving the
+    ``with`` block waits for every file and re-raises the first error (a full disk, say)."""
 
-    def __init__(self, workers: int | None = None, chunk: int = 16, pending: int = 64) -> None:
-        self.pool = ThreadPoolExecutor(workers or default_writers())
+    def __init__(self, workers: int | None = None, chunk: int = 16, pending: int = 64,
+                 processes: bool | None = None) -> None:
+        self.processes = WRITER_PROCESSES if processes is None else processes
+        workers = workers or default_writers()
+        self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+                     if self.processes else ThreadPoolExecutor(workers))
         self.chunk, self.pending = chunk, pending
         self.futures: deque[Future] = deque()
 
     def write(self, paths: Sequence[Path], images: np.ndarray) -> None:
         """Write ``images`` (N, H, W, 3 uint8) to ``paths``."""
+        if self.processes:  # one copy into shared memory; chunks travel as handles
+            images = torch.from_numpy(np.ascontiguousarray(images)).share_memory_()
         for lo in range(0, len(paths), self.chunk):
             while len(self.futures) >= self.pending:
                 self.futures.popleft().result()
