@@ -24,6 +24,7 @@ from neaudit.imageio import (
     read_image,
     read_jpegs_on,
     to_float,
+    to_grid,
 )
 
 
@@ -115,31 +116,35 @@ class ImageDataset:
             return tuple(to_float(self.protected[:1]).shape[-2:])
         return image_size(self.protected[0])
 
-    def batches(self, batch_size: int = 64, start: int = 0, stop: int | None = None
-                ) -> Iterator[Batch]:
-        """Stream items ``[start, stop)`` in batches of ``batch_size``."""
+    def batches(self, batch_size: int = 64, start: int = 0, stop: int | None = None,
+                on_grid: bool = False) -> Iterator[Batch]:
+        """Stream items ``[start, stop)`` in batches of ``batch_size``; with ``on_grid``,
+        images come as uint8 NCHW, rounded to the grid (:func:`neaudit.imageio.to_grid`)."""
         stop = len(self) if stop is None else min(stop, len(self))
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
             index = torch.arange(lo, hi)
-            protected = self._load(self.protected, lo, hi, "protected")
-            original = (self._load(self.original, lo, hi, "original")
+            protected = self._load(self.protected, lo, hi, "protected", on_grid)
+            original = (self._load(self.original, lo, hi, "original", on_grid)
                         if self.original is not None else None)
             labels = (torch.as_tensor(self.labels[lo:hi], dtype=torch.long)
                       if self.labels is not None else None)
             yield Batch(index, protected, original, labels, self.names[lo:hi])
 
-    def _load(self, items: list[Path] | np.ndarray, lo: int, hi: int, kind: str) -> torch.Tensor:
+    def _load(self, items: list[Path] | np.ndarray, lo: int, hi: int, kind: str,
+              on_grid: bool = False) -> torch.Tensor:
         if isinstance(items, np.ndarray):
             images = to_float(items[lo:hi])
             _check_values(images, f"{self.source} ({kind}[{lo}:{hi}])")
-            return self._fit(images, [f"{kind}[{i}]" for i in range(lo, hi)])
+            images = self._fit(images, [f"{kind}[{i}]" for i in range(lo, hi)])
+            return to_grid(images) if on_grid else images
         paths = items[lo:hi]
         if self.decode_device is not None and self.decode_device.type == "cuda" and all(
                 p.suffix.lower() in JPEG_SUFFIXES for p in paths):
-            images = read_jpegs_on(paths, self.decode_device)
+            images = [to_grid(i) if on_grid else i
+                      for i in read_jpegs_on(paths, self.decode_device)]
         else:
-            images = read_images(paths)
+            images = read_images(paths, on_grid)
         return self._fit(images, [str(p) for p in paths])
 
     def _fit(self, images: Sequence[torch.Tensor] | torch.Tensor, labels: list[str]
@@ -153,8 +158,11 @@ class ImageDataset:
                         f"{label}: size {tuple(image.shape[-2:])} differs from "
                         f"{tuple(self.image_shape)} of the first image. Fix: pass a resize "
                         "policy (--resize H[xW]) or give images of one size.")
-                image = F.interpolate(image[None], size=self.resize, mode="bilinear",
-                                      antialias=True, align_corners=False)[0].clamp(0, 1)
+                grid = image.dtype == torch.uint8
+                image = F.interpolate(image[None].float() / 255.0 if grid else image[None],
+                                      size=self.resize, mode="bilinear", antialias=True,
+                                      align_corners=False)[0].clamp(0, 1)
+                image = to_grid(image) if grid else image
             out.append(image)
         return torch.stack(out)
 
@@ -183,11 +191,11 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def read_images(paths: Sequence[Path]) -> list[torch.Tensor]:
+def read_images(paths: Sequence[Path], on_grid: bool = False) -> list[torch.Tensor]:
     """Decode files in parallel threads, in order (one file is read in the caller)."""
     if len(paths) < 2:
-        return [read_image(p) for p in paths]
-    return list(_decoders().map(read_image, paths))
+        return [read_image(p, on_grid) for p in paths]
+    return list(_decoders().map(lambda path: read_image(path, on_grid), paths))
 
 
 def _check_values(images: torch.Tensor, where: str) -> None:

@@ -29,25 +29,35 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 """Pillow's modes for 16-bit grayscale (PNG) and 32-bit integer images, read as 16-bit."""
 
 
-def read_image(path: Path) -> torch.Tensor:
+def read_image(path: Path, on_grid: bool = False) -> torch.Tensor:
     """Decode one image file into a (3, H, W) float tensor in [0, 1].
 
     8-bit images (any mode Pillow converts to RGB) keep their 256 levels; 16-bit grayscale
     is scaled by 1/65535 and float images (mode F) must already lie in [0, 1]: nothing is
-    clipped silently.
+    clipped silently. With ``on_grid``, the image comes as uint8 instead (16-bit and float
+    images rounded to the grid): for jobs that work on the uint8 grid anyway (``protect``),
+    8-bit files then skip the float conversion.
     """
     try:
         with Image.open(path) as img:
             img.load()
             if img.mode in SIXTEEN_BIT_MODES or img.mode == "F":
-                return _high_depth(path, img)
+                image = _high_depth(path, img)
+                return to_grid(image) if on_grid else image
             rgb = img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(
             f"{path}: cannot read this image ({exc}). Fix: replace or remove the file, "
             "or list only readable files in a manifest."
         ) from exc
+    if on_grid:
+        return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
     return to_float(np.asarray(rgb)[None])[0]
+
+
+def to_grid(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] as uint8 on the grid (:func:`quantize`, as integers)."""
+    return torch.round(images.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
 
 
 def _high_depth(path: Path, img: Image.Image) -> torch.Tensor:

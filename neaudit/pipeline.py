@@ -14,7 +14,6 @@ import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +46,7 @@ class SpanReader(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         start, stop = self.spans[index]
-        batch = next(self.dataset.batches(stop - start, start, stop))
-        if not self.on_grid:
-            return batch
-        return replace(batch, protected=_grid(batch.protected), original=_grid(batch.original))
-
-
-def _grid(images: torch.Tensor | None) -> torch.Tensor | None:
-    return None if images is None else torch.round(images.clamp(0, 1) * 255).to(torch.uint8)
+        return next(self.dataset.batches(stop - start, start, stop, on_grid=self.on_grid))
 
 
 def on_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:

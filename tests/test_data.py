@@ -127,3 +127,25 @@ def test_wrong_shape_and_unknown_type(tmp_path: Path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DataError, match=r"unsupported file type '.txt'"):
         load_dataset(tmp_path / "x.txt")
+
+
+def test_reading_on_the_grid_equals_quantizing_what_is_read(tmp_path):
+    """protect's reader hands over uint8: for 8-bit files, 16-bit files and resized images
+    alike it is exactly quantize() of the float read, as integers."""
+    import numpy as np
+    from PIL import Image
+
+    from neaudit.data import load_dataset
+    from neaudit.imageio import quantize
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 65536, (20, 24), dtype=np.uint16)).save(folder / "b.png")
+    Image.fromarray(rng.integers(0, 256, (30, 28, 3), dtype=np.uint8)).save(folder / "c.png")
+    dataset = load_dataset(folder, resize=(20, 24))
+    floats = next(dataset.batches(3)).protected
+    grid = next(dataset.batches(3, on_grid=True)).protected
+    assert grid.dtype == torch.uint8
+    assert torch.equal(grid.float() / 255, quantize(floats))
