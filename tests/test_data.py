@@ -70,7 +70,7 @@ def test_streaming_reads_only_the_requested_batch(image_folder: Path, monkeypatc
 
     calls = []
     real = data.read_image
-    monkeypatch.setattr(data, "read_image", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(data, "read_image", lambda p, *grid: calls.append(p) or real(p, *grid))
     dataset = load_dataset(image_folder / "protected")
     next(dataset.batches(3))
     assert len(calls) == 6  # 3 protected + 3 originals, nothing more
