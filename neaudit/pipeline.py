@@ -49,10 +49,16 @@ class SpanReader(torch.utils.data.Dataset):
         return next(self.dataset.batches(stop - start, start, stop, on_grid=self.on_grid))
 
 
+_LEVELS = torch.arange(256, dtype=torch.float32) / 255.0
+"""The 256 values of the uint8 grid as float32, divided once on the CPU."""
+
+
 def on_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A uint8 batch from an ``on_grid`` reader as float [0, 1] on ``device``: exactly
-    :func:`neaudit.imageio.quantize` of what was read."""
-    return images.to(device, non_blocking=True).float().div_(255.0)
+    :func:`neaudit.imageio.quantize` of what was read, on every device (looked up, not
+    divided: CUDA divides by a scalar as a multiplication by its reciprocal, one ulp away from
+    the CPU's division for some levels, and a different input is a different NE)."""
+    return _LEVELS.to(device)[images.to(device, non_blocking=True).long()]
 
 
 def read_ahead(dataset, batch_size: int, workers: int | None = None,

@@ -152,3 +152,11 @@ def test_reconstruction_attacks_on_cuda_match_cpu(name, tmp_path):
         assert out.device.type == device
         scores[device] = float(psnr(out.cpu(), clean).mean())
     assert abs(scores["cpu"] - scores["cuda"]) < 1.5, scores
+
+
+def test_uint8_hand_over_gives_the_same_floats_on_cpu_and_cuda():
+    from neaudit.pipeline import on_device
+
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).repeat(2, 3, 1, 1)
+    assert torch.equal(on_device(levels, torch.device("cpu")),
+                       on_device(levels, torch.device("cuda")).cpu())

@@ -101,3 +101,16 @@ def test_strength_as_an_l2_norm(tmp_path, vit_spec):
     with pytest.raises(SystemExit):
         main(["protect", "builtin:samples", "--authorized", vit_spec, "--out", str(tmp_path / "c"),
               "--psnr", "30", "--l2", "2"])
+
+
+def test_uint8_batches_reach_the_device_as_exactly_the_quantized_floats():
+    """The protect pipeline's uint8 hand-over gives bit for bit the floats quantize() gives
+    (the values every device must recode alike)."""
+    from neaudit.imageio import quantize
+    from neaudit.pipeline import on_device
+
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16)
+    expected = quantize(levels.float() / 255.0)
+    assert torch.equal(on_device(levels, torch.device("cpu")), expected)
+    assert torch.equal(on_device(levels, torch.device("cpu")).view(-1)[:256],
+                       torch.arange(256, dtype=torch.float32) / 255.0)

@@ -17,11 +17,12 @@ from neaudit.attacks.registry import (
     Attack,
     AttackContext,
     DatasetContext,
+    Param,
     get_attack,
     register_attack,
 )
 from neaudit.attacks.suites import SuiteEntry, load_suite
 
 __all__ = ["ATTACKS", "BATCH", "CLEAN", "DATASET", "NONE", "THREAT_LEVELS", "Attack",
-           "AttackContext", "DatasetContext", "SuiteEntry", "get_attack", "load_suite",
+           "AttackContext", "DatasetContext", "Param", "SuiteEntry", "get_attack", "load_suite",
            "register_attack"]
