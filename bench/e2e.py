@@ -87,7 +87,7 @@ def protect_once(tmp: Path, count: int, device: str, batch: int) -> None:
     # (model, subspace, fidelity sample and worker start-up are paid once per job)
     short = timed(lambda: protect(small, VIT_B, tmp / "ne-small", device=device,
                                   batch_size=batch))
-    marginal = (count - max(batch, count // 8)) / max(job - short, 1e-9)
+    extra = job - short
     images = builtin_dataset("samples", count=count, size=224).protected  # the inputs' pixels
 
     def write_all() -> None:
@@ -105,6 +105,11 @@ def protect_once(tmp: Path, count: int, device: str, batch: int) -> None:
     print(f"protect ViT-B/16 224×224, {count} PNGs in → PNG NEs out, batch {batch}, {device}:")
     print(f"  job {count / job:,.0f} img/s | PNG-writing floor {count / floor:,.0f} img/s | "
           f"recoding kernel {count / kernel:,.0f} img/s | job / floor = {floor / job:.2f}")
+    if extra < 0.05 * job:
+        print(f"  per image once set up: not measurable, fixed costs dominate ({count} images "
+              f"took {job:.1f} s, {max(batch, count // 8)} took {short:.1f} s)")
+        return
+    marginal = (count - max(batch, count // 8)) / extra
     print(f"  per image once set up: {marginal:,.0f} img/s (job on {count} vs "
           f"{max(batch, count // 8)} images; fixed cost {job - count / marginal:.1f} s) | "
           f"that / floor = {marginal * floor / count:.2f}")

@@ -231,7 +231,7 @@ def reconstruction_quality(table: pd.DataFrame) -> list[dict]:
     to the clean originals with 95% intervals, beside the worst inference leakage it caused.
     Empty without originals."""
     images = table[table.metric.isin(["psnr", "ssim"])].drop_duplicates(["attack", "metric"])
-    leakage = table[table.metric == "leakage"]
+    leakage = table[table.metric == "leakage"].dropna(subset="value")  # NaN: clean score 0
     rows = []
     for attack, group in images.groupby("attack", sort=False):
         family = group.family.iloc[0]
