@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import pstats
 import sys
 import tempfile
@@ -173,6 +174,8 @@ def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int) -> N
           f"({suite} without training attacks), batch {batch}, {device}:")
     print(f"  job {job:.1f} s ({units / job:,.0f} image·model evaluations/s) | bare loop "
           f"{bare:.1f} s ({units / bare:,.0f}/s) | job / bare = {job / bare:.2f}")
+    phases = json.loads((tmp / "run" / "run.json").read_text())["phases"]
+    print("  job phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
 
 
 def flops(device: str) -> None:

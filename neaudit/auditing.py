@@ -110,14 +110,17 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     pending = [t for t in tasks if not worker.store.done(t.task_id)][:stop_after]
     if loader_workers:
         worker.prefetch(pending, loader_workers)
+    phases = {"setup": time.time() - started}
     with _progress(len(pending), quiet) as advance:
         (executor or LocalExecutor(worker)).run(pending, recipe, advance)
+    phases["tasks"] = time.time() - started - phases["setup"]
     table, summary = _finish(worker, tasks, entries)
+    phases["finish"] = time.time() - started - phases["setup"] - phases["tasks"]
     write_run_manifest(worker.store, command=command or shlex.join(sys.argv), config=config,
                        complete=summary["complete"], device=worker.device,
                        source=str(dataset.source), count=len(dataset),
                        outside_files=dataset.outside_files, weights=worker.weights,
-                       seconds=time.time() - started)
+                       seconds=time.time() - started, phases=phases)
     return AuditResult(out, table, summary, len(pending), len(tasks) - len(pending))
 
 

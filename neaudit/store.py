@@ -81,8 +81,11 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 def write_run_manifest(store: ResultStore, *, command: str, config: dict, complete: bool,
                        device: torch.device, source: str, count: int, outside_files: int,
-                       weights: dict[str, str], seconds: float) -> None:
-    """``run.json``: the provenance of a run (command, config, versions, weights, device)."""
+                       weights: dict[str, str], seconds: float,
+                       phases: dict[str, float] | None = None) -> None:
+    """``run.json``: the provenance of a run (command, config, versions, weights, device),
+    and the seconds it spent in each phase (``setup``: models and data; ``tasks``: attacks
+    and forwards; ``finish``: table, validity checks and evidence)."""
     import kornia
     import open_clip
     import timm
@@ -100,6 +103,7 @@ def write_run_manifest(store: ResultStore, *, command: str, config: dict, comple
                     "outside_files": outside_files},
         "weights": weights,
         "seconds": seconds,
+        "phases": phases or {},
     }
     store.write_text("run.json", json.dumps(manifest, indent=2, default=json_default))
 

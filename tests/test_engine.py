@@ -1,5 +1,6 @@
 """End-to-end audits on NEs made by ``neaudit protect`` for a random-init authorized model."""
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -56,6 +57,9 @@ def test_audit_measures_retention_leakage_and_plumbing(protected, suite, tmp_pat
     for name in ("results.parquet", "results.csv", "summary.json", "run.json"):
         assert (result.out / name).is_file()
     assert pd.read_parquet(result.out / "results.parquet").equals(table)
+    manifest = json.loads((result.out / "run.json").read_text())
+    assert set(manifest["phases"]) == {"setup", "tasks", "finish"}
+    assert sum(manifest["phases"].values()) == pytest.approx(manifest["seconds"], abs=0.5)
     summary = result.summary
     assert summary["models"]["convnext_atto"]["worst_attack"] == "oracle_originals"
     assert set(table.model) == {"vit_small_patch16_224", "convnext_atto"}  # display names
