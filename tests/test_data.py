@@ -149,3 +149,25 @@ def test_reading_on_the_grid_equals_quantizing_what_is_read(tmp_path):
     grid = next(dataset.batches(3, on_grid=True)).protected
     assert grid.dtype == torch.uint8
     assert torch.equal(grid.float() / 255, quantize(floats))
+
+
+def test_rgb_pngs_read_as_pillow_reads_them(tmp_path):
+    """The fast libpng path for RGB PNGs gives Pillow's pixels; PNGs it does not take
+    (palette, transparency, grey) still read through Pillow, as before."""
+    import numpy as np
+    from PIL import Image
+
+    from neaudit.imageio import read_image
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    images = {"rgb": Image.fromarray(rgb), "rgba": Image.fromarray(
+        np.dstack([rgb, rng.integers(0, 256, (9, 11), dtype=np.uint8)])),
+        "palette": Image.fromarray(rgb).convert("P"), "grey": Image.fromarray(rgb[..., 0])}
+    for name, image in images.items():
+        path = tmp_path / f"{name}.png"
+        image.save(path)
+        expected = np.asarray(Image.open(path).convert("RGB"))
+        got = read_image(path, on_grid=True).permute(1, 2, 0).numpy()
+        assert np.array_equal(got, expected), name
+        assert torch.equal(read_image(path), read_image(path, on_grid=True).float() / 255)
