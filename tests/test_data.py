@@ -171,3 +171,21 @@ def test_rgb_pngs_read_as_pillow_reads_them(tmp_path):
         got = read_image(path, on_grid=True).permute(1, 2, 0).numpy()
         assert np.array_equal(got, expected), name
         assert torch.equal(read_image(path), read_image(path, on_grid=True).float() / 255)
+
+
+def test_written_pngs_are_lossless_for_pillow_and_for_neaudit(tmp_path):
+    """The fast PNG settings (run-length matching after the Paeth filter) stay lossless:
+    Pillow and neaudit's reader get back every value, noise and photo alike."""
+    import numpy as np
+    from PIL import Image
+
+    from neaudit.data import builtin_dataset
+    from neaudit.imageio import read_image, write_png
+
+    photo = builtin_dataset("samples", count=1, size=64).protected[0]
+    noise = np.random.default_rng(2).integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    for name, image in (("photo", photo), ("noise", noise)):
+        write_png(tmp_path / f"{name}.png", image)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"{name}.png")), image)
+        back = read_image(tmp_path / f"{name}.png", on_grid=True).permute(1, 2, 0).numpy()
+        assert np.array_equal(back, image)
