@@ -70,8 +70,8 @@ def timed(fn, profile: bool = False) -> float:
     return seconds
 
 
-def protect_bench(tmp: Path, count: int, device: str, batch: int) -> None:
-    for processes in (True, False):
+def protect_bench(tmp: Path, count: int, device: str, batch: int, writers: str) -> None:
+    for processes in {"both": (True, False), "processes": (True,), "threads": (False,)}[writers]:
         pipeline.WRITER_PROCESSES = processes
         print(f"PNG writers: {'processes' if processes else 'threads'}")
         protect_once(tmp / f"writers-{processes}", count, device, batch)
@@ -105,7 +105,8 @@ def protect_once(tmp: Path, count: int, device: str, batch: int) -> None:
                             for lo in range(0, count, batch)])
     print(f"protect ViT-B/16 224×224, {count} PNGs in → PNG NEs out, batch {batch}, {device}:")
     print(f"  job {count / job:,.0f} img/s | PNG-writing floor {count / floor:,.0f} img/s | "
-          f"recoding kernel {count / kernel:,.0f} img/s | job / floor = {floor / job:.2f}")
+          f"recoding kernel {count / kernel:,.0f} img/s | job / floor = {floor / job:.2f} | "
+          f"job / slower of the two = {max(floor, kernel) / job:.2f}")
     if extra < 0.05 * job:
         print(f"  per image once set up: not measurable, fixed costs dominate ({count} images "
               f"took {job:.1f} s, {max(batch, count // 8)} took {short:.1f} s)")
@@ -195,6 +196,8 @@ def main() -> None:
     parser.add_argument("--suite", default="smoke")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--skip", choices=("protect", "audit"))
+    parser.add_argument("--writers", choices=("both", "processes", "threads"), default="both",
+                        help="PNG writer kinds to time protect with")
     parser.add_argument("--profile", action="store_true", help="cProfile the two jobs")
     args = parser.parse_args()
     global PROFILE
@@ -202,7 +205,7 @@ def main() -> None:
     flops(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         if args.skip != "protect":
-            protect_bench(Path(tmp), args.images, args.device, args.batch)
+            protect_bench(Path(tmp), args.images, args.device, args.batch, args.writers)
         if args.skip != "audit":
             audit_bench(Path(tmp), args.audit_images or args.images, args.device, args.suite,
                         args.batch)

@@ -175,11 +175,11 @@ def rank_surrogates(images: torch.Tensor, ctx: AttackContext, sigma: float = 1.0
     return sorted(scores, key=lambda item: -item[1])
 
 
-def _project_out(images: torch.Tensor, space, ctx: AttackContext, sigma: float
-                 ) -> torch.Tensor:
-    cpu = images.cpu()
-    smooth = _denoise(cpu, ctx, sigma)
-    return (cpu - space.project(cpu - smooth)).to(images.device)
+def blur_refill(images: torch.Tensor, space, ctx: AttackContext, sigma: float = 1.0
+                ) -> torch.Tensor:
+    """Project-and-refill: the images' component inside ``space`` replaced by that of the
+    blurred copy, on the images' device."""
+    return images - space.project(images - _denoise(images, ctx, sigma))
 
 
 def identified_subspace(images: torch.Tensor, ctx: AttackContext, sigma: float = 1.0
@@ -214,7 +214,7 @@ def surrogate_projection(images: torch.Tensor, ctx: AttackContext, sigma: float
     """Identify the most likely authorized model among public candidates, project out its
     low-sensitivity subspace and refill it from the denoised copy."""
     _, space = identified_subspace(images, ctx, sigma)
-    return _project_out(images, space, ctx, sigma)
+    return blur_refill(images, space, ctx, sigma)
 
 
 @register_attack("known_model_projection", "adaptive", "L3", {"sigma": SIGMA})
@@ -222,4 +222,4 @@ def known_model_projection(images: torch.Tensor, ctx: AttackContext, sigma: floa
                            ) -> torch.Tensor:
     """The direct case: the attacker knows the authorized model."""
     _, space = known_subspace(images, ctx, "known_model_projection")
-    return _project_out(images, space, ctx, sigma)
+    return blur_refill(images, space, ctx, sigma)

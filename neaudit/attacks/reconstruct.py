@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from neaudit.attacks.adaptive import identified_subspace, known_subspace
+from neaudit.attacks.adaptive import blur_refill, identified_subspace, known_subspace
 from neaudit.attacks.preprocess import gaussian_blur
 from neaudit.attacks.purify import denoiser, tv_denoise
 from neaudit.attacks.registry import AttackContext, Param, register_attack
@@ -163,7 +163,7 @@ def _restore(restorer: TinyUNet, space: Subspace, images: torch.Tensor, ctx: Att
              ) -> torch.Tensor:
     """Project-and-refill (``known_model_projection``), then the restorer's correction,
     also kept inside the subspace: an untrained restorer is the projection attack."""
-    start = images - space.project(images - gaussian_blur(images, ctx, sigma=1.0))
+    start = blur_refill(images, space, ctx)
     with autocast(images.device):
         correction = restorer(start).float()
     return start - space.project(correction)
@@ -212,7 +212,7 @@ def subspace_prior(images: torch.Tensor, ctx: AttackContext, iterations: int, si
             return tv_denoise(x, ctx, weight=tv_weight, steps=20)
 
     outside = images - space.project(images)
-    estimate = images - space.project(images - gaussian_blur(images, ctx, sigma=1.0))
+    estimate = blur_refill(images, space, ctx)
     for _ in range(int(iterations)):
         estimate = outside + space.project(restore(estimate.clamp(0, 1)))
     return estimate
