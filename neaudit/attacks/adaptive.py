@@ -159,7 +159,6 @@ def rank_surrogates(images: torch.Tensor, ctx: AttackContext, sigma: float = 1.0
     surrogates = ctx.extras.get("surrogates")
     if not surrogates:
         raise NeauditError("surrogate attacks need a zoo of candidate models (threat level L3).")
-    images = images.cpu()
     residual = images - _denoise(images, ctx, sigma)
     size = tuple(images.shape[-2:])
     scores = []
