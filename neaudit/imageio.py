@@ -189,11 +189,13 @@ zlib level 1 with run-length matching after the Paeth filter encodes 733–747 i
 139 img/s at 102.6 KiB. Paeth and RLE: 2.4× the speed and smaller files."""
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
+def write_png(path: Path, image: np.ndarray) -> str:
     """Write one HWC uint8 image as a lossless PNG, atomically (imagecodecs' libpng, which
-    releases the GIL, so writer threads run in parallel)."""
+    releases the GIL, so writer threads run in parallel); returns the SHA-256 of the bytes
+    written, so that a job's hash list needs no second read of its files."""
     encoded = imagecodecs.png_encode(np.ascontiguousarray(image), **PNG_SETTINGS)
     atomic_write(path, lambda handle: handle.write(encoded))
+    return hashlib.sha256(encoded).hexdigest()
 
 
 def is_lossy(path: Path) -> bool:

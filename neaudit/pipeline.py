@@ -81,15 +81,17 @@ device: on a 16-core H200 machine, ``protect`` with writer threads ran at a quar
 PNG floor while its profile showed the device thread waiting."""
 
 
-def _write_pngs(paths: Sequence[Path], images: np.ndarray | torch.Tensor) -> None:
-    for path, image in zip(paths, images, strict=True):
-        write_png(path, np.asarray(image))
+def _write_pngs(paths: Sequence[Path], images: np.ndarray | torch.Tensor
+                ) -> list[tuple[Path, str]]:
+    return [(path, write_png(path, np.asarray(image)))
+            for path, image in zip(paths, images, strict=True)]
 
 
 class PngWriter:
     """Encodes and writes PNGs in ``workers`` processes (or threads), ``chunk`` images per
     task; at most ``pending`` chunks are in flight, so memory stays bounded. Leaving the
-    ``with`` block waits for every file and re-raises the first error (a full disk, say)."""
+    ``with`` block waits for every file and re-raises the first error (a full disk, say).
+    ``digests`` maps each written path to the SHA-256 of its bytes."""
 
     def __init__(self, workers: int | None = None, chunk: int = 16, pending: int = 64,
                  processes: bool | None = None) -> None:
@@ -99,6 +101,7 @@ class PngWriter:
                      if self.processes else ThreadPoolExecutor(workers))
         self.chunk, self.pending = chunk, pending
         self.futures: deque[Future] = deque()
+        self.digests: dict[Path, str] = {}
 
     def write(self, paths: Sequence[Path], images: np.ndarray) -> None:
         """Write ``images`` (N, H, W, 3 uint8) to ``paths``."""
@@ -106,7 +109,7 @@ class PngWriter:
             images = torch.from_numpy(np.ascontiguousarray(images)).share_memory_()
         for lo in range(0, len(paths), self.chunk):
             while len(self.futures) >= self.pending:
-                self.futures.popleft().result()
+                self.digests.update(self.futures.popleft().result())
             self.futures.append(self.pool.submit(_write_pngs, paths[lo:lo + self.chunk],
                                                  images[lo:lo + self.chunk]))
 
@@ -116,6 +119,6 @@ class PngWriter:
     def __exit__(self, *exc_info) -> None:
         try:
             while self.futures:
-                self.futures.popleft().result()
+                self.digests.update(self.futures.popleft().result())
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)

@@ -103,8 +103,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     noise_key = seed if key is None else key
     recoding = _Recoding(model, layer, space, method, psnr, noise_key, seed, tau,
                          patch_fraction, fidelity_images)
-    per_image = _recode_all(dataset, recoding, out, names, batch_size, save_originals,
-                            output_format)
+    per_image, digests = _recode_all(dataset, recoding, out, names, batch_size,
+                                     save_originals, output_format)
     summary = {col: float(per_image[col].mean()) for col in per_image.columns if col != "name"}
     summary["min_gain"] = space.min_gain if space is not None else float("nan")
     params = {
@@ -116,7 +116,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         "seed": seed, "key": noise_key if store_key else None, "key_stored": store_key,
         "image_size": list(size), "fidelity_images": min(fidelity_images, len(dataset)),
     }
-    sidecar = _sidecar(out, dataset, model, method, params, summary, names)
+    sidecar = _sidecar(out, dataset, model, method, params, summary, names, digests)
     return ProtectResult(out, per_image, summary, sidecar)
 
 
@@ -173,9 +173,10 @@ class _Recoding:
 
 def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
                 names: list[PurePosixPath], batch_size: int, save_originals: bool,
-                output_format: str) -> pd.DataFrame:
+                output_format: str) -> tuple[pd.DataFrame, dict[Path, str]]:
     """Recode and write every batch, the next batch decoded and the previous ones written
-    while the device works on the current one; returns the per-image fidelity table."""
+    while the device works on the current one; returns the per-image fidelity table and the
+    SHA-256 of every PNG written."""
     device = recoding.model.mean.device
     sampled = fidelity_sample(len(dataset), recoding.fidelity_images)
     rows, written, originals = [], [], []
@@ -202,7 +203,7 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
     if output_format == "npz":
         _write_npz(out, dataset, np.concatenate(written),
                    np.concatenate(originals) if save_originals else None)
-    return per_image
+    return per_image, writer.digests
 
 
 def _output_names(dataset: ImageDataset) -> list[PurePosixPath]:
@@ -257,11 +258,16 @@ def _write_npz(out: Path, dataset: ImageDataset, protected: np.ndarray,
 
 
 def _sidecar(out: Path, dataset: ImageDataset, model: ImageClassifier, method: str,
-             params: dict, summary: dict, names: list[PurePosixPath]) -> dict:
-    """``hashes.sha256`` of exactly the files this run wrote, and ``neaudit.json``."""
-    files = ([out / PROTECTED_DIR / name for name in names] if names
-             else [out / "protected.npz"])
-    lines = [f"{sha256_file(f)}  {f.relative_to(out).as_posix()}" for f in files]
+             params: dict, summary: dict, names: list[PurePosixPath],
+             digests: dict[Path, str]) -> dict:
+    """``hashes.sha256`` of exactly the files this run wrote (PNGs hashed by their writers
+    as they wrote them), and ``neaudit.json``."""
+    if names:
+        files = [out / PROTECTED_DIR / name for name in names]
+        lines = [f"{digests[f]}  {f.relative_to(out).as_posix()}" for f in files]
+    else:
+        npz = out / "protected.npz"
+        lines = [f"{sha256_file(npz)}  {npz.relative_to(out).as_posix()}"]
     hashes = "\n".join(lines) + "\n"
     atomic_write(out / "hashes.sha256", lambda h: h.write(hashes.encode()))
     sidecar = {
