@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from neaudit.attacks.registry import AttackContext
+from neaudit.imageio import atomic_write
 from neaudit.seeding import seeded
 
 
@@ -92,10 +93,8 @@ def trained(ctx: AttackContext, name: str, digest: str, build: Callable[[], nn.M
     with torch.enable_grad():
         train(model)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial))
-        partial.replace(path)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write(path, lambda handle: handle.write(save(state)))
     return model.eval()
 
 
