@@ -161,10 +161,13 @@ def _tiny_diffusers(folder: Path, size: int = 32) -> None:
     diffusers.DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
 
 
-def test_diffusion_purify_runs_a_local_diffusers_checkpoint(authorized, digits, tmp_path):
+def test_diffusion_purify_runs_a_local_diffusers_checkpoint(authorized, digits, tmp_path,
+                                                            snapshot):
     """A diffusers pipeline folder (unet/ + scheduler/) at another resolution: the images
-    are resized to the model's size and back; the same generator gives the same output."""
+    are resized to the model's size and back; the same generator gives the same output; the
+    checkpoint folder is only read."""
     _tiny_diffusers(tmp_path / "ddpm", size=16)
+    before = snapshot(tmp_path / "ddpm")
     images = digits[1][:4]
     attack = get_attack("diffusion_purify")
     first = attack(images, _ctx(authorized), checkpoint=str(tmp_path / "ddpm"))
@@ -172,6 +175,7 @@ def test_diffusion_purify_runs_a_local_diffusers_checkpoint(authorized, digits, 
     assert first.shape == images.shape and torch.equal(first, second)
     assert 0 <= float(first.min()) and float(first.max()) <= 1
     assert not torch.equal(first, images)
+    assert snapshot(tmp_path / "ddpm") == before
 
 
 def test_diffusion_checkpoint_must_be_a_diffusers_folder(authorized, digits, tmp_path):
@@ -179,8 +183,12 @@ def test_diffusion_checkpoint_must_be_a_diffusers_folder(authorized, digits, tmp
     with pytest.raises(NeauditError, match="names no folder"):
         attack(digits[1][:2], _ctx(authorized), checkpoint=str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(NeauditError, match="not a diffusers UNet2DModel"):
+    with pytest.raises(NeauditError, match="holds none of unet/config.json, config.json"):
         attack(digits[1][:2], _ctx(authorized), checkpoint=str(tmp_path / "empty"))
+    (tmp_path / "broken" / "unet").mkdir(parents=True)  # a config but no usable weights
+    (tmp_path / "broken" / "unet" / "config.json").write_text("{}")
+    with pytest.raises(NeauditError, match="not a diffusers UNet2DModel"):
+        attack(digits[1][:2], _ctx(authorized), checkpoint=str(tmp_path / "broken"))
 
 
 def test_suite_checkpoint_paths_resolve_beside_the_suite_and_label_by_name(tmp_path):
@@ -212,3 +220,17 @@ def test_tiny_unet_handles_odd_sizes():
     assert not out.any()  # the output layer starts at zero: "change nothing"
     out.pow(2).add(out).sum().backward()
     assert net.head.weight.grad.abs().sum() > 0
+
+
+def test_a_suite_naming_a_folder_that_is_no_checkpoint_exits_2_before_work(tmp_path, capsys):
+    from neaudit.cli import main
+
+    (tmp_path / "weights").mkdir()
+    suite = tmp_path / "mine.toml"
+    suite.write_text('[[attack]]\nname = "diffusion_purify"\ncheckpoint = "weights"\n')
+    out = tmp_path / "run"
+    code = main(["audit", "builtin:samples", "--authorized", "demo:patch_cnn",
+                 "--model", "demo:vit", "--suite", str(suite), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "checkpoint" in err[0] and "config.json" in err[0]
+    assert not out.exists()  # refused before any work

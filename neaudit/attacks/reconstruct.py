@@ -264,6 +264,10 @@ def train_ddpm(ctx: AttackContext, like: torch.Tensor, steps: int, crop: int, wi
     return _Diffusion(lambda x, t: model(x, t.float() / DIFFUSION_TIMESTEPS), alphas, None)
 
 
+DIFFUSERS_CONFIGS = ("unet/config.json", "config.json")
+"""What a diffusers checkpoint folder holds: a pipeline's UNet config, or a model's own."""
+
+
 def load_diffusers(folder: str, device: torch.device) -> _Diffusion:
     """A pretrained ``diffusers`` UNet2DModel and its scheduler's ᾱ from a local folder (a
     pipeline folder with ``unet/`` and ``scheduler/``, or a model folder with a
@@ -293,7 +297,7 @@ def load_diffusers(folder: str, device: torch.device) -> _Diffusion:
 @register_attack("diffusion_purify", "reconstruct", "L2",
                  {"t_star": Param(0.1, 0.001, 1.0), "sampler_steps": Param(10, 1, 1000),
                   "steps": TRAIN_STEPS, "crop": CROP, "width": WIDTH,
-                  "checkpoint": Param("", path=True)})
+                  "checkpoint": Param("", path=True, holds=DIFFUSERS_CONFIGS)})
 def diffusion_purify(images: torch.Tensor, ctx: AttackContext, t_star: float,
                      sampler_steps: int, steps: int, crop: int, width: int, checkpoint: str
                      ) -> torch.Tensor:

@@ -69,13 +69,15 @@ AttackFn = Callable[..., object]
 class Param:
     """One attack parameter: its default (whose type is the parameter's type: int, float or
     a list of floats), an inclusive range and optionally the only values allowed; or, with
-    ``path``, a local folder (default ``""``: none), which must exist."""
+    ``path``, a local folder (default ``""``: none), which must exist and, when ``holds`` is
+    given, contain one of those files (checked when a suite loads, before any work)."""
 
     default: object
     low: float | None = None
     high: float | None = None
     choices: tuple | None = None
     path: bool = False
+    holds: tuple[str, ...] = ()
 
     def check(self, value: object) -> object:
         """``value`` as the parameter's type; raises ValueError saying what is wrong."""
@@ -84,6 +86,8 @@ class Param:
                 raise ValueError("must be a folder path (a string)")
             if value and not Path(value).is_dir():
                 raise ValueError("names no folder")
+            if value and self.holds and not any((Path(value) / f).is_file() for f in self.holds):
+                raise ValueError(f"holds none of {', '.join(self.holds)}")
             return value
         if isinstance(self.default, list):
             if not isinstance(value, list | tuple) or not value:
@@ -108,7 +112,8 @@ class Param:
 
     def describe(self) -> str:
         if self.path:
-            return "path to a local folder"
+            return "path to a local folder" + (f" holding {' or '.join(self.holds)}"
+                                               if self.holds else "")
         if self.choices is not None:
             return "one of " + ", ".join(map(str, self.choices))
         kind = "list of numbers" if isinstance(self.default, list) else type(self.default).__name__
