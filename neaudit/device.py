@@ -10,6 +10,12 @@ from neaudit.errors import NeauditError
 
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 
+CPU_CHUNK = 8
+"""Images a CPU works on at once in elementwise-heavy steps (recoding, fidelity, SSIM): their
+temporaries then stay in cache. On 2 cores (ViT-B/16 stem, 224×224) recoding took 4.8 ms an
+image in chunks of 8 against 7.5 ms for a batch of 64, fidelity 8.8 against 13.9 ms, SSIM
+3.1 against 8.7 ms."""
+
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` (CUDA where available), ``cpu``, ``cuda`` or ``cuda:N``, checked here."""
@@ -27,3 +33,10 @@ def resolve_device(device: str) -> torch.device:
             raise NeauditError(f"--device {device}: this machine has "
                                f"{torch.cuda.device_count()} CUDA device(s). Fix: use cuda:0 …")
     return torch.device(device)
+
+
+def chunks(count: int, device: torch.device) -> list[slice]:
+    """Slices covering ``count`` images: :data:`CPU_CHUNK` at a time on a CPU, all at once on
+    an accelerator (where a larger batch is what keeps it busy)."""
+    step = CPU_CHUNK if device.type == "cpu" else max(count, 1)
+    return [slice(lo, lo + step) for lo in range(0, count, step)]

@@ -13,10 +13,10 @@ import torch
 from neaudit.errors import NeauditError
 from neaudit.imageio import quantize
 from neaudit.metrics import (
-    first_layer_gain,
+    clean_response_norm,
     isotropic_like,
     logit_cosine,
-    relative_first_layer_change,
+    response_norm,
     ssim,
 )
 from neaudit.metrics import psnr as measured_psnr
@@ -29,7 +29,7 @@ FIDELITY_COLUMNS = {
     "l2": "L2 norm of the written perturbation ([0, 1] pixel units)",
     "ssim": "SSIM of the written image",
     "gain": "first-layer gain ‖W̃δ‖/‖δ‖ of the written perturbation",
-    "isotropic_gain": "gain of isotropic noise with the same energy",
+    "isotropic_gain": "gain of isotropic noise (exact root mean square over draws)",
     "relative_change": "relative first-layer change ‖W̃δ‖/‖Wx̃‖",
     "agreement": "authorized top-1 on the written NE equals its clean top-1",
     "logit_cosine": "cosine between authorized logits on NE and on clean",
@@ -43,23 +43,24 @@ def fidelity_sample(count: int, size: int) -> torch.Tensor:
     return torch.linspace(0, count - 1, min(count, size)).round().long().unique()
 
 
-def measure(model: ImageClassifier, layer: FirstLayer, seed: int, clean: torch.Tensor,
+def measure(model: ImageClassifier, layer: FirstLayer, noise_gain: float, seed: int,
+            clean: torch.Tensor,
             protected: torch.Tensor, floats: torch.Tensor | None, index: torch.Tensor,
             sampled: torch.Tensor) -> pd.DataFrame:
-    """Per-image fidelity of the written NEs, beside isotropic noise of the same energy.
-    Pixel and first-layer figures cover every image; the authorized model's agreement and
-    logit figures cover the ``sampled`` items (NaN elsewhere)."""
+    """Per-image fidelity of the written NEs, beside isotropic noise (``noise_gain``:
+    :func:`neaudit.metrics.isotropic_gain`). Pixel and first-layer figures cover every
+    image; the authorized model's agreement and logit figures (and the noise control's) cover
+    the ``sampled`` items (NaN elsewhere)."""
     delta = protected - clean
-    gaussian = counter_normal(derive_seed(seed, "noise-control"),
-                              index.to(clean.device), delta[0].numel()).view_as(delta)
-    noise = isotropic_like(delta, gaussian)
+    l2 = delta.flatten(1).norm(dim=1)
+    response = response_norm(layer, delta)
     frame = {
         "psnr": measured_psnr(protected, clean),
-        "l2": delta.flatten(1).norm(dim=1),
+        "l2": l2,
         "ssim": ssim(protected, clean),
-        "gain": first_layer_gain(layer, delta),
-        "isotropic_gain": first_layer_gain(layer, noise),
-        "relative_change": relative_first_layer_change(layer, clean, delta),
+        "gain": response / l2,
+        "isotropic_gain": torch.full_like(l2, noise_gain),
+        "relative_change": response / clean_response_norm(layer, clean),
     }
     if floats is not None:
         frame["psnr_float"] = measured_psnr(floats, clean)
@@ -67,8 +68,10 @@ def measure(model: ImageClassifier, layer: FirstLayer, seed: int, clean: torch.T
     rows = torch.isin(index, sampled).nonzero().flatten()
     if len(rows):
         picked = rows.to(clean.device)
-        model_figures = _model_figures(model, clean[picked], protected[picked],
-                                        quantize(clean + noise)[picked],
+        gaussian = counter_normal(derive_seed(seed, "noise-control"), index[rows].to(
+            clean.device), delta[0].numel()).view(len(rows), *delta.shape[1:])
+        noisy = quantize(clean[picked] + isotropic_like(delta[picked], gaussian))
+        model_figures = _model_figures(model, clean[picked], protected[picked], noisy,
                                         None if floats is None else floats[picked])
         for column, values in model_figures.items():
             table[column] = np.nan

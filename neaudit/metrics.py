@@ -2,7 +2,8 @@
 
 * PSNR = 10·log10(1 / MSE) per image; SSIM from Kornia (11×11 Gaussian window), per image.
 * Wilson score interval, 95%: (p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n).
-* First-layer gain of δ: ‖W̃δ‖ / ‖δ‖, with W̃ the stem in pixel space.
+* First-layer gain of δ: ‖W̃δ‖ / ‖δ‖, with W̃ the stem in pixel space; isotropic noise has
+  gain ‖A‖_F / sqrt(C·H·W) (root mean square over draws, A the stem's whole operator).
 * Relative first-layer change: ‖W̃δ‖ / ‖W x̃‖, x̃ the normalized clean image.
 * Utility retention = authorized score on protected (and attacked) data / score on clean data;
   leakage = the same ratio for an unauthorized model (:func:`score_ratio`).
@@ -20,6 +21,7 @@ import kornia
 import numpy as np
 import torch
 
+from neaudit.device import chunks
 from neaudit.stem import FirstLayer
 
 Z95 = 1.959963984540054
@@ -32,9 +34,10 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per-image mean SSIM (Kornia, window 11)."""
+    """Per-image mean SSIM (Kornia, window 11), in cache-sized chunks on a CPU."""
     window = min(11, *images.shape[-2:]) // 2 * 2 - 1
-    return kornia.metrics.ssim(images, reference, window).flatten(1).mean(1)
+    return torch.cat([kornia.metrics.ssim(images[part], reference[part], window).flatten(1)
+                      .mean(1) for part in chunks(len(images), images.device)])
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -48,19 +51,35 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def response_norm(layer: FirstLayer, delta: torch.Tensor) -> torch.Tensor:
+    """Per-image ‖W̃δ‖: the first-layer change a pixel perturbation causes."""
+    return layer.response(delta).flatten(1).norm(dim=1)
+
+
 def first_layer_gain(layer: FirstLayer, delta: torch.Tensor) -> torch.Tensor:
     """Per-image ‖W̃δ‖ / ‖δ‖."""
-    return layer.response(delta).flatten(1).norm(dim=1) / delta.flatten(1).norm(dim=1)
+    return response_norm(layer, delta) / delta.flatten(1).norm(dim=1)
 
 
-def relative_first_layer_change(layer: FirstLayer, clean: torch.Tensor, delta: torch.Tensor
-                                ) -> torch.Tensor:
-    """Per-image ‖W̃δ‖ / ‖W x̃‖ (the clean response without bias)."""
+def clean_response_norm(layer: FirstLayer, clean: torch.Tensor) -> torch.Tensor:
+    """Per-image ‖W x̃‖ (the clean response without bias), the denominator of the relative
+    first-layer change ‖W̃δ‖ / ‖W x̃‖."""
     normalized = (clean - layer.mean.view(1, -1, 1, 1).to(clean)) / layer.std.view(
         1, -1, 1, 1).to(clean)
     clean_response = torch.nn.functional.conv2d(normalized, layer.weight.to(clean),
                                                 stride=layer.stride, padding=layer.padding)
-    return layer.response(delta).flatten(1).norm(dim=1) / clean_response.flatten(1).norm(dim=1)
+    return clean_response.flatten(1).norm(dim=1)
+
+
+def isotropic_gain(layer: FirstLayer, shape: tuple[int, int, int]) -> float:
+    """The gain isotropic noise has on (C, H, W) images, exactly: sqrt(E‖W̃n‖² / E‖n‖²) =
+    ‖A‖_F / sqrt(C·H·W), with A the whole stem operator (taps in the zero padding left out);
+    ‖A‖_F² is the stem with squared weights applied to an image of ones, summed."""
+    ones = torch.ones(1, *shape, dtype=torch.float64)
+    squared = layer.pixel_weight.double().pow(2)
+    energy = torch.nn.functional.conv2d(ones, squared, stride=layer.stride,
+                                        padding=layer.padding).sum()
+    return float((energy / ones.numel()).sqrt())
 
 
 def isotropic_like(delta: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

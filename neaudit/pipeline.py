@@ -55,9 +55,12 @@ _LEVELS = torch.arange(256, dtype=torch.float32) / 255.0
 
 def on_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A uint8 batch from an ``on_grid`` reader as float [0, 1] on ``device``: exactly
-    :func:`neaudit.imageio.quantize` of what was read, on every device (looked up, not
-    divided: CUDA divides by a scalar as a multiplication by its reciprocal, one ulp away from
-    the CPU's division for some levels, and a different input is a different NE)."""
+    :func:`neaudit.imageio.quantize` of what was read, on every device. The CPU divides
+    (IEEE division is exact to the ulp); elsewhere the levels are looked up: CUDA divides by a
+    scalar as a multiplication by its reciprocal, one ulp away from the CPU's division for
+    some levels, and a different input is a different NE."""
+    if device.type == "cpu":
+        return images.to(torch.float32).div_(255.0)
     return _LEVELS.to(device)[images.to(device, non_blocking=True).long()]
 
 

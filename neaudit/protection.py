@@ -23,10 +23,11 @@ import torch
 from neaudit._version import __version__
 from neaudit.data import ORIGINAL_DIR, PROTECTED_DIR, SIDECAR, load_dataset
 from neaudit.dataset import ImageDataset
-from neaudit.device import resolve_device
+from neaudit.device import chunks, resolve_device
 from neaudit.errors import NeauditError
 from neaudit.fidelity import fidelity_sample, measure
 from neaudit.imageio import atomic_write, quantize, sha256_file, to_uint8
+from neaudit.metrics import isotropic_gain
 from neaudit.models import split_name
 from neaudit.ne import METHODS, reference_recode, subspace_recode
 from neaudit.paths import output_path, refuse_overlap, safe_component, safe_relative
@@ -102,7 +103,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
                            f"{model.name} with --method {method} has none. Fix: drop the option.")
     noise_key = seed if key is None else key
     recoding = _Recoding(model, layer, space, method, psnr, noise_key, seed, tau,
-                         patch_fraction, fidelity_images)
+                         patch_fraction, fidelity_images, isotropic_gain(layer, (3, *size)))
     per_image, digests = _recode_all(dataset, recoding, out, names, batch_size,
                                      save_originals, output_format)
     summary = {col: float(per_image[col].mean()) for col in per_image.columns if col != "name"}
@@ -160,10 +161,20 @@ class _Recoding:
     tau: float
     patch_fraction: float
     fidelity_images: int
+    noise_gain: float  # the gain of isotropic noise, the fidelity table's control
 
     def __call__(self, clean: torch.Tensor, index: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The written NEs (on the uint8 grid) and, for ``reference``, the float output."""
+        """The written NEs (on the uint8 grid) and, for ``reference``, the float output;
+        recoded in cache-sized chunks on a CPU (:func:`neaudit.device.chunks`)."""
+        parts = [self._recode(clean[part], index[part])
+                 for part in chunks(len(clean), clean.device)]
+        protected = torch.cat([written for written, _ in parts])
+        return protected, None if self.method == "subspace" else torch.cat(
+            [floats for _, floats in parts])
+
+    def _recode(self, clean: torch.Tensor, index: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.method == "subspace":
             return subspace_recode(clean, self.space, self.psnr, self.key, index,
                                    self.patch_fraction), None
@@ -185,8 +196,8 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
                                 on_grid=True):
             clean = on_device(batch.protected, device)
             protected, floats = recoding(clean, batch.index)
-            rows.append(measure(recoding.model, recoding.layer, recoding.seed, clean, protected,
-                                floats, batch.index, sampled))
+            rows.append(measure(recoding.model, recoding.layer, recoding.noise_gain,
+                                recoding.seed, clean, protected, floats, batch.index, sampled))
             images = to_uint8(protected)
             # the originals as read, already uint8 on the host: nothing copied back
             clean_images = batch.protected.permute(0, 2, 3, 1).numpy() if save_originals else None

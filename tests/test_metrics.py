@@ -3,7 +3,17 @@ import math
 import pytest
 import torch
 
-from neaudit.metrics import above_chance, psnr, score_ratio, suppression_ratio, wilson_interval
+from neaudit.metrics import (
+    above_chance,
+    first_layer_gain,
+    isotropic_gain,
+    psnr,
+    score_ratio,
+    ssim,
+    suppression_ratio,
+    wilson_interval,
+)
+from neaudit.stem import FirstLayer
 
 
 def test_wilson_interval_matches_published_values():
@@ -26,3 +36,29 @@ def test_ratios():
 def test_psnr_on_known_error():
     clean = torch.zeros(2, 3, 8, 8)
     assert psnr(clean + 0.1, clean) == pytest.approx(torch.tensor([20.0, 20.0]), abs=1e-4)
+
+
+def test_ssim_in_chunks_is_kornia_per_image_mean():
+    """The CPU computes SSIM a few images at a time; each image's value is Kornia's."""
+    import kornia
+
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(19, 3, 32, 32, generator=generator)  # not a multiple of the chunk
+    noisy = (clean + 0.05 * torch.randn(clean.shape, generator=generator)).clamp(0, 1)
+    expected = torch.stack([kornia.metrics.ssim(noisy[i:i + 1], clean[i:i + 1], 11).mean()
+                            for i in range(len(clean))])
+    assert torch.allclose(ssim(noisy, clean), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [(8, 8, 0), (7, 2, 3)])
+def test_isotropic_gain_is_the_root_mean_square_gain_of_noise(kernel, stride, padding):
+    """The exact control figure agrees with noise drawn and measured, for a patch stem and
+    for an overlapping stem whose padding taps see no pixels."""
+    generator = torch.Generator().manual_seed(0)
+    layer = FirstLayer(weight=torch.randn(16, 3, kernel, kernel, generator=generator),
+                       stride=(stride, stride), padding=(padding, padding),
+                       mean=torch.tensor([0.5, 0.4, 0.3]), std=torch.tensor([0.2, 0.25, 0.3]),
+                       module_name="stem")
+    noise = torch.randn(256, 3, 32, 32, generator=generator)
+    drawn = first_layer_gain(layer, noise).pow(2).mean().sqrt()
+    assert isotropic_gain(layer, (3, 32, 32)) == pytest.approx(float(drawn), rel=0.01)

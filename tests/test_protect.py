@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -114,3 +115,16 @@ def test_uint8_batches_reach_the_device_as_exactly_the_quantized_floats():
     assert torch.equal(on_device(levels, torch.device("cpu")), expected)
     assert torch.equal(on_device(levels, torch.device("cpu")).view(-1)[:256],
                        torch.arange(256, dtype=torch.float32) / 255.0)
+
+
+def test_written_nes_and_fidelity_do_not_depend_on_the_batch_size(image_folder: Path, tmp_path,
+                                                                   vit_spec):
+    """Batches, and the CPU's cache-sized chunks inside them, only change how the work is
+    cut: the same files and the same per-image figures come out."""
+    small = protect(image_folder / "original", vit_spec, tmp_path / "small", batch_size=3,
+                    fidelity_images=5)
+    large = protect(image_folder / "original", vit_spec, tmp_path / "large", batch_size=12,
+                    fidelity_images=5)
+    assert (small.out / "hashes.sha256").read_text() == (large.out / "hashes.sha256").read_text()
+    pd.testing.assert_frame_equal(small.per_image, large.per_image, rtol=1e-5)
+    assert small.per_image["agreement"].notna().sum() == 5
