@@ -37,6 +37,6 @@ def resolve_device(device: str) -> torch.device:
 
 def chunks(count: int, device: torch.device) -> list[slice]:
     """Slices covering ``count`` images: :data:`CPU_CHUNK` at a time on a CPU, all at once on
-    an accelerator (where a larger batch is what keeps it busy)."""
+    an accelerator (where a larger batch is what keeps it busy); one empty slice for none."""
     step = CPU_CHUNK if device.type == "cpu" else max(count, 1)
-    return [slice(lo, lo + step) for lo in range(0, count, step)]
+    return [slice(lo, lo + step) for lo in range(0, count, step)] or [slice(0, 0)]

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import kornia
 import numpy as np
@@ -29,15 +30,30 @@ Z95 = 1.959963984540054
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB (inf for identical images)."""
+    return _per_chunk(_psnr, images, reference)
+
+
+def ssim(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-image mean SSIM (Kornia, window 11)."""
+    return _per_chunk(_ssim, images, reference)
+
+
+def _psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     mse = (images - reference).pow(2).flatten(1).mean(1)
     return 10.0 * torch.log10(1.0 / mse)
 
 
-def ssim(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per-image mean SSIM (Kornia, window 11), in cache-sized chunks on a CPU."""
+def _ssim(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     window = min(11, *images.shape[-2:]) // 2 * 2 - 1
-    return torch.cat([kornia.metrics.ssim(images[part], reference[part], window).flatten(1)
-                      .mean(1) for part in chunks(len(images), images.device)])
+    return kornia.metrics.ssim(images, reference, window).flatten(1).mean(1)
+
+
+def _per_chunk(metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """A per-image metric over cache-sized chunks on a CPU (:func:`neaudit.device.chunks`):
+    its full-batch temporaries would not stay in cache."""
+    return torch.cat([metric(images[part], reference[part])
+                      for part in chunks(len(images), images.device)])
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
