@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from neaudit.data import builtin_dataset
+from neaudit.device import chunks
 from neaudit.imageio import quantize, to_float, to_uint8, write_png
 from neaudit.ne import reference_recode, subspace_recode
 from neaudit.spectral import low_sensitivity_subspace
@@ -31,12 +32,15 @@ def timed(fn) -> tuple[float, object]:
 
 
 def recode(method: str, space, layer, batch: torch.Tensor, offset: int) -> torch.Tensor:
-    """One batch of NEs on the uint8 grid, finished on the device before returning."""
+    """One batch of NEs on the uint8 grid, in the job's chunks (cache-sized on a CPU),
+    finished on the device before returning."""
     index = torch.arange(offset, offset + len(batch))
+    parts = chunks(len(batch), batch.device)
     if method == "subspace":
-        written = subspace_recode(batch, space, 30.0, 0, index)
+        written = torch.cat([subspace_recode(batch[p], space, 30.0, 0, index[p]) for p in parts])
     else:
-        written = quantize(reference_recode(batch, layer, 30.0, 0, index))
+        written = torch.cat([quantize(reference_recode(batch[p], layer, 30.0, 0, index[p]))
+                             for p in parts])
     if batch.device.type == "cuda":
         torch.cuda.synchronize()
     return written

@@ -89,9 +89,8 @@ def subspace_recode(clean: torch.Tensor, space: Subspace,
 
 def reference_basis(layer: FirstLayer, tau: float = 1e-2) -> torch.Tensor:
     """Steps 1–2 of the published construction: the (d, k) basis N on normalized patches."""
-    matrix = layer.unfolded.double()
-    m, d = matrix.shape
-    _, s, vh = torch.linalg.svd(matrix, full_matrices=True)
+    m, d = layer.unfolded.shape
+    s, vh = layer.unfolded_svd
     if m < d:
         return vh[m:].T.float()
     keep = s <= tau

@@ -8,6 +8,7 @@ so that the returned weight, stride, padding and normalization describe the map 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,14 @@ class FirstLayer:
     def unfolded(self) -> torch.Tensor:
         """W as an (m, C·kh·kw) matrix on normalized patches."""
         return self.weight.reshape(self.weight.shape[0], -1)
+
+    @functools.cached_property
+    def unfolded_svd(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Singular values and all right singular vectors of :attr:`unfolded`, in float64:
+        computed once per layer (110 ms for ViT-B/16 on 2 cores, and the published
+        construction needs them for every batch it recodes)."""
+        _, s, vh = torch.linalg.svd(self.unfolded.double(), full_matrices=True)
+        return s, vh
 
     @property
     def pixel_weight(self) -> torch.Tensor:
