@@ -106,7 +106,7 @@ def protect_once(tmp: Path, count: int, device: str, batch: int) -> None:
     model = create_model(VIT_B).to(device)
     space = low_sensitivity_subspace(first_layer(model), (224, 224))
     clean = quantize(to_float(images)).to(device)
-    parts = chunks(count, torch.device(device))  # the job's own chunking (cache-sized on a CPU)
+    parts = chunks(clean)  # the job's own chunking (cache-sized on a CPU)
     subspace_recode(clean[parts[0]], space, 30.0, 0, torch.arange(count)[parts[0]])  # warm-up
     kernel = timed(lambda: [subspace_recode(clean[part], space, 30.0, 0,
                                             torch.arange(count)[part]) for part in parts])

@@ -35,7 +35,7 @@ def recode(method: str, space, layer, batch: torch.Tensor, offset: int) -> torch
     """One batch of NEs on the uint8 grid, in the job's chunks (cache-sized on a CPU),
     finished on the device before returning."""
     index = torch.arange(offset, offset + len(batch))
-    parts = chunks(len(batch), batch.device)
+    parts = chunks(batch)
     if method == "subspace":
         written = torch.cat([subspace_recode(batch[p], space, 30.0, 0, index[p]) for p in parts])
     else:

@@ -53,7 +53,7 @@ def _per_chunk(metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     """A per-image metric over cache-sized chunks on a CPU (:func:`neaudit.device.chunks`):
     its full-batch temporaries would not stay in cache."""
     return torch.cat([metric(images[part], reference[part])
-                      for part in chunks(len(images), images.device)])
+                      for part in chunks(images)])
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:

@@ -168,7 +168,7 @@ class _Recoding:
         """The written NEs (on the uint8 grid) and, for ``reference``, the float output;
         recoded in cache-sized chunks on a CPU (:func:`neaudit.device.chunks`)."""
         parts = [self._recode(clean[part], index[part])
-                 for part in chunks(len(clean), clean.device)]
+                 for part in chunks(clean)]
         protected = torch.cat([written for written, _ in parts])
         return protected, None if self.method == "subspace" else torch.cat(
             [floats for _, floats in parts])

@@ -38,16 +38,22 @@ def test_psnr_on_known_error():
     assert psnr(clean + 0.1, clean) == pytest.approx(torch.tensor([20.0, 20.0]), abs=1e-4)
 
 
-def test_ssim_in_chunks_is_kornia_per_image_mean():
-    """The CPU computes SSIM a few images at a time; each image's value is Kornia's."""
+def test_image_metrics_in_chunks_are_per_image(monkeypatch):
+    """The CPU computes SSIM and PSNR a few images at a time; each image's SSIM is Kornia's
+    and its PSNR the one computed alone."""
     import kornia
 
+    from neaudit import device
+
+    monkeypatch.setattr(device, "CPU_CHUNK_VALUES", 4 * 3 * 32 * 32)
     generator = torch.Generator().manual_seed(0)
     clean = torch.rand(19, 3, 32, 32, generator=generator)  # not a multiple of the chunk
     noisy = (clean + 0.05 * torch.randn(clean.shape, generator=generator)).clamp(0, 1)
     expected = torch.stack([kornia.metrics.ssim(noisy[i:i + 1], clean[i:i + 1], 11).mean()
                             for i in range(len(clean))])
     assert torch.allclose(ssim(noisy, clean), expected, atol=1e-6)
+    alone = torch.cat([psnr(noisy[i:i + 1], clean[i:i + 1]) for i in range(len(clean))])
+    assert torch.allclose(psnr(noisy, clean), alone)
 
 
 @pytest.mark.parametrize(("kernel", "stride", "padding"), [(8, 8, 0), (7, 2, 3)])

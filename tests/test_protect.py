@@ -118,11 +118,17 @@ def test_uint8_batches_reach_the_device_as_exactly_the_quantized_floats():
 
 
 def test_written_nes_and_fidelity_do_not_depend_on_the_batch_size(image_folder: Path, tmp_path,
-                                                                   vit_spec):
+                                                                   vit_spec, monkeypatch):
     """Batches, and the CPU's cache-sized chunks inside them, only change how the work is
     cut: the same files and the same per-image figures come out."""
-    small = protect(image_folder / "original", vit_spec, tmp_path / "small", batch_size=3,
+    from neaudit import device
+
+    monkeypatch.setattr(device, "CPU_CHUNK_VALUES", 2 * 3 * 64 * 64)  # chunks of two images
+    assert [len(range(5)[p]) for p in device.chunks(torch.zeros(5, 3, 64, 64))] == [2, 2, 1]
+    small = protect(image_folder / "original", vit_spec, tmp_path / "small", batch_size=5,
                     fidelity_images=5)
+    monkeypatch.undo()
+    assert len(device.chunks(torch.zeros(12, 3, 64, 64))) == 1
     large = protect(image_folder / "original", vit_spec, tmp_path / "large", batch_size=12,
                     fidelity_images=5)
     assert (small.out / "hashes.sha256").read_text() == (large.out / "hashes.sha256").read_text()
