@@ -1,8 +1,8 @@
 """What ``neaudit protect`` measures on the NEs it writes, per image: pixel fidelity (PSNR,
-L2, SSIM), the first-layer gain beside isotropic noise of the same energy, and, on an evenly
-spaced sample, the authorized model's agreement and logit cosine with its clean predictions
-(and the same under the noise control). Every figure is computed on the uint8 images as
-written."""
+L2, SSIM), the first-layer gain beside isotropic noise's, and, on an evenly spaced sample
+(run in batches collected across the job's), the authorized model's agreement and logit
+cosine with its clean predictions (and the same under the noise control). Every figure is
+computed on the uint8 images as written."""
 
 from __future__ import annotations
 
@@ -43,14 +43,10 @@ def fidelity_sample(count: int, size: int) -> torch.Tensor:
     return torch.linspace(0, count - 1, min(count, size)).round().long().unique()
 
 
-def measure(model: ImageClassifier, layer: FirstLayer, noise_gain: float, seed: int,
-            clean: torch.Tensor,
-            protected: torch.Tensor, floats: torch.Tensor | None, index: torch.Tensor,
-            sampled: torch.Tensor) -> pd.DataFrame:
-    """Per-image fidelity of the written NEs, beside isotropic noise (``noise_gain``:
-    :func:`neaudit.metrics.isotropic_gain`). Pixel and first-layer figures cover every
-    image; the authorized model's agreement and logit figures (and the noise control's) cover
-    the ``sampled`` items (NaN elsewhere)."""
+def measure(layer: FirstLayer, noise_gain: float, clean: torch.Tensor,
+            protected: torch.Tensor, floats: torch.Tensor | None) -> pd.DataFrame:
+    """Per-image pixel and first-layer fidelity of the written NEs, beside isotropic noise
+    (``noise_gain``: :func:`neaudit.metrics.isotropic_gain`)."""
     delta = protected - clean
     l2 = delta.flatten(1).norm(dim=1)
     response = response_norm(layer, delta)
@@ -64,19 +60,55 @@ def measure(model: ImageClassifier, layer: FirstLayer, noise_gain: float, seed: 
     }
     if floats is not None:
         frame["psnr_float"] = measured_psnr(floats, clean)
-    table = pd.DataFrame({k: v.detach().float().cpu().numpy() for k, v in frame.items()})
-    rows = torch.isin(index, sampled).nonzero().flatten()
-    if len(rows):
+    return pd.DataFrame({k: v.detach().float().cpu().numpy() for k, v in frame.items()})
+
+
+PREVIEW_BATCH = 256
+"""Sampled images collected before the authorized model runs on them: a job's batch holds a
+few of them (64 among 4096 images in batches of 256 is 4 a batch), and three forwards for each
+batch's few would cost more than the recoding on a GPU."""
+
+
+class ModelPreview:
+    """The authorized model's agreement and logit cosine on the ``sampled`` items (and under
+    the noise control: isotropic noise of the same energy, keyed by ``seed`` and the item),
+    collected across batches and run :data:`PREVIEW_BATCH` images at a time."""
+
+    def __init__(self, model: ImageClassifier, seed: int, sampled: torch.Tensor) -> None:
+        self.model, self.seed, self.sampled = model, seed, sampled
+        self.pending: list[tuple[torch.Tensor, ...]] = []
+        self.done: list[pd.DataFrame] = []
+
+    def add(self, clean: torch.Tensor, protected: torch.Tensor, floats: torch.Tensor | None,
+            index: torch.Tensor) -> None:
+        """Keep the sampled items of one batch (``index``: their item numbers)."""
+        rows = torch.isin(index, self.sampled).nonzero().flatten()
+        if not len(rows):
+            return
         picked = rows.to(clean.device)
-        gaussian = counter_normal(derive_seed(seed, "noise-control"), index[rows].to(
-            clean.device), delta[0].numel()).view(len(rows), *delta.shape[1:])
-        noisy = quantize(clean[picked] + isotropic_like(delta[picked], gaussian))
-        model_figures = _model_figures(model, clean[picked], protected[picked], noisy,
-                                        None if floats is None else floats[picked])
-        for column, values in model_figures.items():
-            table[column] = np.nan
-            table.loc[rows.numpy(), column] = values
-    return table
+        delta = protected[picked] - clean[picked]
+        gaussian = counter_normal(derive_seed(self.seed, "noise-control"),
+                                  index[rows].to(clean.device), delta[0].numel())
+        noisy = quantize(clean[picked] + isotropic_like(delta, gaussian.view_as(delta)))
+        kept = (index[rows], clean[picked], protected[picked], noisy)
+        self.pending.append(kept if floats is None else (*kept, floats[picked]))
+        if sum(len(p[0]) for p in self.pending) >= PREVIEW_BATCH:
+            self._run()
+
+    def table(self) -> pd.DataFrame:
+        """The figures of every sampled item, indexed by item number."""
+        self._run()
+        return pd.concat(self.done) if self.done else pd.DataFrame()
+
+    def _run(self) -> None:
+        if not self.pending:
+            return
+        columns = zip(*self.pending, strict=True)
+        index, clean, protected, noisy, *floats = (torch.cat(column) for column in columns)
+        self.pending = []
+        figures = _model_figures(self.model, clean, protected, noisy,
+                                 floats[0] if floats else None)
+        self.done.append(pd.DataFrame(figures, index=index.numpy()))
 
 
 def _model_figures(model: ImageClassifier, clean: torch.Tensor, protected: torch.Tensor,

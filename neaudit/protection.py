@@ -25,7 +25,7 @@ from neaudit.data import ORIGINAL_DIR, PROTECTED_DIR, SIDECAR, load_dataset
 from neaudit.dataset import ImageDataset
 from neaudit.device import chunks, resolve_device
 from neaudit.errors import NeauditError
-from neaudit.fidelity import fidelity_sample, measure
+from neaudit.fidelity import ModelPreview, fidelity_sample, measure
 from neaudit.imageio import atomic_write, quantize, sha256_file, to_uint8
 from neaudit.metrics import isotropic_gain
 from neaudit.models import split_name
@@ -189,15 +189,16 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
     while the device works on the current one; returns the per-image fidelity table and the
     SHA-256 of every PNG written."""
     device = recoding.model.mean.device
-    sampled = fidelity_sample(len(dataset), recoding.fidelity_images)
+    preview = ModelPreview(recoding.model, recoding.seed,
+                           fidelity_sample(len(dataset), recoding.fidelity_images))
     rows, written, originals = [], [], []
     with PngWriter() as writer:
         for batch in read_ahead(dataset, batch_size, pin_memory=device.type == "cuda",
                                 on_grid=True):
             clean = on_device(batch.protected, device)
             protected, floats = recoding(clean, batch.index)
-            rows.append(measure(recoding.model, recoding.layer, recoding.noise_gain,
-                                recoding.seed, clean, protected, floats, batch.index, sampled))
+            rows.append(measure(recoding.layer, recoding.noise_gain, clean, protected, floats))
+            preview.add(clean, protected, floats, batch.index)
             images = to_uint8(protected)
             # the originals as read, already uint8 on the host: nothing copied back
             clean_images = batch.protected.permute(0, 2, 3, 1).numpy() if save_originals else None
@@ -209,7 +210,7 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
             writer.write([output_path(out / PROTECTED_DIR, p) for p in paths], images)
             if save_originals:
                 writer.write([output_path(out / ORIGINAL_DIR, p) for p in paths], clean_images)
-    per_image = pd.concat(rows, ignore_index=True)
+    per_image = pd.concat(rows, ignore_index=True).join(preview.table())
     per_image.insert(0, "name", dataset.names)
     if output_format == "npz":
         _write_npz(out, dataset, np.concatenate(written),

@@ -119,11 +119,12 @@ def test_uint8_batches_reach_the_device_as_exactly_the_quantized_floats():
 
 def test_written_nes_and_fidelity_do_not_depend_on_the_batch_size(image_folder: Path, tmp_path,
                                                                    vit_spec, monkeypatch):
-    """Batches, and the CPU's cache-sized chunks inside them, only change how the work is
-    cut: the same files and the same per-image figures come out."""
-    from neaudit import device
+    """Batches, the CPU's cache-sized chunks inside them and the batches the authorized model
+    previews only change how the work is cut: the same files and figures come out."""
+    from neaudit import device, fidelity
 
     monkeypatch.setattr(device, "CPU_CHUNK_VALUES", 2 * 3 * 64 * 64)  # chunks of two images
+    monkeypatch.setattr(fidelity, "PREVIEW_BATCH", 2)
     assert [len(range(5)[p]) for p in device.chunks(torch.zeros(5, 3, 64, 64))] == [2, 2, 1]
     small = protect(image_folder / "original", vit_spec, tmp_path / "small", batch_size=5,
                     fidelity_images=5)
