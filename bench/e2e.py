@@ -129,9 +129,9 @@ def protect_once(tmp: Path, count: int, device: str, batch: int) -> None:
           f"{marginal / shared:.2f}")
 
 
-def bare_loop(data: Path, entries, device: torch.device, batch: int) -> float:
-    """The same attacks and forwards as the audit (same precision), nothing else; its time
-    includes loading the data and the models, as a user's loop would."""
+def bare_loop(data: Path, entries, device: torch.device, batch: int) -> tuple[float, float]:
+    """The same attacks and forwards as the audit (same precision), nothing else: seconds to
+    load the data and the models, as a user's loop would, and seconds for the loop itself."""
     start = time.perf_counter()
     dataset = load_dataset(data)
     cuda = device.type == "cuda"
@@ -155,7 +155,7 @@ def bare_loop(data: Path, entries, device: torch.device, batch: int) -> float:
                                     reference=shard.original, originals=original)
                 forward(get_attack(entry.attack)(protected, ctx, **dict(entry.params)))
 
-    return setup + timed(run)
+    return setup, timed(run)
 
 
 def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int) -> None:
@@ -178,7 +178,8 @@ def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int) -> N
     bare_loop(data, entries[:1], torch_device, batch)
     audit(data, ZOO[1:], authorized=ZOO[0], suite="smoke", out=tmp / "warm", device=device,
           batch_size=batch, quiet=True, score="agreement", max_images=batch)
-    bare = bare_loop(data, entries, torch_device, batch)
+    bare_setup, bare_body = bare_loop(data, entries, torch_device, batch)
+    bare = bare_setup + bare_body
     job = timed(lambda: audit(data, ZOO[1:], authorized=ZOO[0], suite=suite_file,
                               out=tmp / "run", device=device, batch_size=batch, quiet=True,
                               score="agreement"))
@@ -191,7 +192,9 @@ def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int) -> N
     print(f"  job {job:.1f} s ({units / job:,.0f} image·model evaluations/s) | bare loop "
           f"{bare:.1f} s ({units / bare:,.0f}/s) | job / bare = {job / bare:.2f}")
     phases = json.loads((tmp / "run" / "run.json").read_text())["phases"]
-    print("  job phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    print("  job phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+          + f" | bare loop: setup {bare_setup:.1f} s, loop {bare_body:.1f} s | job tasks / bare "
+          f"loop = {phases['tasks'] / bare_body:.2f}")
 
 
 def flops(device: str) -> None:

@@ -69,13 +69,15 @@ def write_table(root: Path, table: pd.DataFrame) -> None:
     atomic_write(root / "results.parquet", lambda h: table.to_parquet(h, index=False))
 
 
-def weights_hash(model: torch.nn.Module) -> str:
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
     """A short digest of a model's state dict: which weights a figure was measured with
-    (BLAKE2b; taken while the model is still on the CPU)."""
+    (BLAKE2b over the raw bytes, read in place; the tensors must stay unchanged until it
+    returns, so take ``model.state_dict()`` before moving the model)."""
     digest = hashlib.blake2b(digest_size=8)
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(raw.numpy())
     return digest.hexdigest()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -69,7 +70,12 @@ def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> W
     if recipe.decode == "device":
         dataset = replace(dataset, decode_device=device)
     models = {spec: create_model(spec, dataset.class_names) for spec in recipe.specs}
-    weights = {spec: weights_hash(model) for spec, model in models.items()}
+    # hashed in a thread while the audit works (hashlib releases the GIL): the state dicts
+    # taken here keep the CPU tensors, which moving the models to the device does not change
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="neaudit-weights")
+    weights = {spec: hashing.submit(weights_hash, model.state_dict())
+               for spec, model in models.items()}
+    hashing.shutdown(wait=False)  # the thread ends once the hashes are done
     offload = not fits_on_device(models, device)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     models = {spec: m.to(memory_format=layout) if offload else m.to(device, memory_format=layout)
@@ -80,7 +86,7 @@ def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> W
     store = ResultStore(Path(recipe.out), recipe.config)
     worker = Worker(dataset, models, recipe.authorized, store, device, recipe.seed, reference,
                     recipe.score_metric, offload)
-    worker.weights = weights
+    worker.pending_weights = weights
     return worker
 
 
@@ -149,10 +155,15 @@ class Worker:
         # what attacks cache between calls (trained denoisers, subspaces) and the L3
         # attacker's zoo of public models
         self.extras: dict = {"surrogates": models, "authorized": authorized}
-        self.weights: dict[str, str] = {}  # spec → weights_hash, taken on the CPU
+        self.pending_weights: dict[str, Future[str]] = {}  # spec → weights_hash, in a thread
         self.names: dict[str, str] = {spec: spec for spec in models}  # spec → display name
         self._shard: tuple[int, Batch] | None = None
         self._upcoming: Iterator | None = None
+
+    @property
+    def weights(self) -> dict[str, str]:
+        """Each model's :func:`neaudit.store.weights_hash` (waits for the hashing thread)."""
+        return {spec: future.result() for spec, future in self.pending_weights.items()}
 
     def attack_context(self, task_parts: Sequence[object], originals: torch.Tensor | None
                        ) -> AttackContext:

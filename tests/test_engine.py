@@ -13,6 +13,8 @@ from neaudit.data import load_dataset
 from neaudit.errors import NeauditError
 from neaudit.plan import plan
 from neaudit.protection import protect
+from neaudit.store import weights_hash
+from neaudit.zoo import create_model
 
 OTHER = "timm:convnext_atto?num_classes=10&input_size=64"
 
@@ -60,6 +62,10 @@ def test_audit_measures_retention_leakage_and_plumbing(protected, suite, tmp_pat
     manifest = json.loads((result.out / "run.json").read_text())
     assert set(manifest["phases"]) == {"setup", "tasks", "finish"}
     assert sum(manifest["phases"].values()) == pytest.approx(manifest["seconds"], abs=0.5)
+    # the weights hashed in a thread while the models moved are the weights as built
+    classes = load_dataset(protected).class_names
+    assert manifest["weights"] == {spec: weights_hash(create_model(spec, classes).state_dict())
+                                   for spec in (vit_spec, OTHER)}
     summary = result.summary
     assert summary["models"]["convnext_atto"]["worst_attack"] == "oracle_originals"
     assert set(table.model) == {"vit_small_patch16_224", "convnext_atto"}  # display names
