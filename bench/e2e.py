@@ -129,14 +129,18 @@ def protect_once(tmp: Path, count: int, device: str, batch: int) -> None:
           f"{marginal / shared:.2f}")
 
 
-def bare_loop(data: Path, entries, device: torch.device, batch: int) -> tuple[float, float]:
-    """The same attacks and forwards as the audit (same precision), nothing else: seconds to
-    load the data and the models, as a user's loop would, and seconds for the loop itself."""
+def bare_loop(data: Path, entries, device: torch.device, batch: int,
+              compile_models: bool = False) -> tuple[float, float]:
+    """The same attacks and forwards as the audit (same precision, compiled when it is),
+    nothing else: seconds to load the data and the models, as a user's loop would, and
+    seconds for the loop itself (compiling included)."""
     start = time.perf_counter()
     dataset = load_dataset(data)
     cuda = device.type == "cuda"
     layout = torch.channels_last if cuda else torch.contiguous_format
     models = [create_model(s).to(device, memory_format=layout) for s in ZOO]
+    if compile_models:
+        models = [torch.compile(m, dynamic=True) for m in models]  # as the audit does
     setup = time.perf_counter() - start
 
     def forward(images: torch.Tensor) -> None:
@@ -158,7 +162,8 @@ def bare_loop(data: Path, entries, device: torch.device, batch: int) -> tuple[fl
     return setup, timed(run)
 
 
-def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int) -> None:
+def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int,
+                compile_models: bool = False) -> None:
     data = tmp / "release"
     crops = builtin_dataset("samples", count=count, size=224).protected
     rng = np.random.default_rng(0)
@@ -178,17 +183,18 @@ def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int) -> N
     bare_loop(data, entries[:1], torch_device, batch)
     audit(data, ZOO[1:], authorized=ZOO[0], suite="smoke", out=tmp / "warm", device=device,
           batch_size=batch, quiet=True, score="agreement", max_images=batch)
-    bare_setup, bare_body = bare_loop(data, entries, torch_device, batch)
+    bare_setup, bare_body = bare_loop(data, entries, torch_device, batch, compile_models)
     bare = bare_setup + bare_body
     job = timed(lambda: audit(data, ZOO[1:], authorized=ZOO[0], suite=suite_file,
                               out=tmp / "run", device=device, batch_size=batch, quiet=True,
-                              score="agreement"))
+                              score="agreement", compile_models=compile_models))
     profiled(lambda: audit(data, ZOO[1:], authorized=ZOO[0], suite=suite_file,
                            out=tmp / "run-profiled", device=device, batch_size=batch,
                            quiet=True, score="agreement"))
     units = count * len(ZOO) * (len(entries) + 2)
     print(f"audit {count} images 224×224 × {len(ZOO)} models × {len(entries)} attacks "
-          f"({suite} without training attacks), batch {batch}, {device}:")
+          f"({suite} without training attacks), batch {batch}, {device}"
+          f"{', forwards compiled (job and bare loop)' if compile_models else ''}:")
     print(f"  job {job:.1f} s ({units / job:,.0f} image·model evaluations/s) | bare loop "
           f"{bare:.1f} s ({units / bare:,.0f}/s) | job / bare = {job / bare:.2f}")
     phases = json.loads((tmp / "run" / "run.json").read_text())["phases"]
@@ -217,6 +223,8 @@ def main() -> None:
     parser.add_argument("--writers", choices=("both", "processes", "threads"), default="both",
                         help="PNG writer kinds to time protect with")
     parser.add_argument("--profile", action="store_true", help="cProfile the two jobs")
+    parser.add_argument("--compile-models", action="store_true",
+                        help="time the audit with torch.compile'd forwards (bare loop too)")
     parser.add_argument("--zoo", help="comma-separated model specs for the audit, authorized "
                         "first (default: ResNet-50, ConvNeXt-T, ViT-S/16); small models on a "
                         "CPU show the engine's own overhead, as a fast GPU would")
@@ -230,7 +238,7 @@ def main() -> None:
             protect_bench(Path(tmp), args.images, args.device, args.batch, args.writers)
         if args.skip != "audit":
             audit_bench(Path(tmp), args.audit_images or args.images, args.device, args.suite,
-                        args.batch)
+                        args.batch, args.compile_models)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
           executor: Executor | None = None, quiet: bool = False,
           command: str | None = None, stop_after: int | None = None,
           score: str = "auto", loader_workers: int = 0, decode: str = "cpu",
-          allow_outside: bool = False) -> AuditResult:
+          allow_outside: bool = False, compile_models: bool = False) -> AuditResult:
     """Run an audit and return its table; see the module docstring for the steps.
 
     ``authorized`` defaults to the spec recorded in the dataset's ``neaudit.json``.
@@ -74,6 +74,9 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     processes (pinned memory on CUDA). ``decode="device"`` decodes JPEG inputs with nvJPEG on
     the CUDA device (opt-in: its pixels differ from libjpeg-turbo's, and the audit says so).
     ``allow_outside`` reads input files outside the dataset's folder (:mod:`neaudit.paths`).
+    ``compile_models`` runs the zoo's forwards through ``torch.compile`` (opt-in: compiling
+    takes minutes, and compiled kernels may round differently from eager ones, so the choice
+    is part of the run's identity).
     """
     started = time.time()
     entries = load_suite(suite)  # validated before any image is read
@@ -98,12 +101,13 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
         "dataset": _dataset_hash(dataset), "count": len(dataset), "models": specs,
         "names": names, "authorized": authorized, "suite": [e.label for e in entries],
         "seed": seed, "batch_size": batch_size, "score_metric": score_metric,
-        "reference": str(reference) if reference else None, "decode": decode}
+        "reference": str(reference) if reference else None, "decode": decode,
+        "compile_models": compile_models}
     recipe = WorkerRecipe(
         data if isinstance(data, ImageDataset) else str(data),
         str(originals) if originals else None, max_images, tuple(specs), authorized, str(out),
         config, str(torch_device), seed, str(reference) if reference else None,
-        any(e.threat in ("L2", "L3") for e in entries), score_metric, decode)
+        any(e.threat in ("L2", "L3") for e in entries), score_metric, decode, compile_models)
     worker = build_worker(recipe, dataset)
     worker.names = names
     tasks = plan(worker.dataset, entries, batch_size)

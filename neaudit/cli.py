@@ -83,7 +83,7 @@ def _audit(args: argparse.Namespace) -> int:
                    originals=args.originals, reference=args.reference,
                    max_images=args.max_images, quiet=args.quiet, score=args.score,
                    loader_workers=args.loader_workers, decode=args.decode,
-                   allow_outside=args.allow_outside,
+                   allow_outside=args.allow_outside, compile_models=args.compile_models,
                    command=" ".join(["neaudit", *sys.argv[1:]]))
     print(format_summary(result.summary, result.out))
     if not result.complete:
@@ -267,6 +267,9 @@ def _add_audit(sub) -> None:
     run.add_argument("--decode", choices=("cpu", "device"), default="cpu",
                      help="where JPEG inputs are decoded: cpu (libjpeg-turbo, the same pixels "
                           "on every machine) or device (nvJPEG on CUDA; flagged)")
+    run.add_argument("--compile-models", action="store_true",
+                     help="run the zoo's forwards through torch.compile (minutes of compiling "
+                          "first; part of the run's identity)")
     run.add_argument("--executor", choices=("local", "ray"), default="local")
     run.add_argument("--ray-address", help="existing Ray cluster: auto or HOST:PORT")
     run.add_argument("--ray-workers", type=int, default=2, help="Ray actors")

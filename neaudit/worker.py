@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +26,7 @@ from neaudit.attacks import (
 from neaudit.data import load_dataset
 from neaudit.dataset import Batch, ImageDataset
 from neaudit.device import resolve_device
-from neaudit.errors import DataError
+from neaudit.errors import DataError, NeauditError
 from neaudit.metrics import psnr, ssim
 from neaudit.pipeline import SpanReader
 from neaudit.plan import Task
@@ -56,6 +56,7 @@ class WorkerRecipe:
     needs_reference: bool
     score_metric: str
     decode: str = "cpu"
+    compile_models: bool = False
 
 
 def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> Worker:
@@ -77,6 +78,10 @@ def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> W
                for spec, model in models.items()}
     hashing.shutdown(wait=False)  # the thread ends once the hashes are done
     offload = not fits_on_device(models, device)
+    if offload and recipe.compile_models:
+        raise NeauditError(f"--compile-models: the zoo does not fit on {device} together, so its "
+                           "models take turns there and cannot be compiled. Fix: drop "
+                           "--compile-models, or audit fewer models at a time.")
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     models = {spec: m.to(memory_format=layout) if offload else m.to(device, memory_format=layout)
               for spec, m in models.items()}
@@ -86,6 +91,11 @@ def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> W
     store = ResultStore(Path(recipe.out), recipe.config)
     worker = Worker(dataset, models, recipe.authorized, store, device, recipe.seed, reference,
                     recipe.score_metric, offload)
+    if recipe.compile_models:  # compiled at the first forward; attacks keep the eager models
+        # with a symbolic batch size: the last shard and the nondeterminism re-run's smaller
+        # batches reuse the one compilation instead of each compiling anew
+        worker.forwards = {spec: torch.compile(model, dynamic=True)
+                           for spec, model in models.items()}
     worker.pending_weights = weights
     return worker
 
@@ -159,6 +169,8 @@ class Worker:
         self.names: dict[str, str] = {spec: spec for spec in models}  # spec → display name
         self._shard: tuple[int, Batch] | None = None
         self._upcoming: Iterator | None = None
+        # what predict() calls for each model: the model itself, or its compiled forward
+        self.forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]] = dict(models)
 
     @property
     def weights(self) -> dict[str, str]:
@@ -218,10 +230,10 @@ class Worker:
         top = []
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=cuda):
-            for model in self.models.values():
+            for spec, model in self.models.items():
                 if self.offload:
                     model.to(self.device)
-                top.append(model(images).argmax(1))
+                top.append(self.forwards[spec](images).argmax(1))
                 if self.offload:
                     model.cpu()
         stacked = torch.stack(top).cpu().numpy()

@@ -134,3 +134,30 @@ def test_prefetching_in_worker_processes_gives_the_same_table(protected, suite, 
     plain = audit(protected, [OTHER], out=tmp_path / "plain", **common).table
     ahead = audit(protected, [OTHER], out=tmp_path / "ahead", loader_workers=2, **common).table
     pd.testing.assert_frame_equal(plain, ahead)
+
+
+def test_compiled_forwards_are_part_of_the_run_identity(protected, suite, tmp_path):
+    """A run started with --compile-models is not resumed with eager forwards (their last
+    bits may differ), and the flag reaches the Python twin."""
+    from neaudit.cli import build_parser
+
+    args = build_parser().parse_args(["audit", str(protected), "--model", OTHER,
+                                      "--compile-models"])
+    assert args.compile_models
+    kwargs = dict(suite=suite, out=tmp_path / "run", score="agreement", quiet=True,
+                  max_images=8)
+    started = audit(protected, [OTHER], compile_models=True, stop_after=0, **kwargs)
+    assert started.computed_tasks == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["compile_models"]
+    with pytest.raises(NeauditError, match="different audit"):
+        audit(protected, [OTHER], **kwargs)
+
+
+@pytest.mark.slow
+def test_compiled_forwards_give_the_eager_table(protected, suite, tmp_path):
+    """torch.compile'd forwards (minutes of compiling on a CPU) predict what eager ones do."""
+    kwargs = dict(suite=suite, score="agreement", batch_size=16, quiet=True, max_images=16)
+    eager = audit(protected, [OTHER], out=tmp_path / "eager", **kwargs).table
+    compiled = audit(protected, [OTHER], out=tmp_path / "compiled", compile_models=True,
+                     **kwargs).table
+    pd.testing.assert_frame_equal(eager, compiled)
