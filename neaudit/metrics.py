@@ -92,7 +92,7 @@ def isotropic_gain(layer: FirstLayer, shape: tuple[int, int, int]) -> float:
     ‖A‖_F / sqrt(C·H·W), with A the whole stem operator (taps in the zero padding left out);
     ‖A‖_F² is the stem with squared weights applied to an image of ones, summed."""
     ones = torch.ones(1, *shape, dtype=torch.float64)
-    squared = layer.pixel_weight.double().pow(2)
+    squared = layer.pixel_weight.double().pow(2).sum(0, keepdim=True)  # one output channel
     energy = torch.nn.functional.conv2d(ones, squared, stride=layer.stride,
                                         padding=layer.padding).sum()
     return float((energy / ones.numel()).sqrt())

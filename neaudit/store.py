@@ -76,8 +76,10 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.blake2b(digest_size=8)
     for name, tensor in sorted(state.items()):
         digest.update(name.encode())
-        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        digest.update(raw.numpy())
+        tensor = tensor.detach().cpu()
+        if tensor.layout != torch.strided:  # sparse weights: their dense values
+            tensor = tensor.to_dense()
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

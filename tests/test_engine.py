@@ -161,3 +161,15 @@ def test_compiled_forwards_give_the_eager_table(protected, suite, tmp_path):
     compiled = audit(protected, [OTHER], out=tmp_path / "compiled", compile_models=True,
                      **kwargs).table
     pd.testing.assert_frame_equal(eager, compiled)
+
+
+def test_weights_hash_reads_any_stored_weights():
+    """bf16 and sparse weights are hashed (bf16 once stopped an audit), and one changed
+    value changes the hash."""
+    import torch
+
+    state = {"half": torch.ones(4, dtype=torch.bfloat16),
+             "sparse": torch.eye(3).to_sparse(), "count": torch.tensor(7)}
+    changed = {**state, "half": torch.tensor([1, 1, 1, 2], dtype=torch.bfloat16)}
+    assert weights_hash(state) == weights_hash(dict(state))
+    assert weights_hash(state) != weights_hash(changed)
