@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU run: install what the device image lacks (wheels carried in .whl/), run the
 # GPU-marked tests, then the end-to-end benchmarks beside their bare loops and floors, then
-# the audit with compiled forwards beside its compiled bare loop, then the reconstruction
-# attacks (costs and the old-vs-new table).
+# the reconstruction attacks (costs and the old-vs-new table), then the audit with compiled
+# forwards beside its compiled bare loop.
 # Usage on a GPU machine, from the repository root: bash bench/gpu.sh [quick]
 set -uo pipefail
 if [ -d .whl ]; then
@@ -15,10 +15,12 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cpus', __import__('os').cpu_count())"
 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::DeprecationWarning
-python3 bench/e2e.py --device cuda --images 4096 --audit-images 512 --suite standard --batch 256 --profile
+python3 bench/e2e.py --device cuda --images 4096 --audit-images 512 --suite standard --batch 256 \
+  --writers processes --profile
 if [ "${1:-}" != quick ]; then
-  python3 bench/e2e.py --device cuda --skip protect --audit-images 512 --suite standard \
-    --batch 256 --compile-models
   python3 bench/reconstruction.py --costs --size 224 --device cuda
   python3 bench/reconstruction.py --device cuda --out /tmp/bench-rx
+  # last: compiling three ImageNet-size models takes minutes
+  python3 bench/e2e.py --device cuda --skip protect --audit-images 512 --suite standard \
+    --batch 256 --compile-models
 fi
