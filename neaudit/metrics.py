@@ -90,7 +90,9 @@ def clean_response_norm(layer: FirstLayer, clean: torch.Tensor) -> torch.Tensor:
 def isotropic_gain(layer: FirstLayer, shape: tuple[int, int, int]) -> float:
     """The gain isotropic noise has on (C, H, W) images, exactly: sqrt(E‖W̃n‖² / E‖n‖²) =
     ‖A‖_F / sqrt(C·H·W), with A the whole stem operator (taps in the zero padding left out);
-    ‖A‖_F² is the stem with squared weights applied to an image of ones, summed."""
+    ‖A‖_F² is the stem with squared weights applied to an image of ones, summed. For a patch
+    stem tiling the image it is :attr:`neaudit.spectral.Subspace.isotropic_gain`; this one also
+    holds at borders and for the published construction, which has no subspace."""
     ones = torch.ones(1, *shape, dtype=torch.float64)
     squared = layer.pixel_weight.double().pow(2).sum(0, keepdim=True)  # one output channel
     energy = torch.nn.functional.conv2d(ones, squared, stride=layer.stride,

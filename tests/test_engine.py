@@ -173,3 +173,19 @@ def test_weights_hash_reads_any_stored_weights():
     changed = {**state, "half": torch.tensor([1, 1, 1, 2], dtype=torch.bfloat16)}
     assert weights_hash(state) == weights_hash(dict(state))
     assert weights_hash(state) != weights_hash(changed)
+
+
+def test_compiling_models_that_must_take_turns_is_refused_before_any_work(
+        protected, suite, tmp_path, monkeypatch, snapshot, capsys):
+    """A zoo too large for the device together cannot be compiled: one line, exit 2, no run
+    folder, the inputs untouched."""
+    from neaudit import worker
+
+    monkeypatch.setattr(worker, "fits_on_device", lambda models, device: False)
+    before = snapshot(protected)
+    out = tmp_path / "never"
+    code = main(["audit", str(protected), "--model", OTHER, "--suite", str(suite), "--out",
+                 str(out), "--score", "agreement", "--compile-models", "--quiet"])
+    assert code == 2 and not out.exists()
+    assert "--compile-models" in capsys.readouterr().err
+    assert snapshot(protected) == before

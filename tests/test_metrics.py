@@ -13,6 +13,7 @@ from neaudit.metrics import (
     suppression_ratio,
     wilson_interval,
 )
+from neaudit.spectral import PatchSubspace
 from neaudit.stem import FirstLayer
 
 
@@ -68,3 +69,7 @@ def test_isotropic_gain_is_the_root_mean_square_gain_of_noise(kernel, stride, pa
     noise = torch.randn(256, 3, 32, 32, generator=generator)
     drawn = first_layer_gain(layer, noise).pow(2).mean().sqrt()
     assert isotropic_gain(layer, (3, 32, 32)) == pytest.approx(float(drawn), rel=0.01)
+    if stride == kernel:  # a patch stem tiling the image: the subspace's own figure
+        space = PatchSubspace(layer)
+        assert isotropic_gain(layer, (3, 32, 32)) == pytest.approx(space.isotropic_gain,
+                                                                   rel=1e-5)
