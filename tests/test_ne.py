@@ -123,6 +123,29 @@ def test_fourier_projector_is_an_orthogonal_projection_onto_weak_directions(resn
     assert float(energy) <= float(space.singular_values[space.mask].max()) + 1e-3
 
 
+@pytest.mark.parametrize("size", [16, 18])  # an even and an odd frequency grid
+def test_fourier_projection_equals_the_dense_operators_weak_subspace(resnet_spec, size):
+    """The per-frequency projection (on the half spectrum a real image has) against the
+    whole circular operator written out as a matrix: the same weakest right singular
+    directions, whichever grid parity decides the half spectrum's self-conjugate columns."""
+    layer = first_layer(create_model(resnet_spec), (size, size))
+    space = FourierSubspace(layer, (size, size), rank=3 * size * size // 3)
+    pad = layer.padding[0]
+    dims = 3 * size * size
+    units = torch.eye(dims, dtype=torch.float64).view(dims, 3, size, size)
+    wrapped = F.pad(units, (pad, pad, pad, pad), mode="circular")
+    operator = F.conv2d(wrapped, layer.pixel_weight.double(), stride=layer.stride)
+    operator = operator.flatten(1).T  # (outputs, pixels)
+    _, sigma, vh = torch.linalg.svd(operator, full_matrices=True)
+    sigma = torch.cat([sigma, sigma.new_zeros(dims - sigma.numel())])
+    cutoff = float(space.singular_values[space.mask].max())
+    weak = vh[sigma <= cutoff * (1 + 1e-4)]
+    assert weak.shape[0] == space.rank  # no tie straddles the cut
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    dense = (x.flatten(1).double() @ weak.T @ weak).view_as(x)
+    assert torch.allclose(space.project(x).double(), dense, atol=1e-4)
+
+
 def test_reference_nes_repeat_one_tile_and_lose_fidelity_when_written(clean, vit_spec):
     torch.manual_seed(0)
     model = create_model(vit_spec)
