@@ -140,14 +140,16 @@ MAX_EXTRAPOLATION = 10.0
 
 
 def _extrapolated(violation: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
-    """Per row (dim 0) of ``projected`` = P(violation): the extrapolated repair step.
+    """Per row (dim 0) of ``projected`` = P(violation): the extrapolated repair step, written
+    over ``projected``.
 
     The factor ‖v‖²/‖Pv‖² is about d/r for a spread-out violation; it is capped so that a
     violation the subspace can barely reach (Pv ≈ 0) cannot throw δ far away.
     """
-    scale = violation.flatten(1).pow(2).sum(1) / projected.flatten(1).pow(2).sum(1).clamp_min(1e-30)
-    scale = scale.clamp(max=MAX_EXTRAPOLATION)
-    return projected * (RELAXATION * scale).view(-1, *[1] * (projected.ndim - 1))
+    ratio = (torch.linalg.vector_norm(violation.flatten(1), dim=1)
+             / torch.linalg.vector_norm(projected.flatten(1), dim=1).clamp_min(1e-15))
+    scale = ratio.square_().clamp_(max=MAX_EXTRAPOLATION).mul_(RELAXATION)
+    return projected.mul_(scale.view(-1, *[1] * (projected.ndim - 1)))
 
 
 HALF_STEP = 0.5 / 255
@@ -156,8 +158,8 @@ HALF_STEP = 0.5 / 255
 
 def _outside(values: torch.Tensor) -> torch.Tensor:
     """Per row (dim 0): does any value lie more than half a uint8 step outside [0, 1]?"""
-    low, high = values.flatten(1).aminmax(dim=1)
-    return (low < -HALF_STEP) | (high > 1 + HALF_STEP)
+    values = values.flatten(1)  # amin and amax: 4× faster than aminmax(dim=1) on a CPU
+    return (values.amin(1) < -HALF_STEP) | (values.amax(1) > 1 + HALF_STEP)
 
 
 def box_repair(space: Subspace, images: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -174,11 +176,12 @@ def box_repair(space: Subspace, images: torch.Tensor, iterations: int) -> torch.
     active = _outside(rows).nonzero().flatten()
     positions = rows[active]
     pending = torch.arange(active.numel(), device=images.device)
-    for _ in range(iterations):
-        current = positions[pending]
+    for step in range(iterations):
+        current = positions if step == 0 else positions[pending]
         violation = current.clamp(0, 1).sub_(current)
-        far = violation.abs().amax(1) > HALF_STEP
-        pending, violation = pending[far], violation[far]
+        if step > 0:  # the first step's rows are all outside: they were chosen so
+            far = torch.maximum(violation.amax(1), violation.amin(1).neg_()) > HALF_STEP
+            pending, violation = pending[far], violation[far]
         if pending.numel() == 0:
             break
         positions.index_add_(0, pending, _extrapolated(violation, space.project_rows(violation)))

@@ -44,19 +44,19 @@ def seeded(build: Callable[[], T], *parts: object) -> T:
 _MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B - (1 << 32)  # lowbias32's multipliers, as int32
 
 
-def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int32 values holding uint32 bit patterns."""
-    return (x >> bits) & ((1 << (32 - bits)) - 1)
+def _shift_(x: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """Logical right shift of int32 values holding uint32 bit patterns, into ``out``."""
+    return torch.bitwise_right_shift(x, bits, out=out).bitwise_and_((1 << (32 - bits)) - 1)
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (a 32-bit integer hash with low bias) in int32 tensor ops; multiplication
+def _mix_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (a 32-bit integer hash with low bias) in int32 tensor ops, in place (one
+    temporary for the whole hash: the noise of a batch is millions of values); multiplication
     wraps modulo 2³² the same way on every device."""
-    x = x ^ _shift(x, 16)
-    x = x * _MIX1
-    x = x ^ _shift(x, 15)
-    x = x * _MIX2
-    return x ^ _shift(x, 16)
+    shifted = torch.empty_like(x)
+    x.bitwise_xor_(_shift_(x, 16, shifted)).mul_(_MIX1)
+    x.bitwise_xor_(_shift_(x, 15, shifted)).mul_(_MIX2)
+    return x.bitwise_xor_(_shift_(x, 16, shifted))
 
 
 def _int32(value: int) -> int:
@@ -72,11 +72,11 @@ def counter_uniform(key: int, rows: torch.Tensor, count: int, stream: int = 0
     device = rows.device
     seed = torch.tensor([_int32(key), _int32(key >> 32), _int32(stream)], dtype=torch.int32,
                         device=device)
-    head = _mix(_mix(_mix(seed[0]) ^ seed[1]) ^ seed[2])
-    per_row = _mix(head ^ rows.to(torch.int32))
-    per_column = _mix(torch.arange(count, dtype=torch.int32, device=device))
-    bits = _mix(per_row[:, None] ^ per_column[None, :])
-    return (_shift(bits, 8).float() + 1.0) * 2.0**-24
+    head = _mix_(_mix_(_mix_(seed[0].clone()) ^ seed[1]) ^ seed[2])
+    per_row = _mix_(head ^ rows.to(torch.int32))
+    per_column = _mix_(torch.arange(count, dtype=torch.int32, device=device))
+    bits = _mix_(per_row[:, None] ^ per_column[None, :])
+    return _shift_(bits, 8, bits).float().add_(1.0).mul_(2.0**-24)
 
 
 def counter_normal(key: int, rows: torch.Tensor, count: int, stream: int = 0
@@ -85,6 +85,7 @@ def counter_normal(key: int, rows: torch.Tensor, count: int, stream: int = 0
     hashing is bit-identical across devices; log/cos may differ in the last float bit
     between CPU and GPU libraries."""
     half = (count + 1) // 2
-    radius = torch.sqrt(-2.0 * torch.log(counter_uniform(key, rows, half, 2 * stream)))
-    angle = (2 * math.pi) * counter_uniform(key, rows, half, 2 * stream + 1)
-    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :count]
+    radius = counter_uniform(key, rows, half, 2 * stream).log_().mul_(-2.0).sqrt_()
+    angle = counter_uniform(key, rows, half, 2 * stream + 1).mul_(2 * math.pi)
+    return torch.cat([torch.cos(angle).mul_(radius), angle.sin_().mul_(radius)],
+                     dim=1)[:, :count]
