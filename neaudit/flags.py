@@ -18,7 +18,7 @@ from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, UNAUTHORIZED
 FLAG_NAMES = ("random_init_model", "degenerate_model", "wrong_preprocessing", "authorized_failing",
               "nominal_vs_measured", "lossy_or_altered_input", "trivial_break",
               "too_few_samples", "nondeterminism", "missing_threat_levels",
-              "device_decoding")
+              "device_decoding", "exposed_key")
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,22 @@ def _missing_threat_levels(run: _Run) -> Iterator[Flag]:
             "Run the adaptive suite (with clean reference data for L2 and a zoo for L3).")
 
 
+def _exposed_key(run: _Run) -> Iterator[Flag]:
+    source = run.diagnostics.get("exposed_key")
+    if source is None:
+        return
+    how = ("neaudit.json records the noise key (protect --store-key)" if source == "stored" else
+           "this release's neaudit.json comes from a protect that used the recorded seed as the "
+           "noise key unless --key was given")
+    yield Flag(
+        "exposed_key", f"{how}: whoever holds the file can regenerate each image's noise and "
+        "subtract it, an attack none of the figures below covers.",
+        "Re-protect without --store-key (the key is then drawn at random and not recorded), or "
+        "keep neaudit.json out of the release; if that release was written with its own secret "
+        "--key, drop exposed_key from the policy's fail_on.")
+
+
 CHECKS: tuple[Check, ...] = (
     _random_init_models, _degenerate_models, _near_chance, _authorized_failing,
     _nominal_vs_measured, _input_files, _trivial_break, _too_few_samples, _nondeterminism,
-    _missing_threat_levels)
+    _missing_threat_levels, _exposed_key)

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import math
+import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -65,8 +66,11 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
             fidelity_images: int = FIDELITY_IMAGES) -> ProtectResult:
     """Recode ``data`` into NEs for ``authorized`` and write them under ``out``.
 
-    ``key`` seeds the noise inside the subspace (defaults to ``seed``); it is recorded in
-    the sidecar only with ``store_key=True``. For ``reference``, ``psnr`` is the paper's
+    ``key`` seeds the noise inside the subspace. It must stay secret: anyone who has it can
+    regenerate each image's noise and subtract it. Without one, a fresh key is drawn from the
+    operating system's random source (two runs then write different NEs; pass ``key`` to
+    repeat a release). It is recorded in the sidecar only with ``store_key=True``; ``seed``
+    (recorded) drives only the measurement's own draws. For ``reference``, ``psnr`` is the paper's
     *nominal* PSNR; the measured one is reported next to it. ``l2`` (``subspace``) sets the
     strength as the L2 norm of each written perturbation in [0, 1] pixel units instead, the
     convention of L2 robustness benchmarks. ``patch_fraction`` < 1 (``subspace``, patch
@@ -101,7 +105,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     if patch_fraction < 1.0 and (space is None or layer.overlapping):
         raise NeauditError(f"--patch-fraction applies to the subspace method on a patch stem; "
                            f"{model.name} with --method {method} has none. Fix: drop the option.")
-    noise_key = seed if key is None else key
+    noise_key = secrets.randbits(63) if key is None else key
     recoding = _Recoding(model, layer, space, method, psnr, noise_key, seed, tau,
                          patch_fraction, fidelity_images, isotropic_gain(layer, (3, *size)))
     per_image, digests = _recode_all(dataset, recoding, out, names, batch_size,
@@ -115,6 +119,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         "tau": tau if method == "reference" else None,
         "patch_fraction": patch_fraction if method == "subspace" else None,
         "seed": seed, "key": noise_key if store_key else None, "key_stored": store_key,
+        "key_source": "random" if key is None else "given",
         "image_size": list(size), "fidelity_images": min(fidelity_images, len(dataset)),
     }
     sidecar = _sidecar(out, dataset, model, method, params, summary, names, digests)

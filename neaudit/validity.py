@@ -52,7 +52,20 @@ def diagnostics(worker: Worker, records: list[dict], tasks: list[Task]) -> dict:
         "files": file_checks(dataset),
         "nondeterministic_tasks": rerun(tasks, worker),
         "device_decoded_jpegs": device_decoded_jpegs(dataset),
+        "exposed_key": exposed_key(dataset.sidecar),
     }
+
+
+def exposed_key(sidecar: dict | None) -> str | None:
+    """How the release's noise key can be read off its ``neaudit.json``: ``"stored"``
+    (``protect --store-key``), ``"seed"`` (written before ``protect`` drew secret keys, when
+    the key was the recorded seed unless ``--key`` was given), or None (not recorded)."""
+    params = (sidecar or {}).get("params") or {}
+    if params.get("key") is not None:
+        return "stored"
+    if "seed" in params and "key_source" not in params:
+        return "seed"
+    return None
 
 
 def device_decoded_jpegs(dataset: ImageDataset) -> int:

@@ -20,6 +20,7 @@ from neaudit.demo import digits_test_set
 from neaudit.errors import NeauditError
 from neaudit.protection import protect
 from neaudit.reporting import render_report
+from neaudit.validity import exposed_key
 
 OTHERS = ["demo:convmixer", "demo:small_cnn"]
 
@@ -112,6 +113,25 @@ def test_nominal_vs_measured_flag(release, tmp_path):
     measured = table[(table.metric == "psnr") & (table.attack == "none")].value.iloc[0]
     assert "recorded PSNR in neaudit.json is 35.0 dB" in message
     assert f"({measured - 35:+.1f} dB)" in message
+
+
+def test_exposed_key_flag_fails_a_release_whose_sidecar_gives_the_key_away(release, tmp_path):
+    """A recorded key lets anyone regenerate and subtract the noise (tests/test_protect.py
+    shows the alignment): flagged, and failing under the default policy. So is a sidecar from
+    before protect drew secret keys, whose key was the recorded seed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(release, copy)
+    sidecar = json.loads((copy / "neaudit.json").read_text())
+    assert exposed_key(sidecar) is None  # drawn at random, recorded nowhere
+    sidecar["params"]["key"] = 1234
+    (copy / "neaudit.json").write_text(json.dumps(sidecar))
+    result = _audit(copy, tmp_path, 'min_authorized_retention = 0.5\nfail_on = ["exposed_key"]\n')
+    flag = _flags(result)["exposed_key"][0]
+    assert "records the noise key" in flag.message and flag.failing
+    assert result.report.verdict == "FAIL"  # the same release passes with its key kept secret
+    assert any(f.name == "exposed_key" and f.failing for f in render_report(result.out).flags)
+    legacy = {k: v for k, v in sidecar["params"].items() if k != "key_source"} | {"key": None}
+    assert exposed_key({"params": legacy}) == "seed"
 
 
 def test_lossy_and_altered_input_flags(release, tmp_path):

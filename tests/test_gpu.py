@@ -51,8 +51,8 @@ def test_audit_on_cuda_matches_cpu(tmp_path):
 @pytest.mark.parametrize("spec", ["timm:vit_small_patch16_224?img_size=64&num_classes=10",
                                   "timm:resnet50?num_classes=10&input_size=64"])
 def test_ne_recoding_on_cuda_matches_cpu(spec, tmp_path):
-    cpu = protect("builtin:samples", spec, tmp_path / "cpu", device="cpu").summary
-    gpu = protect("builtin:samples", spec, tmp_path / "gpu", device="cuda").summary
+    cpu = protect("builtin:samples", spec, tmp_path / "cpu", device="cpu", key=0).summary
+    gpu = protect("builtin:samples", spec, tmp_path / "gpu", device="cuda", key=0).summary
     assert abs(cpu["psnr"] - gpu["psnr"]) < 0.05
     assert abs(cpu["gain"] / cpu["isotropic_gain"] - gpu["gain"] / gpu["isotropic_gain"]) < 0.005
     assert abs(cpu["agreement"] - gpu["agreement"]) <= 1 / 32
@@ -114,8 +114,8 @@ def test_counter_noise_and_written_nes_are_the_same_on_cpu_and_cuda(tmp_path):
     assert torch.equal(counter_uniform(7, rows, 999), counter_uniform(7, rows.cuda(), 999).cpu())
     assert (cpu - gpu).abs().max() < 1e-5
     spec = "timm:vit_small_patch16_224?img_size=64&num_classes=10"
-    protect("builtin:samples", spec, tmp_path / "cpu", device="cpu")
-    protect("builtin:samples", spec, tmp_path / "gpu", device="cuda")
+    protect("builtin:samples", spec, tmp_path / "cpu", device="cpu", key=0)
+    protect("builtin:samples", spec, tmp_path / "gpu", device="cuda", key=0)
     a = torch.stack([read_image(p) for p in sorted((tmp_path / "cpu").rglob("*.png"))])
     b = torch.stack([read_image(p) for p in sorted((tmp_path / "gpu").rglob("*.png"))])
     differ = (a != b).float().mean().item()

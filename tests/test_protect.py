@@ -12,7 +12,11 @@ from neaudit.cli import main
 from neaudit.data import load_dataset
 from neaudit.errors import NeauditError
 from neaudit.imageio import read_image, sha256_file
+from neaudit.ne import noise_key
 from neaudit.protection import protect
+from neaudit.spectral import low_sensitivity_subspace
+from neaudit.stem import first_layer
+from neaudit.zoo import create_model
 
 
 def test_protect_writes_pngs_sidecar_and_measures_what_it_wrote(image_folder: Path, tmp_path,
@@ -41,9 +45,37 @@ def test_protect_writes_pngs_sidecar_and_measures_what_it_wrote(image_folder: Pa
     assert result.summary["agreement"] >= result.summary["noise_agreement"]
 
 
-def test_key_is_not_stored_unless_asked(tmp_path, vit_spec):
-    result = protect("builtin:samples", vit_spec, tmp_path / "a", key=5)
-    assert result.sidecar["params"]["key"] is None and not result.sidecar["params"]["key_stored"]
+def test_the_noise_key_is_secret_unless_given(tmp_path, vit_spec):
+    """Without a key every run draws its own and records none; a given key repeats the
+    release and is recorded only when asked. Whoever holds the key regenerates each image's
+    noise: the written perturbations point along it (another key's noise is orthogonal), which
+    is why the audit fails a release whose neaudit.json gives the key away."""
+    drawn = [protect("builtin:samples", vit_spec, tmp_path / name, fidelity_images=2)
+             for name in ("a", "b")]
+    assert all(r.sidecar["params"]["key"] is None and r.sidecar["params"]["key_source"] ==
+               "random" for r in drawn)
+    assert (tmp_path / "a" / "hashes.sha256").read_text() != (
+        tmp_path / "b" / "hashes.sha256").read_text()
+    given = [protect("builtin:samples", vit_spec, tmp_path / name, key=5, fidelity_images=2,
+                     save_originals=True) for name in ("c", "d")]
+    params = given[0].sidecar["params"]
+    assert params["key"] is None and not params["key_stored"] and params["key_source"] == "given"
+    assert (tmp_path / "c" / "hashes.sha256").read_text() == (
+        tmp_path / "d" / "hashes.sha256").read_text()
+
+    batch = next(load_dataset(tmp_path / "c").batches(64))
+    delta = (batch.protected - batch.original).flatten(1)
+    space = low_sensitivity_subspace(first_layer(create_model(vit_spec)), (64, 64))
+    # the item numbers the noise was keyed by: the files' order in hashes.sha256
+    listed = [line.split("  ")[1].removeprefix("protected/")
+              for line in (tmp_path / "c" / "hashes.sha256").read_text().splitlines()]
+    index = torch.tensor([listed.index(name) for name in batch.names])
+
+    def alignment(key: int) -> torch.Tensor:
+        noise = space.sample(batch.protected.shape, noise_key(key), index)
+        return torch.nn.functional.cosine_similarity(delta, noise.flatten(1), dim=1)
+
+    assert alignment(5).mean() > 0.5 and alignment(6).abs().mean() < 0.1
 
 
 def test_npz_output_and_reference_method(tmp_path, vit_spec):
@@ -127,11 +159,11 @@ def test_written_nes_and_fidelity_do_not_depend_on_the_batch_size(image_folder: 
     monkeypatch.setattr(fidelity, "PREVIEW_BATCH", 2)
     assert [len(range(5)[p]) for p in device.chunks(torch.zeros(5, 3, 64, 64))] == [2, 2, 1]
     small = protect(image_folder / "original", vit_spec, tmp_path / "small", batch_size=5,
-                    fidelity_images=5)
+                    fidelity_images=5, key=3)
     monkeypatch.undo()
     assert len(device.chunks(torch.zeros(12, 3, 64, 64))) == 1
     large = protect(image_folder / "original", vit_spec, tmp_path / "large", batch_size=12,
-                    fidelity_images=5)
+                    fidelity_images=5, key=3)
     assert (small.out / "hashes.sha256").read_text() == (large.out / "hashes.sha256").read_text()
     pd.testing.assert_frame_equal(small.per_image, large.per_image, rtol=1e-5)
     assert small.per_image["agreement"].notna().sum() == 5
