@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU run: install what the device image lacks (wheels carried in .whl/), run the
 # GPU-marked tests, then the recoding kernels, then the end-to-end benchmarks beside their bare
-# loops and floors, then the reconstruction attacks (costs and the old-vs-new table), then the audit with compiled
-# forwards beside its compiled bare loop.
+# loops and floors, then the reconstruction attacks (costs and the old-vs-new table), then the
+# audit with compiled forwards beside its compiled bare loop.
 # Usage on a GPU machine, from the repository root: bash bench/gpu.sh [quick]
 set -uo pipefail
 if [ -d .whl ]; then
@@ -12,17 +12,19 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
+# each step prints when it starts, so a run cut short by the device budget shows what it reached
+step() { echo "== $(date +%T) $*"; "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cpus', __import__('os').cpu_count())"
-python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::DeprecationWarning
+step python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore::DeprecationWarning
 # recoding kernels alone: ViT-B/16 (target 10,000 img/s) and ResNet-50 (3,000)
-python3 bench/protect.py --device cuda --images 4096 --batch 256 --skip-writing
-python3 bench/e2e.py --device cuda --images 4096 --audit-images 512 --suite standard --batch 256 \
+step python3 bench/protect.py --device cuda --images 4096 --batch 256 --skip-writing
+step python3 bench/e2e.py --device cuda --images 4096 --audit-images 512 --suite standard --batch 256 \
   --writers processes --profile
 if [ "${1:-}" != quick ]; then
-  python3 bench/reconstruction.py --costs --size 224 --device cuda
-  python3 bench/reconstruction.py --device cuda --out /tmp/bench-rx
+  step python3 bench/reconstruction.py --costs --size 224 --device cuda
+  step python3 bench/reconstruction.py --device cuda --out /tmp/bench-rx
   # last: compiling three ImageNet-size models takes minutes
-  python3 bench/e2e.py --device cuda --skip protect --audit-images 512 --suite standard \
+  step python3 bench/e2e.py --device cuda --skip protect --audit-images 512 --suite standard \
     --batch 256 --compile-models
 fi
