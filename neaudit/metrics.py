@@ -118,8 +118,13 @@ def score_ratio(score: float, clean_score: float) -> float:
 
 
 def above_chance(score: float, clean_score: float, chance: float) -> float:
-    """(score − chance) / (clean score − chance): 0 at chance, 1 at the clean level."""
-    return score_ratio(score - chance, clean_score - chance)
+    """(score − chance) / (clean score − chance): 0 at chance, 1 at the clean level. NaN
+    where the clean score is not above chance: there is no way back to measure a share of
+    (a negative denominator would turn a model below chance into "100% recovered", its
+    interval upside down)."""
+    if not clean_score > chance:
+        return math.nan
+    return (score - chance) / (clean_score - chance)
 
 
 def slc_auc(fractions: list[float], protected: list[float], clean: list[float]) -> float:

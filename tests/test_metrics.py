@@ -30,6 +30,8 @@ def test_ratios():
     assert score_ratio(0.45, 0.9) == pytest.approx(0.5)
     assert above_chance(0.1, 0.9, 0.1) == pytest.approx(0.0)
     assert above_chance(0.9, 0.9, 0.1) == pytest.approx(1.0)
+    # a clean score at or below chance leaves nothing to recover a share of
+    assert math.isnan(above_chance(0.0, 0.0, 0.5)) and math.isnan(above_chance(0.5, 0.5, 0.5))
     assert math.isnan(score_ratio(0.3, 0.0))
     assert suppression_ratio(0.72, [0.016, 0.01]) == pytest.approx(45.0)
 
