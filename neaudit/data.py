@@ -40,6 +40,8 @@ from neaudit.paths import inside
 SIDECAR = "neaudit.json"
 PROTECTED_DIR = "protected"
 ORIGINAL_DIR = "original"
+RELEASE_NPZ = "protected.npz"
+"""What ``neaudit protect --format npz`` writes beside its sidecar, instead of image folders."""
 
 
 def load_dataset(path: str | Path, originals: str | Path | None = None,
@@ -63,6 +65,8 @@ def load_dataset(path: str | Path, originals: str | Path | None = None,
             return _load_manifest(path, resize, allow_outside)
         raise DataError(f"{path}: unsupported file type '{suffix}'. Fix: give a folder of "
                         "images, an .npz, or a .csv/.parquet manifest.")
+    if (path / RELEASE_NPZ).is_file() and (read_sidecar(path) or {}).get("format") == "npz":
+        return _load_npz(path / RELEASE_NPZ, resize)  # a release protect wrote as arrays
     return _load_folder(path, Path(originals) if originals else None, resize, allow_outside)
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from neaudit._version import __version__
-from neaudit.data import ORIGINAL_DIR, PROTECTED_DIR, SIDECAR, load_dataset
+from neaudit.data import ORIGINAL_DIR, PROTECTED_DIR, RELEASE_NPZ, SIDECAR, load_dataset
 from neaudit.dataset import ImageDataset
 from neaudit.device import chunks, resolve_device
 from neaudit.errors import NeauditError
@@ -271,7 +271,7 @@ def _write_npz(out: Path, dataset: ImageDataset, protected: np.ndarray,
     def write(handle: io.BufferedWriter) -> None:
         np.savez_compressed(handle, **arrays)
 
-    atomic_write(out / "protected.npz", write)
+    atomic_write(out / RELEASE_NPZ, write)
 
 
 def _sidecar(out: Path, dataset: ImageDataset, model: ImageClassifier, method: str,
@@ -283,7 +283,7 @@ def _sidecar(out: Path, dataset: ImageDataset, model: ImageClassifier, method: s
         files = [out / PROTECTED_DIR / name for name in names]
         lines = [f"{digests[f]}  {f.relative_to(out).as_posix()}" for f in files]
     else:
-        npz = out / "protected.npz"
+        npz = out / RELEASE_NPZ
         lines = [f"{sha256_file(npz)}  {npz.relative_to(out).as_posix()}"]
     hashes = "\n".join(lines) + "\n"
     atomic_write(out / "hashes.sha256", lambda h: h.write(hashes.encode()))

@@ -88,6 +88,11 @@ def test_npz_output_and_reference_method(tmp_path, vit_spec):
     # measured far below nominal, and materializing as uint8 changes what the model sees
     assert summary["psnr_float"] < 10 and summary["psnr"] > summary["psnr_float"]
     assert result.sidecar["params"]["psnr_is_nominal"]
+    # the release folder loads as the arrays it holds, with its sidecar, as the .npz itself
+    release, archive = load_dataset(tmp_path / "r"), load_dataset(tmp_path / "r" / "protected.npz")
+    assert release.sidecar["format"] == "npz" and release.has_originals
+    assert np.array_equal(release.protected, archive.protected)
+    assert release.sidecar == archive.sidecar
 
 
 def test_protect_refuses_to_write_into_its_input(image_folder: Path, vit_spec):
