@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -356,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except NeauditError as exc:
         return _fail(f"neaudit: error: {exc}", 2)
+    except BrokenPipeError:  # the reader of stdout went away (`neaudit zoo list | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 128 + signal.SIGPIPE
     except OSError as exc:  # a disk full, read-only or missing while reading or writing
         where = f"{exc.filename}: " if exc.filename else ""
         return _fail(f"neaudit: error: {where}{exc.strerror or exc}. Fix: check the path, its "

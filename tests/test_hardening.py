@@ -355,3 +355,17 @@ def test_a_full_disk_is_one_line_that_says_a_rerun_resumes(inputs, tmp_path, cap
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert "No space left on device" in err and "re-running the same command resumes" in err
     assert str(tmp_path / "run") in err
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly():
+    """`neaudit zoo list | head -1`: when the reader of stdout goes away, the command stops
+    with the shell's SIGPIPE status and no bogus disk-error line."""
+    import signal
+    import subprocess
+    import sys
+
+    command = subprocess.Popen([sys.executable, "-m", "neaudit.cli", "zoo", "list"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command.stdout.close()  # before the command has written anything
+    _, errors = command.communicate(timeout=60)
+    assert command.returncode == 128 + signal.SIGPIPE and errors == b""
