@@ -73,7 +73,8 @@ class Policy:
         known, every threshold a finite number, every list of known names."""
         path = Path(path) if path else DEFAULT_POLICY
         if not path.is_file():
-            raise NeauditError(f"policy file {path} does not exist. Fix: give the path of a "
+            problem = "is not a regular file" if path.exists() else "does not exist"
+            raise NeauditError(f"policy file {path} {problem}. Fix: give the path of a "
                                "policy TOML, or leave --policy out for the default.")
         try:
             raw = tomllib.loads(path.read_text())
