@@ -182,7 +182,8 @@ def _zoo(args: argparse.Namespace) -> int:
     print(f"{model.name}: stem '{layer.module_name}' {m}×{d} kernel {layer.kernel} "
           f"stride {layer.stride} padding {layer.padding} "
           f"({'overlapping' if layer.overlapping else 'non-overlapping'})")
-    print(f"  input size {size}, mean {layer.mean.tolist()}, std {layer.std.tolist()}")
+    mean, std = ([round(v, 4) for v in t.tolist()] for t in (layer.mean, layer.std))
+    print(f"  input size {size}, mean {mean}, std {std}")
     print(f"  subspace rank {space.rank}: min gain {space.min_gain:.4g} vs isotropic "
           f"{space.isotropic_gain:.4g}")
     return 0

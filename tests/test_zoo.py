@@ -157,3 +157,16 @@ def test_zoo_list_marks_which_models_load_offline(tmp_path):
     assert checked["demo:patch_cnn"] == "loads"
     assert checked["open_clip:ViT-B-32?pretrained=openai"].startswith("fails")
     assert checked["timm:convnext_tiny.fb_in1k?pretrained=true"].startswith("fails")
+
+
+def test_zoo_inspect_prints_the_stem_and_its_subspace(capsys, vit_spec):
+    from neaudit.cli import main
+
+    assert main(["zoo", "inspect", vit_spec]) == 0
+    out = capsys.readouterr().out
+    assert "stem 'patch_embed.proj' 384×768 kernel (16, 16)" in out and "(non-overlapping)" in out
+    assert "subspace rank 384: min gain 0 vs isotropic" in out  # a 384×768 stem: a null space
+    assert main(["zoo", "inspect", "timm:resnet18?num_classes=10&input_size=32"]) == 0
+    out = capsys.readouterr().out
+    assert "(overlapping)" in out and "mean [0.485, 0.456, 0.406]" in out  # rounded for reading
+    assert main(["zoo", "inspect", "timm:no_such_model"]) == 2
