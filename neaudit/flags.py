@@ -136,6 +136,13 @@ def _input_files(run: _Run) -> Iterator[Flag]:
             f"hashes written by neaudit protect (e.g. {files['altered_example']}): they were "
             "re-encoded, resampled or edited after protection.",
             "Re-run neaudit protect, or audit exactly the files in hashes.sha256.")
+    if files.get("unlisted"):
+        yield Flag(
+            "lossy_or_altered_input", f"{files['unlisted']} protected file(s) are not in the "
+            f"hashes written by neaudit protect (e.g. {files['unlisted_example']}): they were "
+            "added or renamed after protection, and may not be protected at all.",
+            "Re-run neaudit protect on the whole release, or audit exactly the files in "
+            "hashes.sha256.")
     decoded = run.diagnostics.get("device_decoded_jpegs") or 0
     if decoded:
         yield Flag(

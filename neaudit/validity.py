@@ -6,6 +6,8 @@ other figures when re-run, and files decoded on the GPU. Stored as ``diagnostics
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from neaudit.attacks import DATASET
@@ -78,8 +80,9 @@ def device_decoded_jpegs(dataset: ImageDataset) -> int:
 
 
 def file_checks(dataset: ImageDataset, limit: int = HASHED_FILES) -> dict:
-    """Lossy formats among the protected files, and files whose hash differs from the
-    ``hashes.sha256`` that ``neaudit protect`` wrote (a deterministic sample of ``limit``)."""
+    """Lossy formats among the protected files, files whose hash differs from the
+    ``hashes.sha256`` that ``neaudit protect`` wrote (a deterministic sample of ``limit``),
+    and files it does not list (added after protection: perhaps not protected at all)."""
     if isinstance(dataset.protected, np.ndarray):
         return {}
     files = dataset.protected
@@ -95,7 +98,11 @@ def file_checks(dataset: ImageDataset, limit: int = HASHED_FILES) -> dict:
         wanted = {str(f.relative_to(root)): f for f in sample if f.is_relative_to(root)}
         altered = [str(path) for name, path in wanted.items()
                    if name in recorded and sha256_file(path) != recorded[name]]
-        out.update(altered=len(altered), altered_example=altered[0] if altered else None)
+        prefix = f"{root}{os.sep}"  # string tests: a release may hold a million files
+        unlisted = [str(f) for f in files
+                    if not str(f).startswith(prefix) or str(f)[len(prefix):] not in recorded]
+        out.update(altered=len(altered), altered_example=altered[0] if altered else None,
+                   unlisted=len(unlisted), unlisted_example=unlisted[0] if unlisted else None)
     return out
 
 

@@ -155,6 +155,18 @@ def test_lossy_and_altered_input_flags(release, tmp_path):
     result = _audit(altered, tmp_path / "b")
     messages = [f.message for f in _flags(result)["lossy_or_altered_input"]]
     assert any("1 protected file(s) differ" in m and victim.name in m for m in messages)
+    assert not any("not in the hashes" in m for m in messages)
+
+    # a clean image slipped into the release after protection
+    added = tmp_path / "added"
+    shutil.copytree(release, added)
+    clean = sorted((added / "original").rglob("*.png"))[3]
+    for folder in ("protected", "original"):
+        shutil.copy(clean, added / folder / clean.parent.name / "zz-added.png")
+    result = _audit(added, tmp_path / "c")
+    messages = [f.message for f in _flags(result)["lossy_or_altered_input"]]
+    assert any("1 protected file(s) are not in the hashes" in m and "zz-added.png" in m
+               for m in messages)
 
 
 def test_trivial_break_and_too_few_samples(release, tmp_path):
