@@ -100,7 +100,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         dataset = replace(dataset, resize=size)
     layer = first_layer(model, size)
     if l2 is not None:  # the PSNR of a perturbation with this norm: one target for every image
-        psnr = 10 * math.log10(3 * size[0] * size[1] / l2**2)
+        psnr = _l2_psnr(l2, size)
     space = low_sensitivity_subspace(layer, size, rank, threshold) if method == "subspace" else None
     if patch_fraction < 1.0 and (space is None or layer.overlapping):
         raise NeauditError(f"--patch-fraction applies to the subspace method on a patch stem; "
@@ -150,6 +150,21 @@ def _check_options(method: str, psnr: float, l2: float | None, rank: int | None,
         raise NeauditError(f"unknown format '{output_format}'. Fix: use png or npz.")
     if batch_size < 1:
         raise NeauditError(f"--batch-size {batch_size}: must be at least 1.")
+
+
+def _l2_psnr(l2: float, size: tuple[int, int]) -> float:
+    """The measured PSNR of an RGB perturbation with L2 norm ``l2`` on ``size`` images;
+    refused outside (0, MAX_PSNR] like ``--psnr`` (a smaller norm than uint8 rounding allows
+    would write copies of the originals)."""
+    pixels = 3 * size[0] * size[1]
+    psnr = 10 * math.log10(pixels / l2**2)
+    if not 0 < psnr <= MAX_PSNR:
+        low, high = math.sqrt(pixels / 10 ** (MAX_PSNR / 10)), math.sqrt(pixels)
+        raise NeauditError(f"--l2 {l2:g}: on {size[0]}×{size[1]} images that is a PSNR of "
+                           f"{psnr:.1f} dB, outside (0, {MAX_PSNR:g}] dB. Fix: give an L2 norm "
+                           f"between {low:.3g} and {high:.3g} (below the first, uint8 rounding "
+                           "alone is as large as the noise).")
+    return psnr
 
 
 @dataclass(frozen=True)
