@@ -7,6 +7,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from neaudit.cli import main
@@ -65,8 +66,6 @@ def test_report_verdict_matches_policy_and_everything_is_escaped(tmp_path):
     policy = Policy.load(policy_file(tmp_path, 0.5))
     result = render_report(run, policy)
     html = result.html.read_text()
-    import pandas as pd
-
     table = pd.read_parquet(run / "results.parquet")
     worst = table[(table.metric == "leakage") & (table.role == "unauthorized")].value.max()
     assert worst == pytest.approx(60 / 90)  # the median attack breaks it
@@ -129,6 +128,14 @@ def test_diff_reports_flipped_criteria_and_moves(tmp_path, capsys):
     assert diff_runs(other, b, policy_file(tmp_path, 0.5)).html != result.html
     assert main(["diff", str(a), str(b), "--policy", str(policy_file(tmp_path, 0.5))]) == 0
     assert "FLIPPED max_leakage" in capsys.readouterr().out
+    # a criterion only one run could evaluate is listed as such, not left out
+    table = pd.read_parquet(b / "results.parquet")
+    table[table.family != "preprocess"].to_parquet(b / "results.parquet")
+    result = diff_runs(a, b, policy_file(tmp_path, 0.5))
+    dropped = result.criteria.set_index("criterion").loc["min_authorized_retention [preprocess]"]
+    assert dropped.passed_a and dropped.passed_b is None and not dropped.flipped
+    assert "min_authorized_retention [preprocess]: 0.944 (PASS) → not evaluated" in result.text()
+    assert "not evaluated</td>" in result.html.read_text()
 
 
 def test_report_terminal_junit_and_diff_agree_on_a_run_failed_by_a_flag(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from neaudit.reporting import _environment, load_run
 class DiffResult:
     verdicts: tuple[str, str]
     failing_flags: tuple[list[str], list[str]]  # flags the policy fails on, per run
-    criteria: pd.DataFrame  # criterion, a, b, passed_a, passed_b, flipped
+    criteria: pd.DataFrame  # criterion, a, b, passed_a, passed_b (None: not evaluated), flipped
     moves: pd.DataFrame  # model, attack, metric, a, b, change
     html: Path
 
@@ -28,14 +29,19 @@ class DiffResult:
                 lines.append(f"  flags failing run {run}: {', '.join(names)}")
         for row in self.criteria.itertuples():
             mark = "FLIPPED " if row.flipped else ""
-            before = "PASS" if row.passed_a else "FAIL"
-            after = "PASS" if row.passed_b else "FAIL"
-            lines.append(f"  {mark}{row.criterion}: {row.a:.3f} ({before}) → {row.b:.3f} ({after})")
+            lines.append(f"  {mark}{row.criterion}: {_outcome(row.a, row.passed_a)} → "
+                         f"{_outcome(row.b, row.passed_b)}")
         lines.append("largest moves (b − a):")
         for row in self.moves.head(10).itertuples():
             lines.append(f"  {row.metric:<18} {row.change:+.3f}  {row.model} under {row.attack}")
         lines.append(f"html: {self.html}")
         return "\n".join(lines)
+
+
+def _outcome(observed: float, passed: bool | None) -> str:
+    if passed is None:
+        return "not evaluated"
+    return f"{observed:.3f} ({'PASS' if passed else 'FAIL'})"
 
 
 def _path_key(run: Path) -> str:
@@ -52,11 +58,18 @@ def diff_runs(run_a: str | Path, run_b: str | Path, policy: str | Path | None = 
     judged_a, judged_b = policy_obj.judge(table_a, summary_a), policy_obj.judge(table_b, summary_b)
     crit_a = {c.title: c for c in judged_a.criteria}
     crit_b = {c.title: c for c in judged_b.criteria}
+    # every criterion either run evaluated: one that only one run could evaluate (a learning
+    # attack dropped from the suite, say) is a change a reviewer must see, not a missing row
+    names = [*crit_a, *(name for name in crit_b if name not in crit_a)]
     criteria = pd.DataFrame([
-        {"criterion": name, "a": crit_a[name].observed, "b": crit_b[name].observed,
-         "passed_a": crit_a[name].passed, "passed_b": crit_b[name].passed,
-         "flipped": crit_a[name].passed != crit_b[name].passed}
-        for name in crit_a if name in crit_b])
+        {"criterion": name,
+         "a": crit_a[name].observed if name in crit_a else math.nan,
+         "b": crit_b[name].observed if name in crit_b else math.nan,
+         "passed_a": crit_a[name].passed if name in crit_a else None,
+         "passed_b": crit_b[name].passed if name in crit_b else None,
+         "flipped": name in crit_a and name in crit_b
+         and crit_a[name].passed != crit_b[name].passed}
+        for name in names], columns=["criterion", "a", "b", "passed_a", "passed_b", "flipped"])
     keys = ["model", "attack", "metric"]
     wanted = ["leakage", "utility_retention"]
     merged = table_a[table_a.metric.isin(wanted)][keys + ["value"]].merge(
