@@ -28,11 +28,15 @@ _EXPORTS = {
     "create_model": "neaudit.zoo", "wrap": "neaudit.zoo",
 }
 _RENAMED = {"report": "render_report", "diff": "diff_runs"}
+_SUBMODULES = ("demo",)
+"""Modules reached as attributes (``neaudit.demo.demo(...)``) without importing them first."""
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
 def __getattr__(name: str) -> object:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"neaudit.{name}")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'neaudit' has no attribute {name!r}")
     module = importlib.import_module(_EXPORTS[name])

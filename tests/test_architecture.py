@@ -118,3 +118,15 @@ def test_help_listing_and_argument_errors_do_not_import_torch(argv):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr
+
+
+def test_every_documented_python_twin_is_reachable_after_import_neaudit():
+    """The twins the package docstring lists, reached as written (``neaudit.demo.demo``
+    included) in a fresh interpreter, where nothing else imported the submodules first."""
+    code = ("import neaudit\n"
+            "twins = [neaudit.protect, neaudit.audit, neaudit.report, neaudit.diff,\n"
+            "         neaudit.demo.demo, neaudit.demo.digits_test_set]\n"
+            "print(all(callable(t) for t in twins))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip().splitlines()[-1:] == ["True"], done.stdout + done.stderr
