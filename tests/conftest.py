@@ -18,6 +18,20 @@ def _threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _repeatable_keys():
+    """``protect`` draws a secret noise key from the OS for every run without ``key``; in the
+    tests such runs get key 0, so that their figures repeat whatever the order or selection
+    of tests (tests/test_protect.py checks the OS draw itself)."""
+    from types import SimpleNamespace
+
+    from neaudit import protection
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(protection, "secrets", SimpleNamespace(randbits=lambda bits: 0))
+        yield
+
+
 @pytest.fixture(scope="session")
 def photos() -> np.ndarray:
     """32 real 64×64 RGB crops (uint8 NHWC) from scikit-learn's bundled photographs."""

@@ -45,11 +45,16 @@ def test_protect_writes_pngs_sidecar_and_measures_what_it_wrote(image_folder: Pa
     assert result.summary["agreement"] >= result.summary["noise_agreement"]
 
 
-def test_the_noise_key_is_secret_unless_given(tmp_path, vit_spec):
+def test_the_noise_key_is_secret_unless_given(tmp_path, vit_spec, monkeypatch):
     """Without a key every run draws its own and records none; a given key repeats the
     release and is recorded only when asked. Whoever holds the key regenerates each image's
     noise: the written perturbations point along it (another key's noise is orthogonal), which
     is why the audit fails a release whose neaudit.json gives the key away."""
+    import secrets
+
+    from neaudit import protection
+
+    monkeypatch.setattr(protection, "secrets", secrets)  # the OS draw, not the tests' key 0
     drawn = [protect("builtin:samples", vit_spec, tmp_path / name, fidelity_images=2)
              for name in ("a", "b")]
     assert all(r.sidecar["params"]["key"] is None and r.sidecar["params"]["key_source"] ==
