@@ -68,8 +68,13 @@ def _random_init_models(run: _Run) -> Iterator[Flag]:
 
 
 def _degenerate_models(run: _Run) -> Iterator[Flag]:
+    # judged against the labels' own spread where the release has labels: a model that
+    # predicts one class on a release of one class is right, not degenerate
+    labels = run.diagnostics.get("labels") or {"distinct": 3, "top_share": 0.0}
+    needed = min(3, labels["distinct"])
+    ceiling = max(0.8, labels["top_share"] + 0.05)
     for model, info in run.diagnostics.get("clean_predictions", {}).items():
-        if info["distinct"] < min(3, info.get("classes", 3)) or info["top_share"] >= 0.8:
+        if info["distinct"] < min(needed, info.get("classes", 3)) or info["top_share"] >= ceiling:
             yield Flag(
                 "degenerate_model",
                 f"{model} gives {info['distinct']} distinct clean prediction(s), the most common "

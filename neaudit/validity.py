@@ -46,6 +46,7 @@ def diagnostics(worker: Worker, records: list[dict], tasks: list[Task]) -> dict:
     params = (dataset.sidecar or {}).get("params") or {}
     return {
         "chance": 1.0 / num_classes if num_classes else None,
+        "labels": label_spread(dataset.labels),
         "random_init_models": [names.get(spec, spec) for spec, model in worker.models.items()
                                if getattr(model, "random_init", False)],
         "clean_predictions": clean,
@@ -56,6 +57,16 @@ def diagnostics(worker: Worker, records: list[dict], tasks: list[Task]) -> dict:
         "device_decoded_jpegs": device_decoded_jpegs(dataset),
         "exposed_key": exposed_key(dataset.sidecar),
     }
+
+
+def label_spread(labels: np.ndarray | None) -> dict | None:
+    """How many classes the audited images hold and the largest one's share: the spread a
+    model's clean predictions are judged against (a release of one class is no evidence of a
+    degenerate model)."""
+    if labels is None or len(labels) == 0:
+        return None
+    counts = np.bincount(labels)
+    return {"distinct": int((counts > 0).sum()), "top_share": float(counts.max() / len(labels))}
 
 
 def exposed_key(sidecar: dict | None) -> str | None:

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -81,6 +82,23 @@ def test_degenerate_model_flag_and_fail_on(release, tmp_path):
     assert flags["degenerate_model"][0].failing and result.report.verdict == "FAIL"
     html = result.report.html.read_text()
     assert html.index("degenerate_model") < html.index('<div class="verdict')
+
+
+def test_a_release_of_one_class_does_not_make_good_models_degenerate(tmp_path):
+    """Trained models predicting the one class a release holds are right: the flag judges
+    their spread against the labels' (the constant model above still fires on ten classes)."""
+    digits = digits_test_set(540)
+    threes = digits.labels == 3
+    one_class = replace(digits, names=[n for n, keep in zip(digits.names, threes, strict=True)
+                                       if keep],
+                        protected=digits.protected[threes], labels=digits.labels[threes])
+    protect(one_class, demo_zoo.AUTHORIZED, tmp_path / "threes", psnr=20, save_originals=True)
+    result = _audit(tmp_path / "threes", tmp_path, 'fail_on = ["degenerate_model"]\n'
+                    "min_authorized_retention = 0.5\n", score="accuracy")
+    predictions = json.loads((result.out / "summary.json").read_text())["diagnostics"]
+    assert max(p["top_share"] for p in predictions["clean_predictions"].values()) >= 0.8
+    assert predictions["labels"] == {"distinct": 1, "top_share": 1.0}
+    assert "degenerate_model" not in _flags(result)
 
 
 def test_wrong_preprocessing_flag_on_a_shuffled_class_order(release, tmp_path):
