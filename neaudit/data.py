@@ -128,6 +128,10 @@ def _list_images(folder: Path, exclude: set[str] = frozenset()) -> tuple[list[Pa
             path = here / name
             if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
+            if path.is_symlink() and not path.exists():
+                raise DataError(f"{path}: a link to a file that does not exist "
+                                f"({os.readlink(path)}). Fix: restore its target or remove "
+                                "the link.")
             if not path.is_file():
                 continue
             if not real.is_relative_to(root) or (path.is_symlink() and not inside(path, root)):
