@@ -18,7 +18,7 @@ from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, UNAUTHORIZED
 FLAG_NAMES = ("random_init_model", "degenerate_model", "wrong_preprocessing", "authorized_failing",
               "nominal_vs_measured", "lossy_or_altered_input", "trivial_break",
               "too_few_samples", "nondeterminism", "missing_threat_levels",
-              "device_decoding", "exposed_key")
+              "device_decoding", "exposed_key", "criteria_not_evaluated")
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,38 @@ def _exposed_key(run: _Run) -> Iterator[Flag]:
         "--key, drop exposed_key from the policy's fail_on.")
 
 
+def _criteria_not_evaluated(run: _Run) -> Iterator[Flag]:
+    """A policy threshold that no figure of the run measures does not enter the verdict; the
+    reader must know that it was not checked rather than read its silence as a pass."""
+    evaluated = {c.title for c in run.criteria}
+    rules = [(key, None) for key in getattr(run.policy, "rules", {})] + [
+        (key, family) for family, rules in getattr(run.policy, "families", {}).items()
+        for key in rules]
+    families = set(run.table.family)
+    missing = []
+    for key, family in rules:
+        title = key if family is None else f"{key} [{family}]"
+        if title in evaluated:
+            continue
+        if key == "max_learning_leakage":
+            why = "no learning attack ran"
+        elif family is not None and family not in families:
+            why = f"no {family} attack ran"
+        elif key in ("max_leakage", "max_leakage_above_chance"):
+            floor = "chance" if key == "max_leakage_above_chance" else "zero"
+            why = f"no unauthorized model scores above {floor} on the clean images"
+        else:
+            why = "no figure of this audit measures it"
+        missing.append(f"{title} ({why})")
+    if missing:
+        yield Flag(
+            "criteria_not_evaluated", "The policy sets thresholds this audit has no figure for, "
+            f"so the verdict does not cover them: {'; '.join(missing)}.",
+            "Run the attacks that measure them (the adaptive and thorough suites hold the "
+            "learning attacks), or drop them from the policy.")
+
+
 CHECKS: tuple[Check, ...] = (
     _random_init_models, _degenerate_models, _near_chance, _authorized_failing,
     _nominal_vs_measured, _input_files, _trivial_break, _too_few_samples, _nondeterminism,
-    _missing_threat_levels, _exposed_key)
+    _missing_threat_levels, _criteria_not_evaluated, _exposed_key)

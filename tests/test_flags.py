@@ -215,6 +215,19 @@ def test_missing_threat_levels_flag(release, tmp_path):
     assert "L2, L3" in message
 
 
+def test_criteria_no_figure_measures_are_flagged_not_dropped(release, tmp_path):
+    """The smoke suite has no learning attack and no adaptive one: thresholds on those are
+    named as not covered by the verdict (they used to vanish from it)."""
+    result = _audit(release, tmp_path, "min_authorized_retention = 0.5\n"
+                    'max_learning_leakage = 0.5\nfail_on = ["criteria_not_evaluated"]\n'
+                    "[family.adaptive]\nmax_leakage = 0.5\n")
+    flag = _flags(result)["criteria_not_evaluated"][0]
+    assert "max_learning_leakage (no learning attack ran)" in flag.message
+    assert "max_leakage [adaptive] (no adaptive attack ran)" in flag.message
+    assert "min_authorized_retention" not in flag.message  # evaluated
+    assert flag.failing and result.report.verdict == "FAIL"
+
+
 def test_device_decoding_needs_cuda_and_is_flagged(release, tmp_path):
     with pytest.raises(NeauditError, match="needs a CUDA device"):
         _audit(release, tmp_path, device="cpu", decode="device")
