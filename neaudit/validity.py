@@ -97,8 +97,9 @@ def file_checks(dataset: ImageDataset, limit: int = HASHED_FILES) -> dict:
     if isinstance(dataset.protected, np.ndarray):
         return {}
     files = dataset.protected
-    sample = files if len(files) <= limit else [files[i] for i in
-                                                 np.linspace(0, len(files) - 1, limit, dtype=int)]
+    picked = (range(len(files)) if len(files) <= limit
+              else np.linspace(0, len(files) - 1, limit, dtype=int).tolist())
+    sample = [files[i] for i in picked]
     lossy = [str(f) for f in sample if is_lossy(f)]
     out = {"lossy": len(lossy), "lossy_example": lossy[0] if lossy else None}
     root = dataset.source
@@ -106,12 +107,11 @@ def file_checks(dataset: ImageDataset, limit: int = HASHED_FILES) -> dict:
     if hashes is not None and hashes.is_file():
         recorded = dict(reversed(line.split("  ", 1)) for line in hashes.read_text().splitlines()
                         if "  " in line)
-        wanted = {str(f.relative_to(root)): f for f in sample if f.is_relative_to(root)}
-        altered = [str(path) for name, path in wanted.items()
-                   if name in recorded and sha256_file(path) != recorded[name]]
-        prefix = f"{root}{os.sep}"  # string tests: a release may hold a million files
-        unlisted = [str(f) for f in files
-                    if not str(f).startswith(prefix) or str(f)[len(prefix):] not in recorded]
+        prefix = f"{root}{os.sep}"  # names as strings: a release may hold a million files
+        names = [str(f)[len(prefix):] if str(f).startswith(prefix) else None for f in files]
+        altered = [str(files[i]) for i in picked if names[i] in recorded
+                   and sha256_file(files[i]) != recorded[names[i]]]
+        unlisted = [str(f) for f, name in zip(files, names, strict=True) if name not in recorded]
         out.update(altered=len(altered), altered_example=altered[0] if altered else None,
                    unlisted=len(unlisted), unlisted_example=unlisted[0] if unlisted else None)
     return out

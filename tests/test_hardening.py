@@ -110,6 +110,9 @@ def inputs(tmp_path_factory) -> Path:
     (root / "linked").mkdir()
     write_png(root / "linked" / "inside.png", images[0])
     (root / "linked" / "escape.png").symlink_to(root / "victim" / "1.png")
+    (root / "dangling").mkdir()
+    write_png(root / "dangling" / "inside.png", images[0])
+    (root / "dangling" / "gone.png").symlink_to(root / "nowhere.png")
     for name, text in SUITES.items():
         (root / "suites" / f"{name}.toml").write_text(text)
     for name, text in POLICIES.items():
@@ -198,6 +201,12 @@ CASES = [
     Case("rank_full", _protect("--rank", "100000"), ("--rank 100000", "1 to 47")),
     Case("threshold_keeps_all", _protect("--threshold", "2"), ("keeps every direction",)),
     Case("l2_negative", _protect("--l2", "-1"), ("--l2 -1",)),
+    Case("l2_below_rounding", _protect("--l2", "0.001"), ("--l2 0.001", "between")),
+    Case("l2_beyond_the_range", _protect("--l2", "1000"), ("--l2 1000", "between")),
+    Case("dangling_image_link", _protect(data="{in}/dangling"),
+         ("gone.png", "does not exist")),
+    Case("policy_is_a_folder", _audit("--policy", "{in}/images"),
+         ("images", "not a regular file")),
     Case("patch_fraction_0", _protect("--patch-fraction", "0"), ("--patch-fraction 0",)),
     Case("nan_authorized_model", _protect(auth="python:{in}/models.py:nan_model?input_size=32"),
          ("nan_model", "NaN")),

@@ -139,11 +139,6 @@ def test_strength_as_an_l2_norm(tmp_path, vit_spec):
     result = protect("builtin:samples", vit_spec, tmp_path / "l2", l2=2.0)
     assert result.per_image["l2"].between(1.98, 2.02).all(), result.per_image["l2"].describe()
     assert result.sidecar["params"]["l2"] == 2.0
-    # a norm below what uint8 rounding allows would write copies of the originals (PSNR inf)
-    for l2 in (0.001, 1000.0):
-        with pytest.raises(NeauditError, match=f"--l2 {l2:g}: on 64×64 images"):
-            protect("builtin:samples", vit_spec, tmp_path / f"bad{l2}", l2=l2)
-        assert not (tmp_path / f"bad{l2}").exists()  # refused before anything is written
     with pytest.raises(NeauditError, match="needs the subspace method"):
         protect("builtin:samples", vit_spec, tmp_path / "ref", method="reference", l2=2.0)
     with pytest.raises(SystemExit):
