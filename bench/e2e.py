@@ -35,7 +35,7 @@ from neaudit.fidelity import measure
 from neaudit.imageio import quantize, to_float, write_png
 from neaudit.metrics import isotropic_gain
 from neaudit.ne import subspace_recode
-from neaudit.pipeline import PngWriter
+from neaudit.pipeline import PngWriter, read_ahead
 from neaudit.protection import protect
 from neaudit.spectral import low_sensitivity_subspace
 from neaudit.stem import first_layer
@@ -46,8 +46,10 @@ ZOO = ["timm:resnet50", "timm:convnext_tiny", "timm:vit_small_patch16_224"]
 
 
 def photos(folder: Path, count: int, size: int = 224) -> Path:
+    """Clean inputs as a user's folder holds them: compressed PNGs (a stored PNG, which
+    ``protect`` writes by default, decodes 8× faster and would flatter the job)."""
     crops = builtin_dataset("samples", count=count, size=size).protected
-    with PngWriter() as writer:
+    with PngWriter(compression="deflate") as writer:
         writer.write([folder / f"{i:05d}.png" for i in range(count)], crops)
     return folder
 
@@ -79,32 +81,39 @@ def profiled(fn) -> None:
     stats.sort_stats("cumulative").print_stats(r"neaudit|threading|concurrent", 18)
 
 
-def protect_bench(tmp: Path, count: int, device: str, batch: int, writers: str) -> None:
+def protect_bench(tmp: Path, count: int, device: str, batch: int, writers: str,
+                  compressions: list[str]) -> None:
     for processes in {"both": (True, False), "processes": (True,), "threads": (False,)}[writers]:
-        pipeline.WRITER_PROCESSES = processes
-        print(f"PNG writers: {'processes' if processes else 'threads'}")
-        protect_once(tmp / f"writers-{processes}", count, device, batch)
+        for compression in compressions:
+            pipeline.WRITER_PROCESSES = processes
+            print(f"PNG writers: {'processes' if processes else 'threads'}, PNG compression: "
+                  f"{compression}")
+            protect_once(tmp / f"writers-{processes}-{compression}", count, device, batch,
+                         compression)
     pipeline.WRITER_PROCESSES = True
 
 
-def protect_once(tmp: Path, count: int, device: str, batch: int) -> None:
+def protect_once(tmp: Path, count: int, device: str, batch: int, compression: str) -> None:
     data = photos(tmp / "clean", count)
     small = photos(tmp / "small", max(batch, count // 8))
-    protect(photos(tmp / "warm", 8), VIT_B, tmp / "warm-out", device=device, batch_size=8)
-    job = timed(lambda: protect(data, VIT_B, tmp / "ne", device=device, batch_size=batch))
-    profiled(lambda: protect(data, VIT_B, tmp / "ne-profiled", device=device, batch_size=batch))
+    options = {"device": device, "batch_size": batch, "png_compression": compression}
+    protect(photos(tmp / "warm", 8), VIT_B, tmp / "warm-out", **options)
+    job = timed(lambda: protect(data, VIT_B, tmp / "ne", **options))
+    profiled(lambda: protect(data, VIT_B, tmp / "ne-profiled", **options))
     # the same job on fewer images: the difference is the per-image rate once set up
     # (model, subspace, fidelity sample and worker start-up are paid once per job)
-    short = timed(lambda: protect(small, VIT_B, tmp / "ne-small", device=device,
-                                  batch_size=batch))
+    short = timed(lambda: protect(small, VIT_B, tmp / "ne-small", **options))
     extra = job - short
     images = builtin_dataset("samples", count=count, size=224).protected  # the inputs' pixels
 
     def write_all() -> None:
-        with PngWriter() as writer:
+        with PngWriter(compression=compression) as writer:
             writer.write([tmp / "floor" / f"{i:05d}.png" for i in range(len(images))], images)
 
     floor = timed(write_all)
+    # the reading floor: the job's reader processes decoding the same inputs, nothing else
+    reading = timed(lambda: sum(len(b.index) for b in read_ahead(
+        load_dataset(data), batch, pin_memory=device == "cuda", on_grid=True)))
     model = create_model(VIT_B).to(device)
     layer = first_layer(model)
     space = low_sensitivity_subspace(layer, (224, 224))
@@ -120,17 +129,18 @@ def protect_once(tmp: Path, count: int, device: str, batch: int) -> None:
     measuring = timed(lambda: [measure(layer, gain, clean[lo:lo + batch],
                                        protected[lo:lo + batch], None)
                                for lo in range(0, count, batch)])
-    # where recoding, measuring and writing share the same cores (a CPU job), they cannot
-    # overlap into more than the cores give: the limit is the sum of an image's three times
+    # where reading, recoding, measuring and writing share the same cores (a CPU job), they
+    # cannot overlap into more than the cores give: the limit is the sum of an image's times
     bare = 1 / ((kernel + floor) / count)
-    shared = 1 / ((kernel + measuring + floor) / count)
-    print(f"protect ViT-B/16 224×224, {count} PNGs in → PNG NEs out, batch {batch}, {device}:")
-    print(f"  job {count / job:,.0f} img/s | PNG-writing floor {count / floor:,.0f} img/s | "
-          f"recoding kernel {count / kernel:,.0f} img/s | measuring {count / measuring:,.0f} "
-          f"img/s | job / floor = {floor / job:.2f} | job / slower of the two = "
-          f"{max(floor, kernel) / job:.2f}")
-    print(f"  on shared cores: recoding and writing {bare:,.0f} img/s at most; with the "
-          f"fidelity measurement {shared:,.0f} img/s at most")
+    shared = 1 / ((reading + kernel + measuring + floor) / count)
+    print(f"protect ViT-B/16 224×224, {count} PNGs in → PNG NEs out ({compression}), batch "
+          f"{batch}, {device}:")
+    print(f"  job {count / job:,.0f} img/s | PNG-reading floor {count / reading:,.0f} img/s | "
+          f"PNG-writing floor {count / floor:,.0f} img/s | recoding kernel {count / kernel:,.0f}"
+          f" img/s | measuring {count / measuring:,.0f} img/s | job / writing floor = "
+          f"{floor / job:.2f} | job / slowest stage = {max(reading, floor, kernel) / job:.2f}")
+    print(f"  on shared cores: recoding and writing {bare:,.0f} img/s at most; with reading "
+          f"and the fidelity measurement {shared:,.0f} img/s at most")
     if extra < 0.05 * job:
         print(f"  per image once set up: not measurable, fixed costs dominate ({count} images "
               f"took {job:.1f} s, {max(batch, count // 8)} took {short:.1f} s)")
@@ -138,8 +148,10 @@ def protect_once(tmp: Path, count: int, device: str, batch: int) -> None:
     marginal = (count - max(batch, count // 8)) / extra
     print(f"  per image once set up: {marginal:,.0f} img/s (job on {count} vs "
           f"{max(batch, count // 8)} images; fixed cost {job - count / marginal:.1f} s) | "
-          f"that / floor = {marginal * floor / count:.2f} | that / shared-core limit with "
-          f"measuring = {marginal / shared:.2f} (without: {marginal / bare:.2f})")
+          f"that / writing floor = {marginal * floor / count:.2f} | that / slowest stage = "
+          f"{marginal * max(reading, floor, kernel) / count:.2f} | that / shared-core limit "
+          f"with reading and measuring = {marginal / shared:.2f} (recoding and writing only: "
+          f"{marginal / bare:.2f})")
 
 
 def bare_loop(data: Path, entries, device: torch.device, batch: int,
@@ -182,8 +194,9 @@ def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int,
     rng = np.random.default_rng(0)
     for i, crop in enumerate(crops):
         noisy = np.clip(crop.astype(np.int16) + rng.integers(-4, 5, crop.shape), 0, 255)
+        # the release as protect writes it; the originals as a user's folder holds them
         write_png(data / "protected" / f"{i:05d}.png", noisy.astype(np.uint8))
-        write_png(data / "original" / f"{i:05d}.png", crop)
+        write_png(data / "original" / f"{i:05d}.png", crop, "deflate")
     entries = [e for e in load_suite(suite)
                if e.attack != "learned_denoiser" and e.kind == "batch"]
     suite_file = tmp / "suite.toml"
@@ -192,10 +205,12 @@ def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int,
             f"{k} = {list(v) if isinstance(v, tuple) else v}\n" for k, v in e.params) + "\n"
         for e in entries))
     torch_device = torch.device(device)
-    # both measured warm: a first pass of each loads kernels and fills caches
-    bare_loop(data, entries[:1], torch_device, batch)
-    audit(data, ZOO[1:], authorized=ZOO[0], suite="smoke", out=tmp / "warm", device=device,
-          batch_size=batch, quiet=True, score="agreement", max_images=batch)
+    # both measured warm: a whole first pass of each loads the kernels of every attack and
+    # batch shape it uses (the job's nondeterminism re-run has a shape of its own) and fills
+    # the caches; a cold process pays that once, which a long audit does not notice
+    bare_loop(data, entries, torch_device, batch, compile_models)
+    audit(data, ZOO[1:], authorized=ZOO[0], suite=suite_file, out=tmp / "warm", device=device,
+          batch_size=batch, quiet=True, score="agreement", compile_models=compile_models)
     bare_setup, bare_body = bare_loop(data, entries, torch_device, batch, compile_models)
     bare = bare_setup + bare_body
     job = timed(lambda: audit(data, ZOO[1:], authorized=ZOO[0], suite=suite_file,
@@ -235,6 +250,8 @@ def main() -> None:
     parser.add_argument("--skip", choices=("protect", "audit"))
     parser.add_argument("--writers", choices=("both", "processes", "threads"), default="both",
                         help="PNG writer kinds to time protect with")
+    parser.add_argument("--png-compression", nargs="+", default=["none"],
+                        choices=("none", "deflate"), help="protect's PNG settings to time")
     parser.add_argument("--profile", action="store_true", help="cProfile the two jobs")
     parser.add_argument("--compile-models", action="store_true",
                         help="time the audit with torch.compile'd forwards (bare loop too)")
@@ -248,7 +265,8 @@ def main() -> None:
     flops(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         if args.skip != "protect":
-            protect_bench(Path(tmp), args.images, args.device, args.batch, args.writers)
+            protect_bench(Path(tmp), args.images, args.device, args.batch, args.writers,
+                          args.png_compression)
         if args.skip != "audit":
             audit_bench(Path(tmp), args.audit_images or args.images, args.device, args.suite,
                         args.batch, args.compile_models)

@@ -35,7 +35,7 @@ from neaudit.imageio import (
     IMAGE_SUFFIXES,
     to_float,
 )
-from neaudit.paths import inside
+from neaudit.paths import Resolver, inside
 
 SIDECAR = "neaudit.json"
 PROTECTED_DIR = "protected"
@@ -174,7 +174,8 @@ def _load_folder(path: Path, originals: Path | None, resize, allow_outside: bool
                 f"{originals}: {len(missing)} protected image(s) have no original under the "
                 f"same relative path, e.g. {missing[0]}. Fix: mirror the protected tree in the "
                 "originals folder, or drop --originals.")
-        outside += sum(not inside(p, originals) for p in original_files)
+        resolver = Resolver()
+        outside += sum(not resolver.inside(p, originals) for p in original_files)
     if outside and not allow_outside:
         example = next((str(f) for f in files if not inside(f, images_dir)), str(originals))
         raise _outside_refused(root, outside, example)
@@ -252,15 +253,15 @@ def _manifest_files(manifest: Path, column: pd.Series, name: str
     """The listed files (relative to the manifest's folder), their item names (the path
     inside that folder, or ``_outside/<row>-<file name>`` for a file outside it) and how many
     lie outside."""
-    base = manifest.parent
+    base, resolve = manifest.parent, Resolver()
     files, names, outside = [], [], 0
     for row, text in enumerate(column.astype(str)):
         file = base / text
         if not file.is_file():
             raise DataError(f"{manifest}: row {row} '{name}' {text} does not exist. Fix: paths "
                             "are relative to the manifest's folder.")
-        if inside(file, base):
-            names.append(Path(os.path.relpath(file.resolve(), base.resolve())).as_posix())
+        if resolve.inside(file, base):
+            names.append(Path(os.path.relpath(resolve(file), resolve(base))).as_posix())
         else:
             outside += 1
             names.append(f"_outside/{row:06d}-{file.name}")

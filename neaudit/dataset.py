@@ -167,8 +167,9 @@ class ImageDataset:
         return torch.stack(out)
 
 
-DECODE_THREADS = max(1, os.cpu_count() or 1)
-"""Threads decoding one batch's files: Pillow's decoders release the GIL."""
+_decode_threads = max(1, os.cpu_count() or 1)
+"""Threads decoding one batch's files (the decoders release the GIL): every core in the main
+process; a reader process gets its share (:func:`share_decoding`)."""
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -177,7 +178,7 @@ _pool: ThreadPoolExecutor | None = None
 def _decoders() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="neaudit-decode")
+        _pool = ThreadPoolExecutor(_decode_threads, thread_name_prefix="neaudit-decode")
     return _pool
 
 
@@ -189,6 +190,15 @@ def _forget_pool() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_pool)
+
+
+def share_decoding(processes: int, _worker_id: int = 0) -> None:
+    """In one of ``processes`` reader processes: decode with this process's share of the
+    cores (four readers with a thread per core each ran 64 threads on a 16-core machine,
+    beside the writers)."""
+    global _decode_threads
+    _decode_threads = max(1, (os.cpu_count() or 1) // processes)
+    _forget_pool()
 
 
 def read_images(paths: Sequence[Path], on_grid: bool = False) -> list[torch.Tensor]:

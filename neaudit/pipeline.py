@@ -9,6 +9,7 @@ Batches travel from the readers as uint8 where the job works on the uint8 grid a
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 from collections import deque
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from neaudit.dataset import share_decoding
 from neaudit.imageio import write_png
 
 
@@ -64,16 +66,23 @@ def on_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return _LEVELS.to(device)[images.to(device, non_blocking=True).long()]
 
 
+def span_loader(dataset, spans: Sequence[tuple[int, int]], workers: int,
+                pin_memory: bool = False, on_grid: bool = False) -> torch.utils.data.DataLoader:
+    """The spans' batches in order, read ahead in ``workers`` processes that share the cores
+    for decoding (pinned memory for a CUDA device, so copies to it do not block)."""
+    return torch.utils.data.DataLoader(
+        SpanReader(dataset, spans, on_grid), batch_size=None, pin_memory=pin_memory,
+        num_workers=workers, worker_init_fn=functools.partial(share_decoding, max(1, workers)))
+
+
 def read_ahead(dataset, batch_size: int, workers: int | None = None,
                pin_memory: bool = False, on_grid: bool = False) -> Iterator:
-    """The dataset's batches in order, read ahead in ``workers`` processes (pinned memory
-    for a CUDA device, so copies to it do not block)."""
+    """The dataset's batches in order, read ahead in ``workers`` processes (default:
+    :func:`default_readers`)."""
     spans = [(lo, min(lo + batch_size, len(dataset))) for lo in range(0, len(dataset),
                                                                        batch_size)]
-    loader = torch.utils.data.DataLoader(
-        SpanReader(dataset, spans, on_grid), batch_size=None, pin_memory=pin_memory,
-        num_workers=default_readers() if workers is None else workers)
-    yield from loader
+    yield from span_loader(dataset, spans, default_readers() if workers is None else workers,
+                           pin_memory, on_grid)
 
 
 WRITER_PROCESSES = True
@@ -84,25 +93,26 @@ device: on a 16-core H200 machine, ``protect`` with writer threads ran at a quar
 PNG floor while its profile showed the device thread waiting."""
 
 
-def _write_pngs(paths: Sequence[Path], images: np.ndarray | torch.Tensor
+def _write_pngs(paths: Sequence[Path], images: np.ndarray | torch.Tensor, compression: str
                 ) -> list[tuple[Path, str]]:
-    return [(path, write_png(path, np.asarray(image)))
+    return [(path, write_png(path, np.asarray(image), compression))
             for path, image in zip(paths, images, strict=True)]
 
 
 class PngWriter:
     """Encodes and writes PNGs in ``workers`` processes (or threads), ``chunk`` images per
-    task; at most ``pending`` chunks are in flight, so memory stays bounded. Leaving the
+    task, with ``compression`` (:data:`neaudit.imageio.PNG_COMPRESSIONS`); at most
+    ``pending`` chunks are in flight, so memory stays bounded. Leaving the
     ``with`` block waits for every file and re-raises the first error (a full disk, say).
     ``digests`` maps each written path to the SHA-256 of its bytes."""
 
     def __init__(self, workers: int | None = None, chunk: int = 16, pending: int = 64,
-                 processes: bool | None = None) -> None:
+                 processes: bool | None = None, compression: str = "none") -> None:
         self.processes = WRITER_PROCESSES if processes is None else processes
         workers = workers or default_writers()
         self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
                      if self.processes else ThreadPoolExecutor(workers))
-        self.chunk, self.pending = chunk, pending
+        self.chunk, self.pending, self.compression = chunk, pending, compression
         self.futures: deque[Future] = deque()
         self.digests: dict[Path, str] = {}
 
@@ -114,7 +124,7 @@ class PngWriter:
             while len(self.futures) >= self.pending:
                 self.digests.update(self.futures.popleft().result())
             self.futures.append(self.pool.submit(_write_pngs, paths[lo:lo + self.chunk],
-                                                 images[lo:lo + self.chunk]))
+                                                 images[lo:lo + self.chunk], self.compression))
 
     def __enter__(self) -> PngWriter:
         return self

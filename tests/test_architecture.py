@@ -14,9 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "neaudit"
 LAYERS = [
     # the foundation: no neaudit imports but each other
     {"_version", "errors", "seeding", "vocabulary", "presets"},
-    {"imageio", "device", "patches", "paths", "demo_zoo", "pipeline"},
+    {"imageio", "device", "patches", "paths", "demo_zoo"},
     {"dataset", "models"},
-    {"data", "builders"},
+    {"data", "builders", "pipeline"},
     {"zoo"},
     {"stem"},
     {"metrics", "spectral"},

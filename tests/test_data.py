@@ -189,3 +189,24 @@ def test_written_pngs_are_lossless_for_pillow_and_for_neaudit(tmp_path):
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"{name}.png")), image)
         back = read_image(tmp_path / f"{name}.png", on_grid=True).permute(1, 2, 0).numpy()
         assert np.array_equal(back, image)
+
+
+def test_the_resolver_agrees_with_path_resolve(tmp_path):
+    """One realpath per folder gives what resolving each file gives, for plain files, files
+    behind symlinked folders, symlinked files and '..' parts."""
+    from neaudit.paths import Resolver
+
+    (tmp_path / "root" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for folder in ("root/sub", "elsewhere"):
+        (tmp_path / folder / "a.png").write_bytes(b"x")
+    (tmp_path / "root" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "root" / "sub" / "b.png").symlink_to(tmp_path / "elsewhere" / "a.png")
+    (tmp_path / "root" / "sub" / "c.png").symlink_to(tmp_path / "root" / "sub" / "a.png")
+    root = tmp_path / "root"
+    paths = [root / "sub" / "a.png", root / "linked" / "a.png", root / "sub" / "b.png",
+             root / "sub" / "c.png", root / "sub" / ".." / "sub" / "a.png",
+             root / "linked" / ".." / "root" / "sub" / "a.png"]
+    resolve = Resolver()
+    assert [resolve(p) for p in paths] == [p.resolve() for p in paths]
+    assert [resolve.inside(p, root) for p in paths] == [True, False, False, True, True, True]

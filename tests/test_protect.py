@@ -177,3 +177,29 @@ def test_written_nes_and_fidelity_do_not_depend_on_the_batch_size(image_folder: 
     assert (small.out / "hashes.sha256").read_text() == (large.out / "hashes.sha256").read_text()
     pd.testing.assert_frame_equal(small.per_image, large.per_image, rtol=1e-5)
     assert small.per_image["agreement"].notna().sum() == 5
+
+
+def test_png_compression_changes_the_bytes_not_the_pixels(image_folder: Path, tmp_path,
+                                                           vit_spec, capsys):
+    """Both settings write lossless PNGs of the same NEs; ``deflate`` files are smaller on NE
+    noise, the choice is recorded, and an unknown one is refused before anything is written."""
+    stored = protect(image_folder / "original", vit_spec, tmp_path / "none", key=5)
+    packed = protect(image_folder / "original", vit_spec, tmp_path / "deflate", key=5,
+                     png_compression="deflate")
+    assert stored.sidecar["params"]["png_compression"] == "none"
+    assert packed.sidecar["params"]["png_compression"] == "deflate"
+    files = sorted((stored.out / "protected").rglob("*.png"))
+    assert len(files) == 12
+    sizes = {"none": 0, "deflate": 0}
+    for path in files:
+        twin = packed.out / path.relative_to(stored.out)
+        assert torch.equal(read_image(path), read_image(twin))
+        sizes["none"] += path.stat().st_size
+        sizes["deflate"] += twin.stat().st_size
+    assert sizes["deflate"] < 0.95 * sizes["none"]
+    with pytest.raises(NeauditError, match="unknown --png-compression 'zstd'"):
+        protect(image_folder / "original", vit_spec, tmp_path / "bad", png_compression="zstd")
+    assert not (tmp_path / "bad").exists()
+    assert main(["protect", str(image_folder / "original"), "--authorized", vit_spec, "--out",
+                 str(tmp_path / "cli"), "--png-compression", "fast"]) == 2
+    assert "Fix: use none or deflate" in capsys.readouterr().err
