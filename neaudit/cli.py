@@ -270,9 +270,8 @@ def _add_audit(sub) -> None:
                      help="read input files outside the dataset's folder (manifest paths, "
                           "symlinks); recorded in run.json")
     run.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
-    run.add_argument("--loader-workers", type=int,
-                     help="processes reading shards ahead (pinned memory on CUDA; default: a "
-                          "quarter of the cores on CUDA, none on a CPU)")
+    run.add_argument("--loader-workers", type=int, default=0,
+                     help="processes reading shards ahead (pinned memory on CUDA)")
     run.add_argument("--decode", choices=("cpu", "device"), default="cpu",
                      help="where JPEG inputs are decoded: cpu (libjpeg-turbo, the same pixels "
                           "on every machine) or device (nvJPEG on CUDA; flagged)")

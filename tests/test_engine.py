@@ -191,22 +191,9 @@ def test_compiling_models_that_must_take_turns_is_refused_before_any_work(
     assert snapshot(protected) == before
 
 
-def test_shards_are_read_ahead_by_default_only_where_it_pays():
-    """On CUDA the local executor reads ahead in a quarter of the cores; a CPU run, a Ray run
-    (its actors read for themselves) and nvJPEG decoding read in the process itself; an
-    explicit count is kept and a negative one refused."""
-    import torch
 
-    from neaudit.auditing import loader_workers_for
-    from neaudit.executors import LocalExecutor, RayExecutor
-    from neaudit.pipeline import default_readers
-
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert loader_workers_for(None, cuda, "cpu", None) == default_readers() >= 1
-    assert loader_workers_for(None, cuda, "cpu", LocalExecutor()) == default_readers()
-    assert loader_workers_for(None, cpu, "cpu", None) == 0
-    assert loader_workers_for(None, cuda, "cpu", RayExecutor(workers=1)) == 0
-    assert loader_workers_for(None, cuda, "device", None) == 0
-    assert loader_workers_for(3, cpu, "cpu", None) == 3
-    with pytest.raises(NeauditError, match="--loader-workers -1"):
-        loader_workers_for(-1, cpu, "cpu", None)
+def test_a_negative_reader_count_is_refused_before_work(tmp_path, image_folder, vit_spec):
+    with pytest.raises(NeauditError, match="--loader-workers -1: must be 0 or more"):
+        audit(image_folder, ["timm:resnet10t"], authorized=vit_spec, suite="smoke",
+              out=tmp_path / "run", loader_workers=-1, quiet=True)
+    assert not (tmp_path / "run").exists()
