@@ -151,8 +151,7 @@ class PngWriter:
                                         mp_context=multiprocessing.get_context("fork"))
 
     def write(self, paths: Sequence[Path], images: np.ndarray) -> None:
-        """Write ``images`` (N, H, W, 3 uint8) to ``paths``."""
-        images = np.ascontiguousarray(images)
+        """Write ``images`` (N, H, W, 3 uint8, any strides) to ``paths``."""
         if self.pool is None and len(images):
             self._start_processes(images[0].nbytes)
         for lo in range(0, len(paths), self.chunk):
@@ -162,8 +161,8 @@ class PngWriter:
             if self.processes and part.nbytes <= self.slot_bytes:
                 slot = self.free.pop()
                 offset = slot * self.slot_bytes
-                np.frombuffer(_RINGS[self.token], np.uint8, part.nbytes, offset)[:] = (
-                    part.reshape(-1))
+                np.copyto(np.frombuffer(_RINGS[self.token], np.uint8, part.nbytes,
+                                        offset).reshape(part.shape), part)  # the one copy
                 self.futures.append((self.pool.submit(
                     _write_from_ring, self.token, offset, part.shape, names, self.compression),
                     slot))

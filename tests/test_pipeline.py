@@ -13,9 +13,10 @@ from neaudit.pipeline import _RINGS, PngWriter
 @pytest.mark.parametrize("processes", [True, False])
 def test_the_writer_writes_every_image_through_reused_slots(tmp_path: Path, processes):
     """Two slots of three images for 20 images force each slot to be reused; a later, larger
-    image does not fit a slot and travels with its task instead."""
+    image does not fit a slot and travels with its task instead. The images come as a
+    channels-last view of channels-first pixels, as ``protect`` hands them over."""
     rng = np.random.default_rng(0)
-    small = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    small = rng.integers(0, 256, (20, 3, 8, 8), dtype=np.uint8).transpose(0, 2, 3, 1)
     large = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     paths = [tmp_path / f"{i:02d}.png" for i in range(22)]
     with PngWriter(workers=2, chunk=3, pending=2, processes=processes) as writer:
