@@ -169,6 +169,9 @@ class Worker:
         self.names: dict[str, str] = {spec: spec for spec in models}  # spec → display name
         self._shard: tuple[int, Batch] | None = None
         self._upcoming: Iterator | None = None
+        # the current shard's clean predictions, which every attack task of it is scored
+        # against (``agreement``): kept from its clean task instead of read back per task
+        self._clean: tuple[int, dict[str, np.ndarray]] | None = None
         # what predict() calls for each model: the model itself, or its compiled forward
         self.forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]] = dict(models)
 
@@ -262,6 +265,7 @@ class Worker:
         arrays = None
         if task.attack == CLEAN:
             arrays = {array_name(spec): pred for spec, pred in predictions.items()}
+            self._clean = (task.shard, arrays)
             record["histograms"] = {spec: {str(c): int(k) for c, k in zip(
                 *np.unique(pred, return_counts=True), strict=True)}
                 for spec, pred in predictions.items()}
@@ -286,8 +290,9 @@ class Worker:
         elif task.attack == CLEAN:
             truth = predictions
         else:
-            clean = self.store.load_arrays(f"{CLEAN}__{task.shard:06d}")
-            truth = {spec: clean[array_name(spec)] for spec in predictions}
+            if self._clean is None or self._clean[0] != task.shard:  # a resumed run
+                self._clean = (task.shard, self.store.load_arrays(f"{CLEAN}__{task.shard:06d}"))
+            truth = {spec: self._clean[1][array_name(spec)] for spec in predictions}
         return {spec: [int((pred == truth[spec]).sum()), int(len(pred))]
                 for spec, pred in predictions.items()}
 
