@@ -70,10 +70,12 @@ def _random_init_models(run: _Run) -> Iterator[Flag]:
 def _degenerate_models(run: _Run) -> Iterator[Flag]:
     # judged against the labels' own spread where the release has labels: a model that
     # predicts one class on a release of one class is right, not degenerate
-    labels = run.diagnostics.get("labels") or {"distinct": 3, "top_share": 0.0}
-    needed = min(3, labels["distinct"])
-    ceiling = max(0.8, labels["top_share"] + 0.05)
-    for model, info in run.diagnostics.get("clean_predictions", {}).items():
+    labels = run.diagnostics.get("labels")
+    clean = run.diagnostics.get("clean_predictions", {})
+    for model, info in clean.items():
+        spread = labels or _consensus(model, info, clean) or {"distinct": 3, "top_share": 0.0}
+        needed = min(3, spread["distinct"])
+        ceiling = max(0.8, spread["top_share"] + 0.05)
         if info["distinct"] < min(needed, info.get("classes", 3)) or info["top_share"] >= ceiling:
             yield Flag(
                 "degenerate_model",
@@ -81,6 +83,19 @@ def _degenerate_models(run: _Run) -> Iterator[Flag]:
                 f"for {info['top_share']:.0%} of the images: its agreement and leakage figures "
                 "say nothing about the protection.",
                 "Use trained weights (check the spec's pretrained/weights option) or drop it.")
+
+
+def _consensus(model: str, info: dict, clean: dict[str, dict]) -> dict | None:
+    """Without labels, the spread the zoo agrees on: where another model over the same
+    classes gives most of its clean predictions to the same class, the release itself is
+    likely of that class, and that model's share stands in for the labels'. (A degenerate
+    model under agreement scoring agrees with itself everywhere, so excusing one overstates
+    leakage rather than hiding it.)"""
+    shares = [other["top_share"] for name, other in clean.items()
+              if name != model and other.get("top_class") is not None
+              and other.get("top_class") == info.get("top_class")
+              and other.get("classes") == info.get("classes") and other["top_share"] >= 0.5]
+    return {"distinct": 1, "top_share": max(shares)} if shares else None
 
 
 def _near_chance(run: _Run) -> Iterator[Flag]:

@@ -41,6 +41,7 @@ def diagnostics(worker: Worker, records: list[dict], tasks: list[Task]) -> dict:
     names = worker.names
     clean = {names.get(spec, spec): {"distinct": len(h),
                                      "top_share": max(h.values()) / sum(h.values()),
+                                     "top_class": max(h, key=h.get),
                                      "classes": num_classes or 1000}
              for spec, h in histograms.items()}
     params = (dataset.sidecar or {}).get("params") or {}

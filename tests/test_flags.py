@@ -62,7 +62,8 @@ def test_a_clean_audit_fires_no_flag(release, tmp_path):
     assert "No evaluation-validity flag fired" in result.report.html.read_text()
 
 
-def test_degenerate_model_flag_and_fail_on(release, tmp_path):
+def _constant_model(tmp_path: Path) -> str:
+    """The spec of a model that predicts class 3 whatever it is shown."""
     factory = tmp_path / "const.py"
     factory.write_text("import torch, torch.nn as nn\n"
                        "class Const(nn.Module):\n"
@@ -74,7 +75,11 @@ def test_degenerate_model_flag_and_fail_on(release, tmp_path):
                        "        return self.conv(x).mean() * 0 + constant\n"
                        "def make():\n"
                        "    return Const()\n")
-    spec = f"python:{factory}:make?input_size=32"
+    return f"python:{factory}:make?input_size=32"
+
+
+def test_degenerate_model_flag_and_fail_on(release, tmp_path):
+    spec = _constant_model(tmp_path)
     result = _audit(release, tmp_path, "min_authorized_retention = 0.5\n"
                     'fail_on = ["degenerate_model"]\n', zoo=[*OTHERS, spec])
     flags = _flags(result)
@@ -99,6 +104,31 @@ def test_a_release_of_one_class_does_not_make_good_models_degenerate(tmp_path):
     assert max(p["top_share"] for p in predictions["clean_predictions"].values()) >= 0.8
     assert predictions["labels"] == {"distinct": 1, "top_share": 1.0}
     assert "degenerate_model" not in _flags(result)
+
+
+def test_without_labels_the_zoo_agreeing_on_one_class_is_not_degeneracy(tmp_path):
+    """An unlabelled release of one class: the trained models all give most clean
+    predictions to that class, which stands in for the labels' spread. On an unlabelled
+    release of ten classes a constant model still fires."""
+    digits = digits_test_set(540)
+    threes = digits.labels == 3
+    unlabelled = replace(digits, names=[n for n, keep in zip(digits.names, threes, strict=True)
+                                        if keep],
+                         protected=digits.protected[threes], labels=None, class_names=None)
+    protect(unlabelled, demo_zoo.AUTHORIZED, tmp_path / "threes", psnr=20, save_originals=True)
+    result = _audit(tmp_path / "threes", tmp_path / "one", 'fail_on = ["degenerate_model"]\n'
+                    "min_authorized_retention = 0.5\n")
+    predictions = json.loads((result.out / "summary.json").read_text())["diagnostics"]
+    assert predictions["labels"] is None
+    shares = [p["top_share"] for p in predictions["clean_predictions"].values()]
+    assert min(shares) >= 0.8, "every model sees mostly one class"
+    assert len({p["top_class"] for p in predictions["clean_predictions"].values()}) == 1
+    assert "degenerate_model" not in _flags(result)
+
+    mixed = replace(digits_test_set(120), labels=None, class_names=None)
+    protect(mixed, demo_zoo.AUTHORIZED, tmp_path / "mixed", psnr=20, save_originals=True)
+    result = _audit(tmp_path / "mixed", tmp_path / "ten", zoo=[*OTHERS, _constant_model(tmp_path)])
+    assert [f.message.split(" ")[0] for f in _flags(result)["degenerate_model"]] == ["make"]
 
 
 def test_wrong_preprocessing_flag_on_a_shuffled_class_order(release, tmp_path):
