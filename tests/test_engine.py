@@ -191,9 +191,3 @@ def test_compiling_models_that_must_take_turns_is_refused_before_any_work(
     assert snapshot(protected) == before
 
 
-
-def test_a_negative_reader_count_is_refused_before_work(tmp_path, image_folder, vit_spec):
-    with pytest.raises(NeauditError, match="--loader-workers -1: must be 0 or more"):
-        audit(image_folder, ["timm:resnet10t"], authorized=vit_spec, suite="smoke",
-              out=tmp_path / "run", loader_workers=-1, quiet=True)
-    assert not (tmp_path / "run").exists()
