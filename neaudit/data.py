@@ -111,33 +111,48 @@ def read_sidecar(folder: Path) -> dict | None:
 
 
 def _list_images(folder: Path, exclude: set[str] = frozenset()) -> tuple[list[Path], int]:
-    """Image files under ``folder`` (symlinks followed, each real folder visited once), and
-    how many of them resolve outside it."""
+    """Image files under ``folder`` (symlinks followed, each real folder visited once, in
+    name order), sorted as paths, and how many of them resolve outside it. Listed with
+    ``os.scandir``, whose entries know their type: a plain file costs no system call (this
+    took 21 µs a file with a ``stat`` or two each, half a minute for ImageNet)."""
     root = folder.resolve()
-    files, outside, seen = [], 0, set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = Path(os.path.realpath(dirpath))
+    found: list[str] = []
+    outside, seen, pending = 0, set(), [str(folder)]
+    while pending:
+        here = pending.pop()
+        real = os.path.realpath(here)
         if real in seen:
-            dirnames[:] = []
             continue
         seen.add(real)
-        here = Path(dirpath)
-        if here == folder:
-            dirnames[:] = [d for d in dirnames if d not in exclude]
-        for name in filenames:
-            path = here / name
-            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+        real_outside = not Path(real).is_relative_to(root)
+        try:
+            with os.scandir(here) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as exc:
+            raise DataError(f"{here}: cannot list this folder ({exc.strerror}). Fix: make it "
+                            "readable, or move it out of the dataset.") from exc
+        folders = []
+        for entry in entries:
+            if entry.is_dir():  # links to folders too, as os.walk(followlinks=True)
+                if here != str(folder) or entry.name not in exclude:
+                    folders.append(entry.path)
                 continue
-            if path.is_symlink() and not path.exists():
-                raise DataError(f"{path}: a link to a file that does not exist "
-                                f"({os.readlink(path)}). Fix: restore its target or remove "
-                                "the link.")
-            if not path.is_file():
+            name = entry.name
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
                 continue
-            if not real.is_relative_to(root) or (path.is_symlink() and not inside(path, root)):
+            link = entry.is_symlink()
+            if link and not os.path.exists(entry.path):
+                raise DataError(f"{entry.path}: a link to a file that does not exist "
+                                f"({os.readlink(entry.path)}). Fix: restore its target or "
+                                "remove the link.")
+            if not entry.is_file():
+                continue
+            if real_outside or (link and not inside(Path(entry.path), root)):
                 outside += 1
-            files.append(path)
-    return sorted(files), outside
+            found.append(entry.path)
+        pending.extend(reversed(folders))  # the first name is visited first
+    found.sort(key=lambda path: path.split(os.sep))  # the order of the Paths themselves
+    return [Path(path) for path in found], outside
 
 
 def _outside_refused(where: Path, count: int, example: str) -> DataError:

@@ -210,3 +210,28 @@ def test_the_resolver_agrees_with_path_resolve(tmp_path):
     resolve = Resolver()
     assert [resolve(p) for p in paths] == [p.resolve() for p in paths]
     assert [resolve.inside(p, root) for p in paths] == [True, False, False, True, True, True]
+
+
+def test_folder_listing_order_links_and_hidden_files(tmp_path):
+    """Files come sorted as paths (which is not string order: 'a/…' before 'a-b/…'), hidden
+    files and other suffixes are skipped, a folder named like an image is walked, a second
+    link to a folder already seen adds nothing, and a link out of the folder is counted."""
+    from neaudit.data import _list_images
+
+    root = tmp_path / "data"
+    for name in ("a/b.png", "a-b/c.png", "a b/d.jpg", "A/e.PNG", "dir.png/f.png", ".git/h.png",
+                 ".hidden.png", "notes.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "g.png").write_bytes(b"x")
+    (root / "link").symlink_to(root / "a")
+    (root / "out").symlink_to(tmp_path / "elsewhere")
+    files, outside = _list_images(root)
+    expected = ["A/e.PNG", "a/b.png", "a b/d.jpg", "a-b/c.png", "dir.png/f.png", ".git/h.png",
+                "out/g.png"]
+    assert files == sorted(root / name for name in expected)
+    assert outside == 1
+    assert _list_images(root, exclude={"a", "link", "out"}) == (
+        sorted(root / name for name in ("A/e.PNG", "a b/d.jpg", "a-b/c.png", "dir.png/f.png",
+                                        ".git/h.png")), 0)
