@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import sys
 import tempfile
@@ -112,8 +113,13 @@ def protect_once(tmp: Path, count: int, device: str, batch: int, compression: st
 
     floor = timed(write_all)
     # the reading floor: the job's reader processes decoding the same inputs, nothing else
-    reading = timed(lambda: sum(len(b.index) for b in read_ahead(
-        load_dataset(data), batch, pin_memory=device == "cuda", on_grid=True)))
+    def read_all(readers: int | None = None) -> float:
+        return timed(lambda: sum(len(b.index) for b in read_ahead(
+            load_dataset(data), batch, readers, pin_memory=device == "cuda", on_grid=True)))
+
+    reading = read_all()
+    # how reading scales with reader processes (each decodes with its share of the cores)
+    sweep = {n: count / read_all(n) for n in (1, 2, 4, 8) if n <= (os.cpu_count() or 1)}
     model = create_model(VIT_B).to(device)
     layer = first_layer(model)
     space = low_sensitivity_subspace(layer, (224, 224))
@@ -141,6 +147,9 @@ def protect_once(tmp: Path, count: int, device: str, batch: int, compression: st
           f"{floor / job:.2f} | job / slowest stage = {max(reading, floor, kernel) / job:.2f}")
     print(f"  on shared cores: recoding and writing {bare:,.0f} img/s at most; with reading "
           f"and the fidelity measurement {shared:,.0f} img/s at most")
+    print("  reading floor by reader processes (job default "
+          f"{pipeline.default_readers()}): " + ", ".join(f"{n}: {rate:,.0f} img/s"
+                                                        for n, rate in sweep.items()))
     if extra < 0.05 * job:
         print(f"  per image once set up: not measurable, fixed costs dominate ({count} images "
               f"took {job:.1f} s, {max(batch, count // 8)} took {short:.1f} s)")
