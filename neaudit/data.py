@@ -110,9 +110,9 @@ def read_sidecar(folder: Path) -> dict | None:
     return None
 
 
-def _list_images(folder: Path, exclude: set[str] = frozenset()) -> tuple[list[Path], int]:
+def _list_images(folder: Path, exclude: set[str] = frozenset()) -> tuple[list[str], int]:
     """Image files under ``folder`` (symlinks followed, each real folder visited once, in
-    name order), sorted as paths, and how many of them resolve outside it. Listed with
+    name order), as strings sorted as paths, and how many of them resolve outside it. Listed with
     ``os.scandir``, whose entries know their type: a plain file costs no system call (this
     took 21 µs a file with a ``stat`` or two each, half a minute for ImageNet)."""
     root = folder.resolve()
@@ -152,7 +152,7 @@ def _list_images(folder: Path, exclude: set[str] = frozenset()) -> tuple[list[Pa
             found.append(entry.path)
         pending.extend(reversed(folders))  # the first name is visited first
     found.sort(key=lambda path: path.split(os.sep))  # the order of the Paths themselves
-    return [Path(path) for path in found], outside
+    return found, outside
 
 
 def _outside_refused(where: Path, count: int, example: str) -> DataError:
@@ -173,43 +173,50 @@ def _load_folder(path: Path, originals: Path | None, resize, allow_outside: bool
         default_originals = path.parent / ORIGINAL_DIR
     if originals is None and default_originals.is_dir() and default_originals != images_dir:
         originals = default_originals
-    files, outside = _list_images(images_dir, {ORIGINAL_DIR} if images_dir == root else set())
-    if not files:
+    found, outside = _list_images(images_dir, {ORIGINAL_DIR} if images_dir == root else set())
+    if not found:
         raise DataError(f"{images_dir}: no images found (looked for "
                         f"{', '.join(IMAGE_SUFFIXES)}). Fix: point to the folder that holds "
                         "the protected images.")
-    rel = [f.relative_to(images_dir) for f in files]
+    # relative names as strings: pathlib cost more than the file system here
+    prefix = os.path.join(str(images_dir), "")
+    rel = [f[len(prefix):].replace(os.sep, "/") for f in found]
     labels, class_names = _labels_from_layout(rel)
     original_files = None
     if originals is not None:
-        original_files = [originals / r for r in rel]
-        missing = [str(p) for p in original_files if not p.is_file()]
+        listed = [os.path.join(str(originals), r) for r in rel]
+        missing = [p for p in listed if not os.path.isfile(p)]
         if missing:
             raise DataError(
                 f"{originals}: {len(missing)} protected image(s) have no original under the "
                 f"same relative path, e.g. {missing[0]}. Fix: mirror the protected tree in the "
                 "originals folder, or drop --originals.")
         resolver = Resolver()
-        outside += sum(not resolver.inside(p, originals) for p in original_files)
+        outside += sum(not resolver.inside(p, originals) for p in listed)
+        original_files = [Path(p) for p in listed]
+    files = [Path(f) for f in found]
     if outside and not allow_outside:
         example = next((str(f) for f in files if not inside(f, images_dir)), str(originals))
         raise _outside_refused(root, outside, example)
-    return ImageDataset(names=[r.as_posix() for r in rel], protected=files,
+    return ImageDataset(names=rel, protected=files,
                         original=original_files, labels=labels, class_names=class_names,
                         sidecar=read_sidecar(root), source=root, resize=resize,
                         outside_files=outside)
 
 
-def _labels_from_layout(rel: list[Path]) -> tuple[np.ndarray | None, list[str] | None]:
-    depths = {len(r.parts) for r in rel}
+def _labels_from_layout(rel: list[str]) -> tuple[np.ndarray | None, list[str] | None]:
+    """Class labels from ``class/file`` names (relative, '/'-separated); none for a flat
+    folder."""
+    parts = [r.split("/") for r in rel]
+    depths = {len(p) for p in parts}
     if depths == {1}:
         return None, None
     if depths != {2}:
         raise DataError("mixed folder layout: some images sit at the top level and some in "
                         "sub-folders. Fix: use a flat folder, or one sub-folder per class.")
-    class_names = sorted({r.parts[0] for r in rel})
+    class_names = sorted({p[0] for p in parts})
     lookup = {name: i for i, name in enumerate(class_names)}
-    return np.array([lookup[r.parts[0]] for r in rel], dtype=np.int64), class_names
+    return np.array([lookup[p[0]] for p in parts], dtype=np.int64), class_names
 
 
 def _load_npz(path: Path, resize) -> ImageDataset:
