@@ -275,19 +275,20 @@ def _manifest_files(manifest: Path, column: pd.Series, name: str
     """The listed files (relative to the manifest's folder), their item names (the path
     inside that folder, or ``_outside/<row>-<file name>`` for a file outside it) and how many
     lie outside."""
-    base, resolve = manifest.parent, Resolver()
+    base, resolve = str(manifest.parent), Resolver()
+    real_base = resolve.real(base)
     files, names, outside = [], [], 0
     for row, text in enumerate(column.astype(str)):
-        file = base / text
-        if not file.is_file():
+        file = os.path.join(base, text)  # strings: pathlib cost more than the system calls
+        if not os.path.isfile(file):
             raise DataError(f"{manifest}: row {row} '{name}' {text} does not exist. Fix: paths "
                             "are relative to the manifest's folder.")
         if resolve.inside(file, base):
-            names.append(Path(os.path.relpath(resolve(file), resolve(base))).as_posix())
+            names.append(os.path.relpath(resolve.real(file), real_base).replace(os.sep, "/"))
         else:
             outside += 1
-            names.append(f"_outside/{row:06d}-{file.name}")
-        files.append(file)
+            names.append(f"_outside/{row:06d}-{os.path.basename(file)}")
+        files.append(Path(file))
     return files, names, outside
 
 
