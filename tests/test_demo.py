@@ -46,6 +46,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
     width, height = Image.open(run / "samples.png").size  # 32-px digits shown at 96 px
     assert width >= 4 * 96 and height >= 96
+    # the report embeds the grid: it is written compressed (zoomed pixels compress well)
+    assert (run / "samples.png").stat().st_size < width * height * 3 / 4
     table = pd.read_parquet(run / "results.parquet")
     retention = table[(table.role == "authorized") & (table.attack == "none")
                       & (table.metric == "utility_retention")].value.iloc[0]

@@ -49,6 +49,7 @@ def write_sample_grid(run_dir: Path) -> dict | None:
     titles = ("original", "protected", f"difference x{DIFFERENCE_GAIN}", "worst attack")
     for col, title in enumerate(titles):
         draw.text((PADDING + col * step_x + 2, 4), title, fill=(0, 0, 0))
-    write_png(run_dir / "samples.png", np.asarray(picture))
+    # deflate: the report embeds it, and a zoomed grid compresses well
+    write_png(run_dir / "samples.png", np.asarray(picture), "deflate")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return {"gain": DIFFERENCE_GAIN, "attack": meta.get("attack", "–")}
