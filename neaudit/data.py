@@ -147,7 +147,7 @@ def _list_images(folder: Path, exclude: set[str] = frozenset()) -> tuple[list[st
                                 "remove the link.")
             if not entry.is_file():
                 continue
-            if real_outside or (link and not inside(Path(entry.path), root)):
+            if real_outside or (link and not inside(entry.path, root)):
                 outside += 1
             found.append(entry.path)
         pending.extend(reversed(folders))  # the first name is visited first

@@ -20,9 +20,10 @@ from pathlib import Path, PurePosixPath
 from neaudit.errors import NeauditError
 
 
-def inside(path: Path, root: Path) -> bool:
-    """Whether ``path`` lies in ``root`` once both are resolved (symlinks followed)."""
-    return path.resolve().is_relative_to(root.resolve())
+def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether ``path`` lies in ``root`` once both are resolved (symlinks followed); for many
+    files, keep one :class:`Resolver`."""
+    return Resolver().inside(path, root)
 
 
 class Resolver:
