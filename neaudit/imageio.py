@@ -152,8 +152,19 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """NCHW float in [0, 1] → NHWC uint8 array (clipped and rounded)."""
-    return to_grid(images).permute(0, 2, 3, 1).cpu().numpy()
+    """NCHW float in [0, 1] → NHWC uint8 array (clipped and rounded).
+
+    On a CPU the array is a view in NHWC order (whoever copies it next reorders it). From
+    CUDA it comes contiguous through pinned memory: reordered on the device, then copied by
+    DMA, where a pageable copy of the permuted tensor took a staged copy and left the
+    reordering to the CPU thread that feeds the device. Pinned blocks come from torch's
+    caching host allocator and are reused only once the returned array is gone.
+    """
+    grid = to_grid(images).permute(0, 2, 3, 1)
+    if grid.device.type != "cuda":
+        return grid.cpu().numpy()
+    host = torch.empty(grid.shape, dtype=torch.uint8, pin_memory=True)
+    return host.copy_(grid.contiguous()).numpy()
 
 
 def _read_umask() -> int:

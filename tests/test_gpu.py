@@ -160,3 +160,16 @@ def test_uint8_hand_over_gives_the_same_floats_on_cpu_and_cuda():
     levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).repeat(2, 3, 1, 1)
     assert torch.equal(on_device(levels, torch.device("cpu")),
                        on_device(levels, torch.device("cuda")).cpu())
+
+
+def test_uint8_copy_back_through_pinned_memory_matches_cpu_and_is_not_reused_while_held():
+    from neaudit.imageio import to_uint8
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 3, 32, 48, generator=generator) * 1.2 - 0.1  # some values clipped
+    first = to_uint8(images.cuda())
+    assert first.flags.c_contiguous and first.shape == (8, 32, 48, 3)
+    assert (first == to_uint8(images)).all()
+    kept = first.copy()
+    second = to_uint8(torch.zeros_like(images).cuda())  # a block freed now could be reused
+    assert not second.any() and (first == kept).all()
