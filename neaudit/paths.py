@@ -3,7 +3,7 @@ input, whatever a manifest, a label or a symlink says.
 
 * Output names are relative POSIX paths built from sanitized parts (:func:`safe_relative`);
   an absolute path, ``..``, an empty part or a backslash is refused, and every output path is
-  checked once more after resolving symlinks (:func:`inside`).
+  checked once more after resolving symlinks (:class:`OutputTree`).
 * ``--out`` may neither equal, lie inside, nor contain an input (:func:`refuse_overlap`).
 * Inputs that resolve outside their dataset's folder (a manifest row with an absolute or
   ``..`` path, a symlink out of the folder) are read only with ``--allow-outside``; the
@@ -12,10 +12,9 @@ input, whatever a manifest, a label or a symlink says.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from neaudit.errors import NeauditError
 
@@ -58,42 +57,50 @@ class Resolver:
         return real
 
 
-def safe_relative(name: str, what: str) -> PurePosixPath:
-    """``name`` as a relative path that cannot leave the folder it is joined to."""
-    path = PurePosixPath(name)
-    bad = ("\\" in name or "\x00" in name or path.is_absolute() or not path.parts
-           or any(part in ("", ".", "..") for part in path.parts))
-    if bad:
+def safe_relative(name: str, what: str) -> str:
+    """``name`` as a relative POSIX path that cannot leave the folder it is joined to, with
+    empty and ``.`` parts dropped (as ``pathlib`` reads ``./a//b``: ``a/b``)."""
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if "\\" in name or "\x00" in name or name.startswith("/") or not parts or ".." in parts:
         raise NeauditError(f"{what} '{name}' is not a plain relative path (absolute, '..', "
                            "empty or with a backslash). Fix: name items by paths inside the "
                            "dataset's folder.")
-    return path
+    return "/".join(parts)
 
 
 def safe_component(name: str, what: str) -> str:
     """``name`` as a single path component (a class folder)."""
-    if len(safe_relative(name, what).parts) != 1:
+    component = safe_relative(name, what)
+    if "/" in component:
         raise NeauditError(f"{what} '{name}' contains a '/'. Fix: use class names without "
                            "path separators.")
-    return name
+    return component
 
 
-def output_path(root: Path, relative: PurePosixPath) -> Path:
-    """``root / relative``, refused if a symlink in ``root`` would lead the write elsewhere
-    (each folder is resolved once per process: resolving is slow on some file systems)."""
-    target = root / relative
-    parent = target.parent
-    while not parent.exists() and parent != root:
-        parent = parent.parent
-    if not _leads_inside(parent, root):
-        raise NeauditError(f"{target}: a symlink under {root} leads outside it; neaudit never "
-                           "writes outside --out. Fix: remove the link or choose a new --out.")
-    return target
+class OutputTree:
+    """Output paths under ``root`` for relative names from :func:`safe_relative`, each refused
+    if a symlink under ``root`` would lead the write elsewhere. A folder is checked once, at
+    its first file (its first existing ancestor resolved, when the folder is still to be
+    made): a release's million files cost a dictionary lookup each, not a ``stat``."""
 
+    def __init__(self, root: Path) -> None:
+        self.root = os.fspath(root)
+        self._checked: set[str] = set()
 
-@functools.lru_cache(maxsize=4096)
-def _leads_inside(folder: Path, root: Path) -> bool:
-    return inside(folder, root)
+    def path(self, relative: str) -> str:
+        """``root/relative`` as a string (a writer's key for the file)."""
+        target = f"{self.root}/{relative}"
+        folder = target.rpartition("/")[0]
+        if folder not in self._checked:
+            existing = folder
+            while not os.path.lexists(existing) and existing != self.root:
+                existing = os.path.dirname(existing)
+            if not inside(existing, self.root):
+                raise NeauditError(f"{target}: a symlink under {self.root} leads outside it; "
+                                   "neaudit never writes outside --out. Fix: remove the link or "
+                                   "choose a new --out.")
+            self._checked.add(folder)
+        return target
 
 
 def refuse_overlap(out: Path, inputs: Iterable[Path]) -> None:

@@ -107,14 +107,15 @@ processes wrote stored PNGs at 1,392 img/s, below what one thread writes.)"""
 _tokens = itertools.count()
 
 
-def _write_pngs(paths: Sequence[Path], images: np.ndarray, compression: str
-                ) -> list[tuple[Path, str]]:
-    return [(path, write_png(path, image, compression))
+def _write_pngs(paths: Sequence[str | Path], images: np.ndarray, compression: str
+                ) -> list[tuple[str | Path, str]]:
+    return [(path, write_png(Path(path), image, compression))
             for path, image in zip(paths, images, strict=True)]
 
 
-def _write_from_ring(token: int, offset: int, shape: tuple[int, ...], paths: Sequence[Path],
-                     compression: str) -> list[tuple[Path, str]]:
+def _write_from_ring(token: int, offset: int, shape: tuple[int, ...],
+                     paths: Sequence[str | Path], compression: str
+                     ) -> list[tuple[str | Path, str]]:
     images = np.frombuffer(_RINGS[token], np.uint8, math.prod(shape), offset).reshape(shape)
     return _write_pngs(paths, images, compression)
 
@@ -124,8 +125,9 @@ class PngWriter:
     (:data:`neaudit.imageio.PNG_COMPRESSIONS`). Processes read their images from a ring of
     ``pending`` slots of up to ``chunk`` images, mapped before they fork; a write waits for
     a free slot, so memory stays bounded. Leaving the ``with`` block waits for every file and
-    re-raises the first error (a full disk, say). ``digests`` maps each written path to the
-    SHA-256 of its bytes."""
+    re-raises the first error (a full disk, say). ``digests`` maps each written path, as
+    given (paths as strings keep ``pathlib`` off the caller's thread), to the SHA-256 of its
+    bytes."""
 
     def __init__(self, workers: int | None = None, chunk: int = 16, pending: int | None = None,
                  processes: bool | None = None, compression: str = "none") -> None:
@@ -138,7 +140,7 @@ class PngWriter:
         self.token: int | None = None
         self.slot_bytes, self.free = 0, list(range(self.pending))
         self.futures: deque[tuple[Future, int | None]] = deque()  # with the slot each holds
-        self.digests: dict[Path, str] = {}
+        self.digests: dict[str | Path, str] = {}
 
     def _start_processes(self, image_bytes: int) -> None:
         """The ring, sized by the first images, then the pool: its processes fork at the
@@ -150,7 +152,7 @@ class PngWriter:
         self.pool = ProcessPoolExecutor(self.workers,
                                         mp_context=multiprocessing.get_context("fork"))
 
-    def write(self, paths: Sequence[Path], images: np.ndarray) -> None:
+    def write(self, paths: Sequence[str | Path], images: np.ndarray) -> None:
         """Write ``images`` (N, H, W, 3 uint8, any strides) to ``paths``."""
         if self.pool is None and len(images):
             self._start_processes(images[0].nbytes)

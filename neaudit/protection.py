@@ -15,7 +15,7 @@ import json
 import math
 import secrets
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,7 +31,7 @@ from neaudit.imageio import PNG_COMPRESSIONS, atomic_write, quantize, sha256_fil
 from neaudit.metrics import isotropic_gain
 from neaudit.models import split_name
 from neaudit.ne import METHODS, reference_recode, subspace_recode
-from neaudit.paths import output_path, refuse_overlap, safe_component, safe_relative
+from neaudit.paths import OutputTree, refuse_overlap, safe_component, safe_relative
 from neaudit.pipeline import PngWriter, on_device, read_ahead
 from neaudit.spectral import Subspace, low_sensitivity_subspace
 from neaudit.stem import FirstLayer, first_layer
@@ -212,16 +212,17 @@ class _Recoding:
 
 
 def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
-                names: list[PurePosixPath], batch_size: int, save_originals: bool,
+                names: list[str], batch_size: int, save_originals: bool,
                 output_format: str, png_compression: str
-                ) -> tuple[pd.DataFrame, dict[Path, str]]:
+                ) -> tuple[pd.DataFrame, dict[str, str]]:
     """Recode and write every batch, the next batch decoded and the previous ones written
     while the device works on the current one; returns the per-image fidelity table and the
-    SHA-256 of every PNG written."""
+    SHA-256 of every PNG written, by the path it was written to."""
     device = recoding.model.mean.device
     preview = ModelPreview(recoding.model, recoding.seed,
                            fidelity_sample(len(dataset), recoding.fidelity_images))
     rows, written, originals = [], [], []
+    protected_tree, original_tree = OutputTree(out / PROTECTED_DIR), OutputTree(out / ORIGINAL_DIR)
     with PngWriter(compression=png_compression) as writer:
         for batch in read_ahead(dataset, batch_size, pin_memory=device.type == "cuda",
                                 on_grid=True):
@@ -236,10 +237,10 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
                 written.append(images)
                 originals.append(clean_images)
                 continue
-            paths = names[int(batch.index[0]):int(batch.index[-1]) + 1]
-            writer.write([output_path(out / PROTECTED_DIR, p) for p in paths], images)
+            batch_names = names[int(batch.index[0]):int(batch.index[-1]) + 1]
+            writer.write([protected_tree.path(name) for name in batch_names], images)
             if save_originals:
-                writer.write([output_path(out / ORIGINAL_DIR, p) for p in paths], clean_images)
+                writer.write([original_tree.path(name) for name in batch_names], clean_images)
     per_image = pd.concat(rows, ignore_index=True).join(preview.table())
     per_image.insert(0, "name", dataset.names)
     if output_format == "npz":
@@ -248,18 +249,24 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
     return per_image, writer.digests
 
 
-def _output_names(dataset: ImageDataset) -> list[PurePosixPath]:
-    """Each item's PNG path under ``protected/``, from its sanitized relative name; flat inputs
-    with labels get class folders, so labels survive. Two items mapping to one file (``a.jpg``
-    and ``a.png``, or names differing only in case) are refused before any work."""
+def _output_names(dataset: ImageDataset) -> list[str]:
+    """Each item's PNG path under ``protected/`` (relative, POSIX), from its sanitized relative
+    name; flat inputs with labels get class folders, so labels survive. Two items mapping to
+    one file (``a.jpg`` and ``a.png``, or names differing only in case) are refused before
+    any work."""
     labels = dataset.labels if dataset.labels is not None else [None] * len(dataset)
+    folders: dict[int, str] = {}
     names, seen = [], {}
     for name, label in zip(dataset.names, labels, strict=True):
-        path = safe_relative(name, "item name").with_suffix(".png")
-        if label is not None and len(path.parts) == 1:
-            folder = dataset.class_names[label] if dataset.class_names else str(label)
-            path = PurePosixPath(safe_component(folder, "class name")) / path
-        key = path.as_posix().casefold()
+        path = _png_name(safe_relative(name, "item name"))
+        if label is not None and "/" not in path:
+            folder = folders.get(label)
+            if folder is None:
+                folder = folders[label] = safe_component(
+                    dataset.class_names[label] if dataset.class_names else str(label),
+                    "class name")
+            path = f"{folder}/{path}"
+        key = path.casefold()
         if key in seen:
             raise NeauditError(f"{dataset.source}: items '{seen[key]}' and '{name}' would both "
                                f"be written as {path}. Fix: rename one of them.")
@@ -268,10 +275,19 @@ def _output_names(dataset: ImageDataset) -> list[PurePosixPath]:
     return names
 
 
-def _refuse_foreign_files(out: Path, names: list[PurePosixPath]) -> None:
+def _png_name(relative: str) -> str:
+    """``relative`` with its file's suffix replaced by ``.png``, by ``pathlib``'s rule: the
+    suffix starts at the last dot that neither begins nor ends the name."""
+    folder, slash, file = relative.rpartition("/")
+    dot = file.rfind(".")
+    stem = file[:dot] if 0 < dot < len(file) - 1 else file
+    return f"{folder}{slash}{stem}.png"
+
+
+def _refuse_foreign_files(out: Path, names: list[str]) -> None:
     """Refuse an ``out`` whose image folders hold files this run would not write: they would
     be mixed into the release (and into its hashes)."""
-    planned = {name.as_posix() for name in names}
+    planned = set(names)
     for folder in (out / PROTECTED_DIR, out / ORIGINAL_DIR):
         if not folder.is_dir():
             continue
@@ -300,13 +316,13 @@ def _write_npz(out: Path, dataset: ImageDataset, protected: np.ndarray,
 
 
 def _sidecar(out: Path, dataset: ImageDataset, model: ImageClassifier, method: str,
-             params: dict, summary: dict, names: list[PurePosixPath],
-             digests: dict[Path, str]) -> dict:
+             params: dict, summary: dict, names: list[str],
+             digests: dict[str, str]) -> dict:
     """``hashes.sha256`` of exactly the files this run wrote (PNGs hashed by their writers
     as they wrote them), and ``neaudit.json``."""
     if names:
-        files = [out / PROTECTED_DIR / name for name in names]
-        lines = [f"{digests[f]}  {f.relative_to(out).as_posix()}" for f in files]
+        tree = OutputTree(out / PROTECTED_DIR)
+        lines = [f"{digests[tree.path(name)]}  {PROTECTED_DIR}/{name}" for name in names]
     else:
         npz = out / RELEASE_NPZ
         lines = [f"{sha256_file(npz)}  {npz.relative_to(out).as_posix()}"]

@@ -381,3 +381,38 @@ def test_a_closed_output_pipe_ends_the_command_quietly():
     command.stdout.close()  # before the command has written anything
     _, errors = command.communicate(timeout=60)
     assert command.returncode == 128 + signal.SIGPIPE and errors == b""
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["link", "dangling_link"])
+def test_a_symlink_in_out_leading_outside_is_refused_and_nothing_written_there(
+        inputs, tmp_path, capsys, dangling):
+    """A folder of ``--out`` that is a symlink out of it (a class folder from an earlier run
+    replaced by a link), live or not yet existing: refused, nothing written through it."""
+    outside = tmp_path / "elsewhere"
+    if not dangling:
+        outside.mkdir()
+    out = tmp_path / "out"
+    (out / "protected").mkdir(parents=True)
+    (out / "protected" / "a").symlink_to(outside, target_is_directory=True)
+    assert main(["protect", str(inputs / "images"), "--authorized", AUTH, "--out",
+                 str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "leads outside" in err and "protected/a" in err
+    assert not outside.exists() or not any(outside.iterdir())
+
+
+def test_output_names_follow_pathlib_and_stay_under_the_folder():
+    from pathlib import PurePosixPath
+
+    from neaudit.errors import NeauditError
+    from neaudit.paths import safe_relative
+    from neaudit.protection import _png_name
+
+    for name in ["a.jpg", "d/a.JPEG", "./d//a.tar.gz", ".hidden", "a.", "a..b", "...",
+                 "d.x/noext", "d/./e/f.webp", "x/.png", "é/ü.png"]:
+        expected = PurePosixPath(name).with_suffix(".png").as_posix()
+        assert _png_name(safe_relative(name, "item name")) == expected, name
+    for bad in ["/etc/passwd", "../x.png", "a/../../x.png", "", ".", "a\\b.png", "a\x00.png",
+                "//server/x.png"]:
+        with pytest.raises(NeauditError, match="not a plain relative path"):
+            safe_relative(bad, "item name")
