@@ -151,7 +151,9 @@ def _list_images(folder: Path, exclude: set[str] = frozenset()) -> tuple[list[st
                 outside += 1
             found.append(entry.path)
         pending.extend(reversed(folders))  # the first name is visited first
-    found.sort(key=lambda path: path.split(os.sep))  # the order of the Paths themselves
+    # the order of the Paths themselves (part by part: NUL sorts before any character a
+    # name can hold)
+    found.sort(key=lambda path: path.replace(os.sep, "\0"))
     return found, outside
 
 
@@ -193,12 +195,11 @@ def _load_folder(path: Path, originals: Path | None, resize, allow_outside: bool
                 "originals folder, or drop --originals.")
         resolver = Resolver()
         outside += sum(not resolver.inside(p, originals) for p in listed)
-        original_files = [Path(p) for p in listed]
-    files = [Path(f) for f in found]
+        original_files = listed
     if outside and not allow_outside:
-        example = next((str(f) for f in files if not inside(f, images_dir)), str(originals))
+        example = next((f for f in found if not inside(f, images_dir)), str(originals))
         raise _outside_refused(root, outside, example)
-    return ImageDataset(names=rel, protected=files,
+    return ImageDataset(names=rel, protected=found,
                         original=original_files, labels=labels, class_names=class_names,
                         sidecar=read_sidecar(root), source=root, resize=resize,
                         outside_files=outside)
@@ -262,7 +263,7 @@ def _load_manifest(path: Path, resize, allow_outside: bool) -> ImageDataset:
                                                          "original_path")
         outside += outside_originals
     if outside and not allow_outside:
-        example = next(str(f) for f in files + (original or []) if not inside(f, path.parent))
+        example = next(f for f in files + (original or []) if not inside(f, path.parent))
         raise _outside_refused(path, outside, example)
     labels, class_names = _manifest_labels(path, table)
     return ImageDataset(names=names, protected=files, original=original, labels=labels,
@@ -271,7 +272,7 @@ def _load_manifest(path: Path, resize, allow_outside: bool) -> ImageDataset:
 
 
 def _manifest_files(manifest: Path, column: pd.Series, name: str
-                    ) -> tuple[list[Path], list[str], int]:
+                    ) -> tuple[list[str], list[str], int]:
     """The listed files (relative to the manifest's folder), their item names (the path
     inside that folder, or ``_outside/<row>-<file name>`` for a file outside it) and how many
     lie outside."""
@@ -288,7 +289,7 @@ def _manifest_files(manifest: Path, column: pd.Series, name: str
         else:
             outside += 1
             names.append(f"_outside/{row:06d}-{os.path.basename(file)}")
-        files.append(Path(file))
+        files.append(file)
     return files, names, outside
 
 

@@ -43,12 +43,13 @@ class Batch:
 class ImageDataset:
     """Items of a protected dataset; images are decoded only when a batch is requested.
 
-    ``protected``/``original`` hold either file paths or one in-memory array (from ``.npz``).
+    ``protected``/``original`` hold either file paths, as strings (a million ``Path`` objects
+    took ten seconds to build and a gigabyte to hold), or one in-memory array (from ``.npz``).
     """
 
     names: list[str]
-    protected: list[Path] | np.ndarray
-    original: list[Path] | np.ndarray | None = None
+    protected: list[str] | np.ndarray
+    original: list[str] | np.ndarray | None = None
     labels: np.ndarray | None = None
     class_names: list[str] | None = None
     sidecar: dict | None = None
@@ -95,11 +96,9 @@ class ImageDataset:
         """The files and folders this dataset reads: what no output may overlap."""
         if self.source is None or str(self.source).startswith("builtin:"):
             return []
-        roots = {self.source}
-        for items in (self.protected, self.original):
-            if isinstance(items, list):
-                roots |= {path.parent for path in items}
-        return sorted(roots)
+        folders = {os.path.dirname(path) for items in (self.protected, self.original)
+                   if isinstance(items, list) for path in items}
+        return sorted({self.source, *map(Path, folders)})
 
     @property
     def has_originals(self) -> bool:
@@ -131,7 +130,7 @@ class ImageDataset:
                       if self.labels is not None else None)
             yield Batch(index, protected, original, labels, self.names[lo:hi])
 
-    def _load(self, items: list[Path] | np.ndarray, lo: int, hi: int, kind: str,
+    def _load(self, items: list[str] | np.ndarray, lo: int, hi: int, kind: str,
               on_grid: bool = False) -> torch.Tensor:
         if isinstance(items, np.ndarray):
             images = to_float(items[lo:hi])
@@ -140,12 +139,12 @@ class ImageDataset:
             return to_grid(images) if on_grid else images
         paths = items[lo:hi]
         if self.decode_device is not None and self.decode_device.type == "cuda" and all(
-                p.suffix.lower() in JPEG_SUFFIXES for p in paths):
+                os.path.splitext(p)[1].lower() in JPEG_SUFFIXES for p in paths):
             images = [to_grid(i) if on_grid else i
                       for i in read_jpegs_on(paths, self.decode_device)]
         else:
             images = read_images(paths, on_grid)
-        return self._fit(images, [str(p) for p in paths])
+        return self._fit(images, paths)
 
     def _fit(self, images: Sequence[torch.Tensor] | torch.Tensor, labels: list[str]
              ) -> torch.Tensor:
@@ -201,7 +200,7 @@ def share_decoding(processes: int, _worker_id: int = 0) -> None:
     _forget_pool()
 
 
-def read_images(paths: Sequence[Path], on_grid: bool = False) -> list[torch.Tensor]:
+def read_images(paths: Sequence[str | Path], on_grid: bool = False) -> list[torch.Tensor]:
     """Decode files in parallel threads, in order (one file is read in the caller)."""
     if len(paths) < 2:
         return [read_image(p, on_grid) for p in paths]

@@ -29,7 +29,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 """Pillow's modes for 16-bit grayscale (PNG) and 32-bit integer images, read as 16-bit."""
 
 
-def read_image(path: Path, on_grid: bool = False) -> torch.Tensor:
+def read_image(path: str | Path, on_grid: bool = False) -> torch.Tensor:
     """Decode one image file into a (3, H, W) float tensor in [0, 1].
 
     8-bit images (any mode Pillow converts to RGB) keep their 256 levels; 16-bit grayscale
@@ -57,12 +57,13 @@ def read_image(path: Path, on_grid: bool = False) -> torch.Tensor:
     return to_float(np.asarray(rgb)[None])[0]
 
 
-def _rgb_png(path: Path) -> np.ndarray | None:
+def _rgb_png(path: str | Path) -> np.ndarray | None:
     """An 8-bit RGB PNG decoded by imagecodecs' libpng (1.36× Pillow's decoder per thread on
     224×224 photos, the same pixels); None where it refuses or gives anything but H×W×3
     uint8 (transparency, say), for Pillow to decode."""
     try:
-        array = imagecodecs.png_decode(path.read_bytes())
+        with open(path, "rb") as handle:
+            array = imagecodecs.png_decode(handle.read())
     except imagecodecs.PngError:
         return None
     return array if array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3 else None
@@ -80,7 +81,7 @@ def to_grid(images: torch.Tensor) -> torch.Tensor:
     return _levels(images).to(torch.uint8)
 
 
-def _high_depth(path: Path, img: Image.Image) -> torch.Tensor:
+def _high_depth(path: str | Path, img: Image.Image) -> torch.Tensor:
     """A 16-bit or float single-channel image as a grey (3, H, W) tensor in [0, 1]."""
     values = np.asarray(img, dtype=np.float64)
     if img.mode != "F":
@@ -95,7 +96,7 @@ def _high_depth(path: Path, img: Image.Image) -> torch.Tensor:
     return grey.expand(3, *grey.shape).contiguous()
 
 
-def read_jpegs_on(paths: Sequence[Path], device: torch.device) -> list[torch.Tensor]:
+def read_jpegs_on(paths: Sequence[str | Path], device: torch.device) -> list[torch.Tensor]:
     """Decode JPEG files as one nvJPEG batch on ``device``; returns (3, H, W) float tensors
     in [0, 1] on the CPU, like :func:`read_image`.
 
@@ -124,7 +125,7 @@ def read_jpegs_on(paths: Sequence[Path], device: torch.device) -> list[torch.Ten
     return [image.cpu().float() / 255.0 for image in decoded]
 
 
-def image_size(path: Path) -> tuple[int, int]:
+def image_size(path: str | Path) -> tuple[int, int]:
     """(H, W) of an image file, reading only its header."""
     try:
         with Image.open(path) as img:
@@ -216,9 +217,9 @@ def write_png(path: Path, image: np.ndarray, compression: str = "none") -> str:
     return hashlib.sha256(encoded).hexdigest()
 
 
-def is_lossy(path: Path) -> bool:
+def is_lossy(path: str | Path) -> bool:
     """JPEG, or WebP without a lossless (VP8L) bitstream."""
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(path)[1].lower()
     if suffix in JPEG_SUFFIXES:
         return True
     if suffix == ".webp":
@@ -228,7 +229,7 @@ def is_lossy(path: Path) -> bool:
     return False
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

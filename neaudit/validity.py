@@ -88,7 +88,7 @@ def device_decoded_jpegs(dataset: ImageDataset) -> int:
         return 0
     files = [items for items in (dataset.protected, dataset.original)
              if items is not None and not isinstance(items, np.ndarray)]
-    return sum(f.suffix.lower() in JPEG_SUFFIXES for items in files for f in items)
+    return sum(os.path.splitext(f)[1].lower() in JPEG_SUFFIXES for items in files for f in items)
 
 
 def file_checks(dataset: ImageDataset, limit: int = HASHED_FILES) -> dict:
