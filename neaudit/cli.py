@@ -235,7 +235,9 @@ def _add_protect(sub) -> None:
                          help="none (default: ten times faster to write) or deflate (files "
                               "about a quarter smaller); the pixels are the same")
     protect.add_argument("--resize", type=_size, help="resize policy for mixed sizes, H[xW]")
-    protect.add_argument("--batch-size", type=int, default=32)
+    protect.add_argument("--batch-size", type=int,
+                         help="images per batch (default: 256 on CUDA, 32 on a CPU); the NEs "
+                              "written do not depend on it")
     protect.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     protect.add_argument("--fidelity-images", type=int, default=64,
                          help="images the authorized model is run on to preview its agreement "
