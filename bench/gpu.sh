@@ -21,6 +21,9 @@ step python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore
 step python3 bench/protect.py --device cuda --images 4096 --batch 256 --skip-writing
 step python3 bench/e2e.py --device cuda --images 4096 --audit-images 512 --suite standard --batch 256 \
   --writers processes --png-compression none deflate --profile
+# protect on a longer job (fixed costs amortized as on a release): 16,384 images, stored PNGs
+step python3 bench/e2e.py --device cuda --images 16384 --batch 256 --skip audit \
+  --writers processes --png-compression none
 if [ "${1:-}" != quick ]; then
   step python3 bench/reconstruction.py --costs --size 224 --device cuda
   step python3 bench/reconstruction.py --device cuda --out /tmp/bench-rx

@@ -1,6 +1,7 @@
 """Metrics, defined once (docs/method.md §4). Images are float NCHW in [0, 1].
 
-* PSNR = 10·log10(1 / MSE) per image; SSIM from Kornia (11×11 Gaussian window), per image.
+* PSNR = 10·log10(1 / MSE) per image; SSIM as Kornia computes it (11×11 Gaussian window,
+  σ 1.5, reflect padding), per image; an audit blurs each shard's originals once.
 * Wilson score interval, 95%: (p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n).
 * First-layer gain of δ: ‖W̃δ‖ / ‖δ‖, with W̃ the stem in pixel space; isotropic noise has
   gain ‖A‖_F / sqrt(C·H·W) (root mean square over draws, A the stem's whole operator).
@@ -15,12 +16,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import kornia
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from neaudit.device import chunks
 from neaudit.stem import FirstLayer
@@ -30,12 +33,7 @@ Z95 = 1.959963984540054
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB (inf for identical images)."""
-    return _per_chunk(_psnr, images, reference)
-
-
-def ssim(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per-image mean SSIM (Kornia, window 11)."""
-    return _per_chunk(_ssim, images, reference)
+    return torch.cat([_psnr(images[part], reference[part]) for part in chunks(images)])
 
 
 def _psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -43,17 +41,82 @@ def _psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(1.0 / mse)
 
 
-def _ssim(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    window = min(11, *images.shape[-2:]) // 2 * 2 - 1
-    return kornia.metrics.ssim(images, reference, window).flatten(1).mean(1)
+class SsimReference:
+    """Reference images with their local means and variances under SSIM's window, computed
+    once: an audit compares every attack's output with the same originals, and these are two
+    of the five blurs each comparison needs. Kept per cache-sized chunk on a CPU
+    (:func:`neaudit.device.chunks`), where full-batch temporaries would not stay in cache."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.parts = chunks(images)
+        self.moments = [_Moments.of(images[part]) for part in self.parts]
 
 
-def _per_chunk(metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-               images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """A per-image metric over cache-sized chunks on a CPU (:func:`neaudit.device.chunks`):
-    its full-batch temporaries would not stay in cache."""
-    return torch.cat([metric(images[part], reference[part])
-                      for part in chunks(images)])
+def ssim(images: torch.Tensor, reference: torch.Tensor | SsimReference) -> torch.Tensor:
+    """Per-image mean SSIM as Kornia computes it (Gaussian window 11, σ 1.5, reflect padding,
+    its arithmetic step for step); ``reference``: images, or a :class:`SsimReference` that
+    many comparisons share."""
+    if not isinstance(reference, SsimReference):
+        reference = SsimReference(reference)
+    return torch.cat([_ssim(images[part], moments)
+                      for part, moments in zip(reference.parts, reference.moments, strict=True)])
+
+
+_C1, _C2, _EPS = 0.01**2, 0.03**2, 1e-12  # Kornia's constants for a dynamic range of 1
+
+
+@dataclass(frozen=True)
+class _Moments:
+    """One chunk of reference images with its local mean μ₂, μ₂² and local variance σ₂²."""
+
+    images: torch.Tensor
+    mu: torch.Tensor
+    mu_sq: torch.Tensor
+    sigma_sq: torch.Tensor
+
+    @classmethod
+    def of(cls, images: torch.Tensor) -> _Moments:
+        mu = _blur(images)
+        mu_sq = mu * mu
+        return cls(images, mu, mu_sq, _blur(images * images).sub_(mu_sq))
+
+
+def _ssim(images: torch.Tensor, reference: _Moments) -> torch.Tensor:
+    """Kornia's SSIM map (``kornia.metrics.ssim``'s CPU path, the same operations in the same
+    order) with the reference's moments given, averaged per image."""
+    mu1 = _blur(images)
+    mu1_mu2 = mu1 * reference.mu
+    mu1_sq = mu1.pow_(2)
+    sigma1_sq = _blur(images * images).sub_(mu1_sq)
+    den = mu1_sq.add_(reference.mu_sq).add_(_C1).mul_(
+        sigma1_sq.add_(reference.sigma_sq).add_(_C2))
+    del mu1_sq, sigma1_sq
+    sigma12 = _blur(images * reference.images).sub_(mu1_mu2)
+    num = mu1_mu2.mul_(2.0).add_(_C1).mul_(sigma12.mul_(2.0).add_(_C2))
+    return num.div_(den.add_(_EPS)).mean(dim=(1, 2, 3))
+
+
+def _blur(images: torch.Tensor) -> torch.Tensor:
+    """SSIM's separable Gaussian blur with reflect padding, as Kornia runs it: two depthwise
+    convolutions, on channels-last copies on a CPU (oneDNN reorders NCHW images around every
+    depthwise convolution)."""
+    height, width = images.shape[-2:]
+    window = min(11, height, width) // 2 * 2 - 1
+    kernel = _gaussian(window, images.device, images.dtype)
+    if images.device.type == "cpu":
+        images = images.contiguous(memory_format=torch.channels_last)
+    channels, radius = images.shape[1], window // 2
+    with torch.autocast(images.device.type, enabled=False):
+        out = F.conv2d(F.pad(images, [radius, radius, 0, 0], mode="reflect"),
+                       kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+        return F.conv2d(F.pad(out, [0, 0, radius, radius], mode="reflect"),
+                        kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+@functools.lru_cache(maxsize=16)
+def _gaussian(window: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return kornia.filters.get_gaussian_kernel1d(window, 1.5, device=device,
+                                                dtype=dtype).flatten()
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:

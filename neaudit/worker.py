@@ -27,7 +27,7 @@ from neaudit.data import load_dataset
 from neaudit.dataset import Batch, ImageDataset
 from neaudit.device import resolve_device
 from neaudit.errors import DataError, NeauditError
-from neaudit.metrics import psnr, ssim
+from neaudit.metrics import SsimReference, psnr, ssim
 from neaudit.pipeline import span_loader
 from neaudit.plan import Task
 from neaudit.seeding import generator
@@ -172,6 +172,8 @@ class Worker:
         # the current shard's clean predictions, which every attack task of it is scored
         # against (``agreement``): kept from its clean task instead of read back per task
         self._clean: tuple[int, dict[str, np.ndarray]] | None = None
+        # the current shard's originals as SSIM's reference, blurred once for every attack
+        self._ssim_reference: tuple[int, SsimReference] | None = None
         # what predict() calls for each model: the model itself, or its compiled forward
         self.forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]] = dict(models)
 
@@ -261,7 +263,8 @@ class Worker:
         predictions = self.predict(images)
         record = {**self._describe(task), "models": self._counts(task, batch, predictions)}
         if batch.original is not None and task.attack != CLEAN:
-            record.update(_image_sums(images.clamp(0, 1), batch.original))
+            record.update(_image_sums(images.clamp(0, 1), batch.original,
+                                      self._reference(task.shard, batch.original)))
         arrays = None
         if task.attack == CLEAN:
             arrays = {array_name(spec): pred for spec, pred in predictions.items()}
@@ -270,6 +273,11 @@ class Worker:
                 *np.unique(pred, return_counts=True), strict=True)}
                 for spec, pred in predictions.items()}
         self.store.save(task.task_id, record, arrays)
+
+    def _reference(self, shard: int, originals: torch.Tensor) -> SsimReference:
+        if self._ssim_reference is None or self._ssim_reference[0] != shard:
+            self._ssim_reference = (shard, SsimReference(originals))
+        return self._ssim_reference[1]
 
     def _describe(self, task: Task) -> dict:
         if task.is_reference:
@@ -311,12 +319,13 @@ class Worker:
         return {**self._describe(task), **record}
 
 
-def _image_sums(images: torch.Tensor, originals: torch.Tensor) -> dict:
-    """PSNR and SSIM sums of an attacked batch against its clean originals, computed where
-    the images are and copied back as four numbers (the table's mean and interval add them
-    up over shards)."""
+def _image_sums(images: torch.Tensor, originals: torch.Tensor, reference: SsimReference
+                ) -> dict:
+    """PSNR and SSIM sums of an attacked batch against its clean originals (``reference``:
+    the same, blurred for SSIM), computed where the images are and copied back as four
+    numbers (the table's mean and interval add them up over shards)."""
     p = psnr(images, originals).clamp(max=100.0)
-    s = ssim(images, originals)
+    s = ssim(images, reference)
     sums = torch.stack([p.sum(), p.pow(2).sum(), s.sum(), s.pow(2).sum()]).tolist()
     return dict(zip(("psnr_sum", "psnr_sq_sum", "ssim_sum", "ssim_sq_sum"), sums,
                     strict=True)) | {"n_images": len(p)}

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from neaudit.metrics import (
+    SsimReference,
     above_chance,
     first_layer_gain,
     isotropic_gain,
@@ -55,6 +56,11 @@ def test_image_metrics_in_chunks_are_per_image(monkeypatch):
     expected = torch.stack([kornia.metrics.ssim(noisy[i:i + 1], clean[i:i + 1], 11).mean()
                             for i in range(len(clean))])
     assert torch.allclose(ssim(noisy, clean), expected, atol=1e-6)
+    # the originals blurred once and shared by several comparisons: the same figures
+    reference = SsimReference(clean)
+    for images in (noisy, noisy.flip(-1), clean):
+        assert torch.equal(ssim(images, reference), ssim(images, clean))
+    assert torch.allclose(ssim(clean, reference), torch.ones(len(clean)))
     alone = torch.cat([psnr(noisy[i:i + 1], clean[i:i + 1]) for i in range(len(clean))])
     assert torch.allclose(psnr(noisy, clean), alone)
 
