@@ -40,7 +40,7 @@ def read_image(path: str | Path, on_grid: bool = False) -> torch.Tensor:
     """
     try:
         with Image.open(path) as img:  # the header only: size and decompression-bomb checks
-            rgb = _rgb_png(path) if img.format == "PNG" and img.mode == "RGB" else None
+            rgb = _rgb_decoded(path, img.format) if img.mode == "RGB" else None
             if rgb is None:
                 img.load()
                 if img.mode in SIXTEEN_BIT_MODES or img.mode == "F":
@@ -57,14 +57,26 @@ def read_image(path: str | Path, on_grid: bool = False) -> torch.Tensor:
     return to_float(np.asarray(rgb)[None])[0]
 
 
-def _rgb_png(path: str | Path) -> np.ndarray | None:
-    """An 8-bit RGB PNG decoded by imagecodecs' libpng (1.36× Pillow's decoder per thread on
-    224×224 photos, the same pixels); None where it refuses or gives anything but H×W×3
-    uint8 (transparency, say), for Pillow to decode."""
+_DECODERS = {"PNG": (imagecodecs.png_decode, imagecodecs.PngError),
+             "JPEG": (imagecodecs.jpeg8_decode, imagecodecs.Jpeg8Error)}
+"""imagecodecs' libpng and libjpeg-turbo, by the format Pillow found in the header: the same
+pixels as Pillow's decoders (a test compares them), without Pillow's Python around each file.
+One thread on 2 cores: 224×224 PNG photos 1.36× Pillow's rate; 500×375 JPEG photos 1.02 against
+1.46–1.57 ms."""
+
+
+def _rgb_decoded(path: str | Path, image_format: str | None) -> np.ndarray | None:
+    """An 8-bit RGB PNG or JPEG decoded by imagecodecs (:data:`_DECODERS`); None for other
+    formats, and where it refuses or gives anything but H×W×3 uint8 (transparency, CMYK, 12
+    bits), for Pillow to decode."""
+    decoder = _DECODERS.get(image_format or "")
+    if decoder is None:
+        return None
+    decode, error = decoder
     try:
         with open(path, "rb") as handle:
-            array = imagecodecs.png_decode(handle.read())
-    except imagecodecs.PngError:
+            array = decode(handle.read())
+    except error:
         return None
     return array if array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3 else None
 

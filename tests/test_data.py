@@ -173,6 +173,35 @@ def test_rgb_pngs_read_as_pillow_reads_them(tmp_path):
         assert torch.equal(read_image(path), read_image(path, on_grid=True).float() / 255)
 
 
+def test_jpegs_read_as_pillow_reads_them(tmp_path):
+    """RGB JPEGs decode through imagecodecs' libjpeg-turbo with Pillow's pixels, whatever the
+    chroma subsampling, progressive or not, odd sizes; grey and CMYK JPEGs, which it does not
+    take, still read through Pillow."""
+    import numpy as np
+    from PIL import Image
+
+    from neaudit.data import builtin_dataset
+    from neaudit.imageio import _rgb_decoded, read_image
+
+    photo = builtin_dataset("samples", count=1, size=64).protected[0][:61, :57]
+    rgb = Image.fromarray(photo)
+    variants = {
+        "q75_420": (rgb, {"quality": 75}),
+        "q95_444": (rgb, {"quality": 95, "subsampling": 0}),
+        "q50_422": (rgb, {"quality": 50, "subsampling": 1}),
+        "progressive": (rgb, {"quality": 85, "progressive": True, "optimize": True}),
+        "grey": (rgb.convert("L"), {"quality": 90}),
+        "cmyk": (rgb.convert("CMYK"), {"quality": 90}),
+    }
+    for name, (image, options) in variants.items():
+        path = tmp_path / f"{name}.jpg"
+        image.save(path, "JPEG", **options)
+        assert (_rgb_decoded(path, "JPEG") is not None) == (image.mode == "RGB"), name
+        expected = np.asarray(Image.open(path).convert("RGB"))
+        got = read_image(path, on_grid=True).permute(1, 2, 0).numpy()
+        assert np.array_equal(got, expected), name
+
+
 def test_written_pngs_are_lossless_for_pillow_and_for_neaudit(tmp_path):
     """The fast PNG settings (run-length matching after the Paeth filter) stay lossless:
     Pillow and neaudit's reader get back every value, noise and photo alike."""
