@@ -64,24 +64,45 @@ def crops(count: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(rounds)[:count])
 
 
-def photos(folder: Path, count: int) -> Path:
-    """Clean inputs as a user's folder holds them: compressed PNGs (a stored PNG, which
-    ``protect`` writes by default, decodes 8× faster and would flatter the job)."""
-    with PngWriter(compression="deflate") as writer:
-        writer.write([folder / f"{i:05d}.png" for i in range(count)], crops(count)[:count])
+def photos(folder: Path, count: int, inputs: str = "png") -> Path:
+    """Clean inputs as a user's folder holds them: ``png``, the 224×224 crops as compressed
+    PNGs (a stored PNG, which ``protect`` writes by default, decodes 8× faster and would
+    flatter the job); ``jpeg``, photos of ImageNet's sizes (375×500, 333×500, 427×320,
+    400×400) as JPEGs of quality 90, which the job decodes and resizes to 224×224."""
+    if inputs == "png":
+        with PngWriter(compression="deflate") as writer:
+            writer.write([folder / f"{i:05d}.png" for i in range(count)], crops(count)[:count])
+        return folder
+    from sklearn.datasets import load_sample_images
+
+    sources, rng = load_sample_images().images, np.random.default_rng(0)
+    sizes = [(375, 500), (333, 500), (427, 320), (400, 400)]
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(i: int) -> None:
+        source, (height, width) = sources[i % 2], sizes[i % len(sizes)]
+        top, left = (int(rng.integers(0, source.shape[k] - side + 1))
+                     for k, side in ((0, height), (1, width)))
+        crop = np.ascontiguousarray(source[top:top + height, left:left + width])
+        (folder / f"{i:05d}.jpg").write_bytes(imagecodecs.jpeg8_encode(crop, level=90))
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(write, range(count)))
     return folder
 
 
 def decode_capacity(folder: Path, count: int = 2048) -> dict[int, float]:
-    """Images a second that imagecodecs alone decodes from ``count`` of ``folder``'s PNGs
+    """Images a second that imagecodecs alone decodes from ``count`` of ``folder``'s images
     (bytes read beforehand) in 1 thread and in a thread per core: what the host's cores give
-    reading, with no Python, torch or process around the decoder."""
-    blobs = [path.read_bytes() for path in sorted(folder.glob("*.png"))[:count]]
+    reading, with no Python, torch, resizing or process around the decoder."""
+    files = sorted(folder.iterdir())[:count]
+    decode = imagecodecs.png_decode if files[0].suffix == ".png" else imagecodecs.jpeg8_decode
+    blobs = [path.read_bytes() for path in files]
     rates = {}
     for threads in sorted({1, os.cpu_count() or 1}):
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(imagecodecs.png_decode, blobs[:threads]))  # started and warm
-            seconds = timed(lambda: list(pool.map(imagecodecs.png_decode, blobs)))
+            list(pool.map(decode, blobs[:threads]))  # started and warm
+            seconds = timed(lambda: list(pool.map(decode, blobs)))
         rates[threads] = len(blobs) / seconds
     return rates
 
@@ -114,22 +135,23 @@ def profiled(fn) -> None:
 
 
 def protect_bench(tmp: Path, count: int, device: str, batch: int, writers: str,
-                  compressions: list[str]) -> None:
+                  compressions: list[str], inputs: str) -> None:
     for processes in {"both": (True, False), "processes": (True,), "threads": (False,)}[writers]:
         for compression in compressions:
             pipeline.WRITER_PROCESSES = processes
             print(f"PNG writers: {'processes' if processes else 'threads'}, PNG compression: "
                   f"{compression}")
             protect_once(tmp / f"writers-{processes}-{compression}", count, device, batch,
-                         compression)
+                         compression, inputs)
     pipeline.WRITER_PROCESSES = True
 
 
-def protect_once(tmp: Path, count: int, device: str, batch: int, compression: str) -> None:
-    data = photos(tmp / "clean", count)
-    small = photos(tmp / "small", max(batch, count // 8))
+def protect_once(tmp: Path, count: int, device: str, batch: int, compression: str,
+                 inputs: str) -> None:
+    data = photos(tmp / "clean", count, inputs)
+    small = photos(tmp / "small", max(batch, count // 8), inputs)
     options = {"device": device, "batch_size": batch, "png_compression": compression}
-    protect(photos(tmp / "warm", 8), VIT_B, tmp / "warm-out", **options)
+    protect(photos(tmp / "warm", 8, inputs), VIT_B, tmp / "warm-out", **options)
     job = timed(lambda: protect(data, VIT_B, tmp / "ne", **options))
     profiled(lambda: protect(data, VIT_B, tmp / "ne-profiled", **options))
     # the same job on fewer images: the difference is the per-image rate once set up
@@ -146,7 +168,8 @@ def protect_once(tmp: Path, count: int, device: str, batch: int, compression: st
     # the reading floor: the job's reader processes decoding the same inputs, nothing else
     def read_all(readers: int | None = None) -> float:
         return timed(lambda: sum(len(b.index) for b in read_ahead(
-            load_dataset(data), batch, readers, pin_memory=device == "cuda", on_grid=True)))
+            load_dataset(data, resize=(224, 224)), batch, readers, pin_memory=device == "cuda",
+            on_grid=True)))
 
     reading = read_all()
     # how reading scales with reader processes (each decodes with its share of the cores)
@@ -171,9 +194,10 @@ def protect_once(tmp: Path, count: int, device: str, batch: int, compression: st
     # cannot overlap into more than the cores give: the limit is the sum of an image's times
     bare = 1 / ((kernel + floor) / count)
     shared = 1 / ((reading + kernel + measuring + floor) / count)
-    print(f"protect ViT-B/16 224×224, {count} PNGs in → PNG NEs out ({compression}), batch "
-          f"{batch}, {device}:")
-    print(f"  job {count / job:,.0f} img/s | PNG-reading floor {count / reading:,.0f} img/s | "
+    given = "224×224 PNGs" if inputs == "png" else "JPEGs of ImageNet's sizes, resized"
+    print(f"protect ViT-B/16 224×224, {count} {given} in → PNG NEs out ({compression}), "
+          f"batch {batch}, {device}:")
+    print(f"  job {count / job:,.0f} img/s | reading floor {count / reading:,.0f} img/s | "
           f"PNG-writing floor {count / floor:,.0f} img/s | recoding kernel {count / kernel:,.0f}"
           f" img/s | measuring {count / measuring:,.0f} img/s | job / writing floor = "
           f"{floor / job:.2f} | job / slowest stage = {max(reading, floor, kernel) / job:.2f}")
@@ -294,6 +318,9 @@ def main() -> None:
                         help="PNG writer kinds to time protect with")
     parser.add_argument("--png-compression", nargs="+", default=["none"],
                         choices=("none", "deflate"), help="protect's PNG settings to time")
+    parser.add_argument("--inputs", choices=("png", "jpeg"), default="png",
+                        help="protect's clean inputs: 224×224 PNGs, or JPEGs of ImageNet's "
+                             "sizes that the job resizes")
     parser.add_argument("--profile", action="store_true", help="cProfile the two jobs")
     parser.add_argument("--compile-models", action="store_true",
                         help="time the audit with torch.compile'd forwards (bare loop too)")
@@ -308,7 +335,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.skip != "protect":
             protect_bench(Path(tmp), args.images, args.device, args.batch, args.writers,
-                          args.png_compression)
+                          args.png_compression, args.inputs)
         if args.skip != "audit":
             audit_bench(Path(tmp), args.audit_images or args.images, args.device, args.suite,
                         args.batch, args.compile_models)

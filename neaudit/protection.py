@@ -107,10 +107,10 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     if isinstance(authorized, str):
         authorized = split_name(authorized)[1]  # a display name does not name the weights
     model = create_model(authorized, dataset.class_names).to(torch_device)
-    check_model(model, next(dataset.batches(min(4, len(dataset)))).protected)
     size = tuple(model.input_size or dataset.image_shape)
     if tuple(dataset.image_shape) != size:  # recode at the resolution the stem sees
         dataset = replace(dataset, resize=size)
+    check_model(model, next(dataset.batches(min(4, len(dataset)))).protected)
     layer = first_layer(model, size)
     if l2 is not None:  # the PSNR of a perturbation with this norm: one target for every image
         psnr = _l2_psnr(l2, size)

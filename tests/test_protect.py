@@ -203,3 +203,19 @@ def test_png_compression_changes_the_bytes_not_the_pixels(image_folder: Path, tm
     assert main(["protect", str(image_folder / "original"), "--authorized", vit_spec, "--out",
                  str(tmp_path / "cli"), "--png-compression", "fast"]) == 2
     assert "Fix: use none or deflate" in capsys.readouterr().err
+
+
+def test_photos_of_mixed_sizes_are_recoded_at_the_size_the_model_takes(tmp_path, vit_spec):
+    """A folder of photos in several sizes (as ImageNet's are), for a model with a fixed input
+    size: every image is resized to it, from the model check on, and written at that size."""
+    from PIL import Image
+
+    from neaudit.data import builtin_dataset
+
+    photo = builtin_dataset("samples", count=1, size=96).protected[0]
+    for i, (height, width) in enumerate([(75, 96), (96, 80), (64, 64)]):
+        Image.fromarray(photo[:height, :width]).save(tmp_path / f"{i}.jpg", quality=90)
+    result = protect(tmp_path, vit_spec, tmp_path.parent / "mixed-out", key=1)
+    written = sorted((result.out / "protected").glob("*.png"))
+    assert [Image.open(p).size for p in written] == [(64, 64)] * 3
+    assert result.sidecar["params"]["image_size"] == [64, 64]
