@@ -60,7 +60,8 @@ def measure(layer: FirstLayer, noise_gain: float, clean: torch.Tensor,
     }
     if floats is not None:
         frame["psnr_float"] = measured_psnr(floats, clean)
-    return pd.DataFrame({k: v.detach().float().cpu().numpy() for k, v in frame.items()})
+    values = torch.stack([v.detach().float() for v in frame.values()]).cpu().numpy()
+    return pd.DataFrame(dict(zip(frame, values, strict=True)))  # one copy back, not one a column
 
 
 PREVIEW_BATCH = 256

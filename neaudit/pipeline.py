@@ -66,7 +66,13 @@ def on_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     some levels, and a different input is a different NE."""
     if device.type == "cpu":
         return images.to(torch.float32).div_(255.0)
-    return _LEVELS.to(device)[images.to(device, non_blocking=True).long()]
+    return _levels_on(device)[images.to(device, non_blocking=True).long()]
+
+
+@functools.lru_cache(maxsize=4)
+def _levels_on(device: torch.device) -> torch.Tensor:
+    """:data:`_LEVELS` on ``device``, copied there once (not once per batch)."""
+    return _LEVELS.to(device)
 
 
 def span_loader(dataset, spans: Sequence[tuple[int, int]], workers: int,
