@@ -1,9 +1,11 @@
 """End-to-end throughput of the jobs users run, each beside its own limit measured in the
 same process:
 
-* ``protect``: PNG files in, PNG NEs out (ViT-B/16 stem at 224×224, protected images only),
-  against the PNG-writing floor (the same images written by the same writer threads) and the
-  recoding kernel alone;
+* ``protect``: image files in (224×224 PNGs, or with ``--inputs jpeg`` JPEGs of ImageNet's
+  sizes to resize), PNG NEs out (ViT-B/16 stem at 224×224, protected images only), against
+  the PNG-writing floor (the same images written by the same writers), the reading floor (the
+  job's readers alone, and imagecodecs' own decoding rate), the recoding kernel alone and the
+  fidelity measurement alone;
 * ``audit``: a release at 224×224 against ImageNet-size models (ResNet-50 authorized,
   ConvNeXt-T, ViT-S/16) and a suite without training attacks, against a bare loop doing the
   same attacks and the same forwards (same precision, same device) with no engine around them;
@@ -40,7 +42,7 @@ from neaudit.imageio import quantize, to_float, write_png
 from neaudit.metrics import isotropic_gain
 from neaudit.ne import subspace_recode
 from neaudit.pipeline import PngWriter, read_ahead
-from neaudit.protection import protect
+from neaudit.protection import FIDELITY_IMAGES, protect
 from neaudit.spectral import low_sensitivity_subspace
 from neaudit.stem import first_layer
 from neaudit.zoo import create_model
@@ -149,7 +151,10 @@ def protect_bench(tmp: Path, count: int, device: str, batch: int, writers: str,
 def protect_once(tmp: Path, count: int, device: str, batch: int, compression: str,
                  inputs: str) -> None:
     data = photos(tmp / "clean", count, inputs)
-    small = photos(tmp / "small", max(batch, count // 8), inputs)
+    # the shorter job previews as many images as the long one (the authorized model's three
+    # forwards an image are a fixed cost, large on a CPU)
+    shorter = max(batch, count // 8, FIDELITY_IMAGES)
+    small = photos(tmp / "small", shorter, inputs)
     options = {"device": device, "batch_size": batch, "png_compression": compression}
     protect(photos(tmp / "warm", 8, inputs), VIT_B, tmp / "warm-out", **options)
     job = timed(lambda: protect(data, VIT_B, tmp / "ne", **options))
@@ -210,11 +215,11 @@ def protect_once(tmp: Path, count: int, device: str, batch: int, compression: st
                                                         for n, rate in capacity.items()))
     if extra < 0.05 * job:
         print(f"  per image once set up: not measurable, fixed costs dominate ({count} images "
-              f"took {job:.1f} s, {max(batch, count // 8)} took {short:.1f} s)")
+              f"took {job:.1f} s, {shorter} took {short:.1f} s)")
         return
-    marginal = (count - max(batch, count // 8)) / extra
+    marginal = (count - shorter) / extra
     print(f"  per image once set up: {marginal:,.0f} img/s (job on {count} vs "
-          f"{max(batch, count // 8)} images; fixed cost {job - count / marginal:.1f} s) | "
+          f"{shorter} images; fixed cost {job - count / marginal:.1f} s) | "
           f"that / writing floor = {marginal * floor / count:.2f} | that / slowest stage = "
           f"{marginal * max(reading, floor, kernel) / count:.2f} | that / shared-core limit "
           f"with reading and measuring = {marginal / shared:.2f} (recoding and writing only: "
