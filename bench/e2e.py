@@ -110,6 +110,7 @@ def decode_capacity(folder: Path, count: int = 2048) -> dict[int, float]:
 
 
 PROFILE = False
+READER_SWEEP = True
 
 
 def timed(fn) -> float:
@@ -178,7 +179,8 @@ def protect_once(tmp: Path, count: int, device: str, batch: int, compression: st
 
     reading = read_all()
     # how reading scales with reader processes (each decodes with its share of the cores)
-    sweep = {n: count / read_all(n) for n in (1, 2, 4, 8) if n <= (os.cpu_count() or 1)}
+    sweep = {n: count / read_all(n) for n in (1, 2, 4, 8)
+             if READER_SWEEP and n <= (os.cpu_count() or 1)}
     capacity = decode_capacity(data)
     model = create_model(VIT_B).to(device)
     layer = first_layer(model)
@@ -327,14 +329,16 @@ def main() -> None:
                         help="protect's clean inputs: 224×224 PNGs, or JPEGs of ImageNet's "
                              "sizes that the job resizes")
     parser.add_argument("--profile", action="store_true", help="cProfile the two jobs")
+    parser.add_argument("--reader-sweep", action=argparse.BooleanOptionalAction, default=True,
+                        help="time protect's reading floor with 1, 2, 4 and 8 reader processes")
     parser.add_argument("--compile-models", action="store_true",
                         help="time the audit with torch.compile'd forwards (bare loop too)")
     parser.add_argument("--zoo", help="comma-separated model specs for the audit, authorized "
                         "first (default: ResNet-50, ConvNeXt-T, ViT-S/16); small models on a "
                         "CPU show the engine's own overhead, as a fast GPU would")
     args = parser.parse_args()
-    global PROFILE, ZOO
-    PROFILE = args.profile
+    global PROFILE, READER_SWEEP, ZOO
+    PROFILE, READER_SWEEP = args.profile, args.reader_sweep
     ZOO = args.zoo.split(",") if args.zoo else ZOO
     flops(args.device)
     with tempfile.TemporaryDirectory() as tmp:

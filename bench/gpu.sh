@@ -23,7 +23,7 @@ step python3 bench/e2e.py --device cuda --images 4096 --audit-images 512 --suite
   --writers processes --png-compression none deflate --profile
 # protect on a longer job (fixed costs amortized as on a release): 16,384 images, stored PNGs
 step python3 bench/e2e.py --device cuda --images 16384 --batch 256 --skip audit \
-  --writers processes --png-compression none
+  --writers processes --png-compression none --no-reader-sweep
 # protect on photos of ImageNet's sizes as JPEGs, decoded and resized by the readers
 step python3 bench/e2e.py --device cuda --images 4096 --batch 256 --skip audit \
   --writers processes --png-compression none --inputs jpeg
