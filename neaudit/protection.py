@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -300,12 +301,16 @@ def _refuse_foreign_files(out: Path, names: list[str]) -> None:
     for folder in (out / PROTECTED_DIR, out / ORIGINAL_DIR):
         if not folder.is_dir():
             continue
-        extra = [f for f in sorted(folder.rglob("*")) if f.is_file()
-                 and f.relative_to(folder).as_posix() not in planned]
+        extra = []  # walked on strings: a re-run's folder may hold a million files
+        for parent, _, files in os.walk(folder):  # links to folders are not followed
+            relative = os.path.relpath(parent, folder).replace(os.sep, "/")
+            prefix = "" if relative == "." else f"{relative}/"
+            extra += [os.path.join(parent, f) for f in files if f"{prefix}{f}" not in planned
+                      and os.path.isfile(os.path.join(parent, f))]
         if extra:
             raise NeauditError(f"{out}: {folder.name}/ already holds {len(extra)} file(s) this "
-                               f"run would not write, e.g. {extra[0]}. Fix: choose a new --out "
-                               "folder, or delete the old one.")
+                               f"run would not write, e.g. {min(extra)}. Fix: choose a new "
+                               "--out folder, or delete the old one.")
 
 
 def _write_npz(out: Path, dataset: ImageDataset, protected: np.ndarray,

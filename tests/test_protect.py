@@ -219,3 +219,24 @@ def test_photos_of_mixed_sizes_are_recoded_at_the_size_the_model_takes(tmp_path,
     written = sorted((result.out / "protected").glob("*.png"))
     assert [Image.open(p).size for p in written] == [(64, 64)] * 3
     assert result.sidecar["params"]["image_size"] == [64, 64]
+
+
+def test_files_left_in_out_by_another_run_are_found_at_any_depth(tmp_path):
+    """``protect`` refuses an ``--out`` whose image folders hold files it would not write,
+    in class folders too; links to folders are not followed and dangling links are no files."""
+    from neaudit.errors import NeauditError
+    from neaudit.protection import _refuse_foreign_files
+
+    names = ["a/1.png", "b/2.png", "3.png"]
+    for name in names:
+        (tmp_path / "out" / "protected" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / "protected" / name).write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "9.png").write_bytes(b"x")
+    (tmp_path / "out" / "protected" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "out" / "protected" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    _refuse_foreign_files(tmp_path / "out", names)  # only planned files and links: accepted
+    (tmp_path / "out" / "original" / "b").mkdir(parents=True)
+    (tmp_path / "out" / "original" / "b" / "stale.png").write_bytes(b"x")
+    with pytest.raises(NeauditError, match=r"original/ already holds 1 file.*b/stale\.png"):
+        _refuse_foreign_files(tmp_path / "out", names)
