@@ -113,7 +113,8 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     worker = build_worker(recipe, dataset)
     worker.names = names
     tasks = plan(worker.dataset, entries, batch_size)
-    pending = [t for t in tasks if not worker.store.done(t.task_id)][:stop_after]
+    finished = worker.store.finished()
+    pending = [t for t in tasks if t.task_id not in finished][:stop_after]
     if loader_workers:
         worker.prefetch(pending, loader_workers)
     phases = {"setup": time.time() - started}
@@ -152,7 +153,8 @@ def _finish(worker, tasks, entries: Sequence[SuiteEntry]) -> tuple[pd.DataFrame,
     records = store.records()
     table = build_table(records, roles, worker.score_metric, num_classes, worker.names)
     summary = summarize(table, worker.score_metric)
-    summary["complete"] = all(store.done(t.task_id) for t in tasks)
+    finished = store.finished()
+    summary["complete"] = all(t.task_id in finished for t in tasks)
     if summary["complete"]:
         summary["diagnostics"] = validity.diagnostics(worker, records, tasks)
     if any(e.attack == "surrogate_projection" for e in entries):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import platform
 from dataclasses import asdict
 from pathlib import Path
@@ -44,6 +45,11 @@ class ResultStore:
 
     def done(self, key: str) -> bool:
         return (self.tasks_dir / f"{key}.json").is_file()
+
+    def finished(self) -> set[str]:
+        """The keys of every finished task, from one listing (an ImageNet audit has half a
+        million tasks: a ``stat`` each took seconds)."""
+        return {name[:-5] for name in os.listdir(self.tasks_dir) if name.endswith(".json")}
 
     def save(self, key: str, record: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
         """Arrays first, record last: a record on disk means the task is complete."""
