@@ -244,7 +244,7 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
             # the originals as read, already uint8 on the host: nothing copied back
             clean_images = batch.protected.permute(0, 2, 3, 1).numpy() if save_originals else None
             if output_format == "npz":
-                written.append(images)
+                written.append(images.copy())  # kept to the end: out of pinned memory
                 originals.append(clean_images)
                 continue
             batch_names = names[int(batch.index[0]):int(batch.index[-1]) + 1]
