@@ -102,6 +102,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     refuse_overlap(out, dataset.input_roots())
     names = _output_names(dataset) if output_format == "png" else []
     _refuse_foreign_files(out, names)
+    trees = _output_trees(out, names, save_originals)
     torch_device = resolve_device(device)
     if batch_size is None:
         batch_size = CUDA_BATCH_SIZE if torch_device.type == "cuda" else 32
@@ -122,7 +123,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     noise_key = secrets.randbits(63) if key is None else key
     recoding = _Recoding(model, layer, space, method, psnr, noise_key, seed, tau,
                          patch_fraction, fidelity_images, isotropic_gain(layer, (3, *size)))
-    per_image, digests = _recode_all(dataset, recoding, out, names, batch_size,
+    per_image, digests = _recode_all(dataset, recoding, out, names, trees, batch_size,
                                      save_originals, output_format, png_compression)
     summary = {col: float(per_image[col].mean()) for col in per_image.columns if col != "name"}
     summary["min_gain"] = space.min_gain if space is not None else float("nan")
@@ -222,17 +223,17 @@ class _Recoding:
 
 
 def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
-                names: list[str], batch_size: int, save_originals: bool,
-                output_format: str, png_compression: str
-                ) -> tuple[pd.DataFrame, dict[str, str]]:
+                names: list[str], trees: dict[str, OutputTree], batch_size: int,
+                save_originals: bool, output_format: str, png_compression: str
+                ) -> tuple[pd.DataFrame, list[str]]:
     """Recode and write every batch, the next batch decoded and the previous ones written
     while the device works on the current one; returns the per-image fidelity table and the
-    SHA-256 of every PNG written, by the path it was written to."""
+    SHA-256 of each protected PNG, in the order of ``names``."""
     device = recoding.model.mean.device
     preview = ModelPreview(recoding.model, recoding.seed,
                            fidelity_sample(len(dataset), recoding.fidelity_images))
     rows, written, originals = [], [], []
-    protected_tree, original_tree = OutputTree(out / PROTECTED_DIR), OutputTree(out / ORIGINAL_DIR)
+    protected_tree, original_tree = trees[PROTECTED_DIR], trees[ORIGINAL_DIR]
     with PngWriter(compression=png_compression) as writer:
         for batch in read_ahead(dataset, batch_size, pin_memory=device.type == "cuda",
                                 on_grid=True):
@@ -256,7 +257,7 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
     if output_format == "npz":
         _write_npz(out, dataset, np.concatenate(written),
                    np.concatenate(originals) if save_originals else None)
-    return per_image, writer.digests
+    return per_image, [writer.digests[protected_tree.path(name)] for name in names]
 
 
 def _output_names(dataset: ImageDataset) -> list[str]:
@@ -292,6 +293,17 @@ def _png_name(relative: str) -> str:
     dot = file.rfind(".")
     stem = file[:dot] if 0 < dot < len(file) - 1 else file
     return f"{folder}{slash}{stem}.png"
+
+
+def _output_trees(out: Path, names: list[str], save_originals: bool
+                  ) -> dict[str, OutputTree]:
+    """The output folders, every file's folder checked for symlinks leading out of ``out``
+    before any work (:class:`neaudit.paths.OutputTree`)."""
+    trees = {kind: OutputTree(out / kind) for kind in (PROTECTED_DIR, ORIGINAL_DIR)}
+    for kind in (PROTECTED_DIR, ORIGINAL_DIR) if save_originals else (PROTECTED_DIR,):
+        for name in names:
+            trees[kind].path(name)
+    return trees
 
 
 def _refuse_foreign_files(out: Path, names: list[str]) -> None:
@@ -331,12 +343,12 @@ def _write_npz(out: Path, dataset: ImageDataset, protected: np.ndarray,
 
 def _sidecar(out: Path, dataset: ImageDataset, model: ImageClassifier, method: str,
              params: dict, summary: dict, names: list[str],
-             digests: dict[str, str]) -> dict:
+             digests: list[str]) -> dict:
     """``hashes.sha256`` of exactly the files this run wrote (PNGs hashed by their writers
     as they wrote them), and ``neaudit.json``."""
     if names:
-        tree = OutputTree(out / PROTECTED_DIR)
-        lines = [f"{digests[tree.path(name)]}  {PROTECTED_DIR}/{name}" for name in names]
+        lines = [f"{digest}  {PROTECTED_DIR}/{name}"
+                 for digest, name in zip(digests, names, strict=True)]
     else:
         npz = out / RELEASE_NPZ
         lines = [f"{sha256_file(npz)}  {npz.relative_to(out).as_posix()}"]

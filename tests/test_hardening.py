@@ -399,6 +399,8 @@ def test_a_symlink_in_out_leading_outside_is_refused_and_nothing_written_there(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "leads outside" in err and "protected/a" in err
     assert not outside.exists() or not any(outside.iterdir())
+    # refused before any work: nothing written, not even into the folders that were safe
+    assert sorted(p.name for p in out.rglob("*")) == ["a", "protected"]
 
 
 def test_output_names_follow_pathlib_and_stay_under_the_folder():
