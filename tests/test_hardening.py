@@ -394,6 +394,7 @@ def test_a_symlink_in_out_leading_outside_is_refused_and_nothing_written_there(
     out = tmp_path / "out"
     (out / "protected").mkdir(parents=True)
     (out / "protected" / "a").symlink_to(outside, target_is_directory=True)
+    before = _tree(inputs)
     assert main(["protect", str(inputs / "images"), "--authorized", AUTH, "--out",
                  str(out)]) == 2
     err = capsys.readouterr().err.strip()
@@ -401,6 +402,7 @@ def test_a_symlink_in_out_leading_outside_is_refused_and_nothing_written_there(
     assert not outside.exists() or not any(outside.iterdir())
     # refused before any work: nothing written, not even into the folders that were safe
     assert sorted(p.name for p in out.rglob("*")) == ["a", "protected"]
+    assert _tree(inputs) == before
 
 
 def test_output_names_follow_pathlib_and_stay_under_the_folder():

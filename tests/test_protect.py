@@ -215,7 +215,9 @@ def test_photos_of_mixed_sizes_are_recoded_at_the_size_the_model_takes(tmp_path,
     photo = builtin_dataset("samples", count=1, size=96).protected[0]
     for i, (height, width) in enumerate([(75, 96), (96, 80), (64, 64)]):
         Image.fromarray(photo[:height, :width]).save(tmp_path / f"{i}.jpg", quality=90)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     result = protect(tmp_path, vit_spec, tmp_path.parent / "mixed-out", key=1)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # inputs untouched
     written = sorted((result.out / "protected").glob("*.png"))
     assert [Image.open(p).size for p in written] == [(64, 64)] * 3
     assert result.sidecar["params"]["image_size"] == [64, 64]
