@@ -44,6 +44,7 @@ def test_ray_gives_the_local_table(cluster, release, tmp_path):
     pd.testing.assert_frame_equal(local, remote)
 
 
+@pytest.mark.slow  # 18 s of the default run's 5 minutes; the other Ray tests stay default
 def test_a_killed_worker_is_replaced_without_duplicate_or_missing_rows(cluster, release,
                                                                        tmp_path):
     executor = RayExecutor(workers=2)
