@@ -38,23 +38,41 @@ def read_image(path: str | Path, on_grid: bool = False) -> torch.Tensor:
     images rounded to the grid): for jobs that work on the uint8 grid anyway (``protect``),
     8-bit files then skip the float conversion.
     """
+    return as_read(read_pixels(path), on_grid)
+
+
+def read_pixels(path: str | Path) -> torch.Tensor:
+    """A file's pixels as decoded, (3, H, W): uint8 for 8-bit images (a view of the decoder's
+    H×W×3 array, not a copy), float in [0, 1] for 16-bit and float ones."""
     try:
         with Image.open(path) as img:  # the header only: size and decompression-bomb checks
             rgb = _rgb_decoded(path, img.format) if img.mode == "RGB" else None
             if rgb is None:
                 img.load()
                 if img.mode in SIXTEEN_BIT_MODES or img.mode == "F":
-                    image = _high_depth(path, img)
-                    return to_grid(image) if on_grid else image
-                rgb = img.convert("RGB")
+                    return _high_depth(path, img)
+                rgb = np.array(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(
             f"{path}: cannot read this image ({exc}). Fix: replace or remove the file, "
             "or list only readable files in a manifest."
         ) from exc
-    if on_grid:
-        return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
-    return to_float(np.asarray(rgb)[None])[0]
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
+def as_read(pixels: torch.Tensor, on_grid: bool = False, into: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """:func:`read_pixels`' output as :func:`read_image` returns it: float in [0, 1], or
+    uint8 on the grid with ``on_grid``; written into ``into`` (its dtype decides) when given,
+    which spares a batch its per-image temporaries."""
+    if into is None:
+        if pixels.dtype == torch.uint8:
+            return pixels if on_grid else pixels.float().div_(255.0)
+        return to_grid(pixels) if on_grid else pixels
+    if into.dtype == torch.uint8:
+        return into.copy_(pixels if pixels.dtype == torch.uint8 else to_grid(pixels))
+    into.copy_(pixels)
+    return into.div_(255.0) if pixels.dtype == torch.uint8 else into
 
 
 _DECODERS = {"PNG": (imagecodecs.png_decode, imagecodecs.PngError),

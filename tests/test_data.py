@@ -69,8 +69,8 @@ def test_streaming_reads_only_the_requested_batch(image_folder: Path, monkeypatc
     import neaudit.dataset as data
 
     calls = []
-    real = data.read_image
-    monkeypatch.setattr(data, "read_image", lambda p, *grid: calls.append(p) or real(p, *grid))
+    real = data.read_pixels
+    monkeypatch.setattr(data, "read_pixels", lambda p: calls.append(p) or real(p))
     dataset = load_dataset(image_folder / "protected")
     next(dataset.batches(3))
     assert len(calls) == 6  # 3 protected + 3 originals, nothing more

@@ -173,3 +173,19 @@ def test_uint8_copy_back_through_pinned_memory_matches_cpu_and_is_not_reused_whi
     kept = first.copy()
     second = to_uint8(torch.zeros_like(images).cuda())  # a block freed now could be reused
     assert not second.any() and (first == kept).all()
+
+
+def test_read_ahead_batches_arrive_in_pinned_memory(tmp_path):
+    """The readers' batches reach the device thread pinned, so their copies to the GPU do not
+    block it (a DataLoader hands an unknown type back unpinned)."""
+    from neaudit.data import builtin_dataset, load_dataset
+    from neaudit.imageio import write_png
+    from neaudit.pipeline import read_ahead
+
+    for i, image in enumerate(builtin_dataset("samples", count=6, size=32).protected):
+        write_png(tmp_path / "clean" / f"{i}.png", image)
+    dataset = load_dataset(tmp_path / "clean")
+    for on_grid in (True, False):
+        batches = list(read_ahead(dataset, 4, workers=1, pin_memory=True, on_grid=on_grid))
+        assert [len(b.index) for b in batches] == [4, 2]
+        assert all(b.protected.is_pinned() and b.index.is_pinned() for b in batches)

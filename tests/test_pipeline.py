@@ -36,3 +36,61 @@ def test_a_failed_write_is_raised_when_the_writer_closes(tmp_path: Path):
         writer.write([tmp_path / f"{i}.png" for i in range(3)] + [tmp_path / "taken.png"],
                      images)
     assert not _RINGS
+
+
+def test_batches_pin_every_tensor_and_keep_the_rest(monkeypatch):
+    """A DataLoader pins what it is handed through the type's own ``pin_memory``; on a machine
+    without CUDA, pinning is stood in for by a marked copy."""
+    import torch
+
+    from neaudit.dataset import Batch
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory",
+                        lambda self: pinned.append(self) or self.clone())
+    batch = Batch(torch.arange(2), torch.rand(2, 3, 4, 4), None, torch.tensor([1, 0]),
+                  ["a", "b"])
+    out = batch.pin_memory()
+    assert len(pinned) == 3 and out.original is None and out.names == ["a", "b"]
+    assert all(torch.equal(getattr(out, name), getattr(batch, name))
+               and getattr(out, name) is not getattr(batch, name)
+               for name in ("index", "protected", "labels"))
+
+
+def test_readers_fill_batches_in_shared_memory_with_what_one_file_reads(tmp_path: Path):
+    """A reader process decodes straight into a batch in shared memory (nothing is copied to
+    hand it over), and every batch holds what reading each file alone gives: 8-bit RGB
+    (imagecodecs), grey (Pillow), 16-bit, and a larger photo resized, as floats and on the
+    grid."""
+    import torch
+    from PIL import Image
+
+    from neaudit.data import builtin_dataset, load_dataset
+    from neaudit.dataset import _batch_buffer
+    from neaudit.imageio import to_grid
+    from neaudit.pipeline import read_ahead
+
+    photos = builtin_dataset("samples", count=3, size=48).protected
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(photos[0][:32, :32]).save(folder / "0-rgb.png")
+    Image.fromarray(photos[1][:32, :32, 0]).save(folder / "1-grey.png")
+    Image.fromarray(photos[2][:32, :32, 1].astype(np.uint16) * 257).save(folder / "2-deep.png")
+    Image.fromarray(photos[2]).save(folder / "3-large.jpg", quality=90)
+    dataset = load_dataset(folder, resize=(32, 32))
+    singles = torch.stack([dataset._fit_one(read_image(path), path)
+                           for path in dataset.protected])
+
+    floats = next(dataset.batches(4)).protected
+    grid = next(dataset.batches(4, on_grid=True)).protected
+    assert floats.dtype == torch.float32 and grid.dtype == torch.uint8
+    assert torch.equal(floats, singles)
+    assert torch.equal(grid, to_grid(singles))
+    in_worker = torch.utils.data.DataLoader(
+        [(2, 3, 8, 8)], batch_size=None, num_workers=1,
+        collate_fn=lambda shape: _batch_buffer(shape, torch.uint8).is_shared())
+    assert list(in_worker) == [True]
+    assert not _batch_buffer((2, 3, 8, 8), torch.uint8).is_shared()
+    for on_grid, expected in ((False, floats), (True, grid)):
+        [batch] = list(read_ahead(dataset, 4, workers=1, on_grid=on_grid))
+        assert torch.equal(batch.protected, expected)
