@@ -260,11 +260,15 @@ class Worker:
         images = batch.original if task.attack == CLEAN else batch.protected
         if not task.is_reference:
             images = self.attack(task, images, batch.original)
+        sums = None  # queued on the device ahead of the forwards: one wait serves both
+        if batch.original is not None and task.attack != CLEAN:
+            sums = _image_sums(images.clamp(0, 1), batch.original,
+                               self._reference(task.shard, batch.original))
         predictions = self.predict(images)
         record = {**self._describe(task), "models": self._counts(task, batch, predictions)}
-        if batch.original is not None and task.attack != CLEAN:
-            record.update(_image_sums(images.clamp(0, 1), batch.original,
-                                      self._reference(task.shard, batch.original)))
+        if sums is not None:
+            record.update(zip(("psnr_sum", "psnr_sq_sum", "ssim_sum", "ssim_sq_sum"),
+                              sums.tolist(), strict=True), n_images=len(images))
         arrays = None
         if task.attack == CLEAN:
             arrays = {array_name(spec): pred for spec, pred in predictions.items()}
@@ -320,12 +324,10 @@ class Worker:
 
 
 def _image_sums(images: torch.Tensor, originals: torch.Tensor, reference: SsimReference
-                ) -> dict:
-    """PSNR and SSIM sums of an attacked batch against its clean originals (``reference``:
-    the same, blurred for SSIM), computed where the images are and copied back as four
-    numbers (the table's mean and interval add them up over shards)."""
+                ) -> torch.Tensor:
+    """PSNR and SSIM sums and sums of squares of an attacked batch against its clean
+    originals (``reference``: the same, blurred for SSIM), as four numbers left where the
+    images are (the table's mean and interval add them up over shards)."""
     p = psnr(images, originals).clamp(max=100.0)
     s = ssim(images, reference)
-    sums = torch.stack([p.sum(), p.pow(2).sum(), s.sum(), s.pow(2).sum()]).tolist()
-    return dict(zip(("psnr_sum", "psnr_sq_sum", "ssim_sum", "ssim_sq_sum"), sums,
-                    strict=True)) | {"n_images": len(p)}
+    return torch.stack([p.sum(), p.pow(2).sum(), s.sum(), s.pow(2).sum()])

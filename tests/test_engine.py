@@ -11,6 +11,7 @@ from neaudit.auditing import audit
 from neaudit.cli import main
 from neaudit.data import load_dataset
 from neaudit.errors import NeauditError
+from neaudit.metrics import psnr, ssim
 from neaudit.plan import plan
 from neaudit.protection import protect
 from neaudit.store import weights_hash
@@ -53,6 +54,12 @@ def test_audit_measures_retention_leakage_and_plumbing(protected, suite, tmp_pat
     assert _value(table, OTHER, "oracle_originals", "psnr") == pytest.approx(100.0)
     none_psnr = _value(table, OTHER, "none", "psnr")
     assert abs(none_psnr - 30) < 0.2
+    # the image figures, summed per shard on the device, are the means over every image
+    release = next(load_dataset(protected).batches(64))
+    assert none_psnr == pytest.approx(
+        float(psnr(release.protected, release.original).mean()), abs=1e-4)
+    assert _value(table, OTHER, "none", "ssim") == pytest.approx(
+        float(ssim(release.protected, release.original).mean()), abs=1e-6)
     rows = table[table.metric == "agreement"]
     assert (rows.ci_low <= rows.value).all() and (rows.value <= rows.ci_high).all()
     assert set(rows.n) == {32}
