@@ -215,13 +215,12 @@ def read_images(paths: Sequence[str | Path], size: tuple[int, int], on_grid: boo
     (N, 3, *size) batch: uint8 with ``on_grid``, float in [0, 1] otherwise.
 
     An image of another size goes through ``fit`` (image, path: it resizes or refuses)
-    first, in its thread:
-    resizing a 500×375 photo to 224×224 takes longer than decoding it, and a reader that
-    resized in one thread after its decoding threads read ImageNet-sized JPEGs at a third of
-    their decoding rate. Each image is written straight into the batch, which a reader
-    process allocates in shared memory: a copy, a reorder and a stack an image fewer, and no
-    copy into shared memory when the batch is handed over (that copy alone took 0.14–0.22 ms
-    an image on 2 cores).
+    first, in its thread: resizing a 500×375 photo to 224×224 takes longer than decoding it,
+    and a reader that resized in one thread after its decoding threads read ImageNet-sized
+    JPEGs at a third of their decoding rate. Each image is written straight into the batch,
+    which a reader process allocates in shared memory: a copy, a reorder and a stack an image
+    fewer, and no copy into shared memory when the batch is handed over (that copy alone took
+    0.14–0.22 ms an image on 2 cores).
     """
     batch = _batch_buffer((len(paths), 3, *size), torch.uint8 if on_grid else torch.float32)
 
