@@ -120,6 +120,6 @@ def test_jpeg_attack_writes_what_pillow_writes(images, quality):
         pixels = torch.round(image * 255).to(torch.uint8).permute(1, 2, 0).numpy()
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-        expected = torch.from_numpy(np.asarray(Image.open(buffer).convert("RGB")))
+        expected = torch.from_numpy(np.array(Image.open(buffer).convert("RGB")))
         assert torch.equal(torch.round(attacked * 255).to(torch.uint8).permute(1, 2, 0),
                            expected)
