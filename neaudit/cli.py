@@ -31,6 +31,7 @@ def _size(text: str) -> tuple[int, int]:
 def _protect(args: argparse.Namespace) -> int:
     from neaudit.data import load_dataset
     from neaudit.fidelity import FIDELITY_COLUMNS
+    from neaudit.imageio import UNREAD
     from neaudit.protection import protect
 
     dataset = load_dataset(args.data, originals=None, resize=args.resize,
@@ -42,6 +43,9 @@ def _protect(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, patch_fraction=args.patch_fraction,
                      l2=args.l2, device=args.device, fidelity_images=args.fidelity_images,
                      png_compression=args.png_compression)
+    for what, entry in result.sidecar["unread"].items():  # about the release: even if quiet
+        print(f"note: {entry['count']} input(s) have {UNREAD[what]} (e.g. "
+              f"{', '.join(entry['examples'])})", file=sys.stderr)
     if not args.quiet:
         summary = result.summary
         print(f"wrote {len(result.per_image)} NEs ({args.method}) to {result.out}; model "

@@ -39,6 +39,9 @@ class Batch:
     original: torch.Tensor | None
     labels: torch.Tensor | None
     names: list[str]
+    unread: dict[str, list[str]] = field(default_factory=dict)
+    """Names of the items whose protected file shows what reading left out, by what
+    (:data:`neaudit.imageio.UNREAD`)."""
 
     def pin_memory(self) -> Batch:
         """The batch with its tensors in pinned memory. A DataLoader's ``pin_memory`` calls
@@ -131,26 +134,30 @@ class ImageDataset:
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
             index = torch.arange(lo, hi)
-            protected = self._load(self.protected, lo, hi, "protected", on_grid)
-            original = (self._load(self.original, lo, hi, "original", on_grid)
+            protected, unread = self._load(self.protected, lo, hi, "protected", on_grid)
+            original = (self._load(self.original, lo, hi, "original", on_grid)[0]
                         if self.original is not None else None)
             labels = (torch.tensor(self.labels[lo:hi], dtype=torch.long)
                       if self.labels is not None else None)
-            yield Batch(index, protected, original, labels, self.names[lo:hi])
+            names = self.names[lo:hi]
+            yield Batch(index, protected, original, labels, names,
+                        {what: [names[i] for i in rows] for what, rows in unread.items()})
 
     def _load(self, items: list[str] | np.ndarray, lo: int, hi: int, kind: str,
-              on_grid: bool = False) -> torch.Tensor:
+              on_grid: bool = False) -> tuple[torch.Tensor, dict[str, list[int]]]:
+        """Items ``[lo, hi)`` as a batch, and which of them (rows) show what reading left
+        out (:func:`read_images`)."""
         if isinstance(items, np.ndarray):
             images = to_float(items[lo:hi])
             _check_values(images, f"{self.source} ({kind}[{lo}:{hi}])")
             images = self._fit(images, [f"{kind}[{i}]" for i in range(lo, hi)])
-            return to_grid(images) if on_grid else images
+            return (to_grid(images) if on_grid else images), {}
         paths = items[lo:hi]
         if self.decode_device is not None and self.decode_device.type == "cuda" and all(
                 os.path.splitext(p)[1].lower() in JPEG_SUFFIXES for p in paths):
             images = [to_grid(i) if on_grid else i
                       for i in read_jpegs_on(paths, self.decode_device)]
-            return self._fit(images, paths)
+            return self._fit(images, paths), {}
         return read_images(paths, self.image_shape, on_grid, self._fit_one)
 
     def _fit(self, images: Sequence[torch.Tensor] | torch.Tensor, labels: Sequence[str]
@@ -210,9 +217,11 @@ def share_decoding(processes: int, _worker_id: int = 0) -> None:
 
 
 def read_images(paths: Sequence[str | Path], size: tuple[int, int], on_grid: bool,
-                fit: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
+                fit: Callable[[torch.Tensor, str], torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, list[int]]]:
     """Decode files in parallel threads (one file is read in the caller) into one
-    (N, 3, *size) batch: uint8 with ``on_grid``, float in [0, 1] otherwise.
+    (N, 3, *size) batch: uint8 with ``on_grid``, float in [0, 1] otherwise; and the rows
+    whose file shows what reading leaves out, by what (:data:`neaudit.imageio.UNREAD`).
 
     An image of another size goes through ``fit`` (image, path: it resizes or refuses)
     first, in its thread: resizing a 500×375 photo to 224×224 takes longer than decoding it,
@@ -224,19 +233,20 @@ def read_images(paths: Sequence[str | Path], size: tuple[int, int], on_grid: boo
     """
     batch = _batch_buffer((len(paths), 3, *size), torch.uint8 if on_grid else torch.float32)
 
-    def read(index: int) -> None:
+    def read(index: int) -> tuple[str, ...]:
         path = paths[index]
-        pixels = read_pixels(path)
+        pixels, unread = read_pixels(path)
         if tuple(pixels.shape[-2:]) != tuple(size):
             pixels = fit(as_read(pixels, on_grid), str(path))
         as_read(pixels, on_grid, into=batch[index])
+        return unread
 
-    if len(paths) < 2:
-        for index in range(len(paths)):
-            read(index)
-    else:
-        list(_decoders().map(read, range(len(paths))))
-    return batch
+    rows = (map if len(paths) < 2 else _decoders().map)(read, range(len(paths)))
+    unread: dict[str, list[int]] = {}
+    for row, left_out in enumerate(rows):
+        for what in left_out:
+            unread.setdefault(what, []).append(row)
+    return batch, unread
 
 
 def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -38,26 +38,53 @@ def read_image(path: str | Path, on_grid: bool = False) -> torch.Tensor:
     images rounded to the grid): for jobs that work on the uint8 grid anyway (``protect``),
     8-bit files then skip the float conversion.
     """
-    return as_read(read_pixels(path), on_grid)
+    return as_read(read_pixels(path)[0], on_grid)
 
 
-def read_pixels(path: str | Path) -> torch.Tensor:
+UNREAD = {
+    "alpha": "transparency, which the pixels read (and PNG NEs written) do not keep",
+    "orientation": "an EXIF orientation tag, not applied: the pixels are read as stored",
+}
+"""What a file can show in an image viewer that its pixels as read (RGB, as stored: what
+ecosystem loaders such as timm's and torchvision's give a model) do not, by name."""
+
+
+def read_pixels(path: str | Path) -> tuple[torch.Tensor, tuple[str, ...]]:
     """A file's pixels as decoded, (3, H, W): uint8 for 8-bit images (a view of the decoder's
-    H×W×3 array, not a copy), float in [0, 1] for 16-bit and float ones."""
+    H×W×3 array, not a copy), float in [0, 1] for 16-bit and float ones; and the names of
+    what reading leaves out (:data:`UNREAD`)."""
     try:
         with Image.open(path) as img:  # the header only: size and decompression-bomb checks
-            rgb = _rgb_decoded(path, img.format) if img.mode == "RGB" else None
+            unread = ("orientation",) if "exif" in img.info and img.getexif().get(
+                _ORIENTATION, 1) != 1 else ()
+            rgb = (_rgb_decoded(path, img.format)
+                   if img.mode == "RGB" and "transparency" not in img.info else None)
             if rgb is None:
                 img.load()
                 if img.mode in SIXTEEN_BIT_MODES or img.mode == "F":
-                    return _high_depth(path, img)
+                    return _high_depth(path, img), unread
+                if _transparent(img):
+                    unread = ("alpha", *unread)
                 rgb = np.array(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(
             f"{path}: cannot read this image ({exc}). Fix: replace or remove the file, "
             "or list only readable files in a manifest."
         ) from exc
-    return torch.from_numpy(rgb).permute(2, 0, 1)
+    return torch.from_numpy(rgb).permute(2, 0, 1), unread
+
+
+_ORIENTATION = 0x0112  # EXIF's Orientation tag; 1 is "as stored"
+
+
+def _transparent(img: Image.Image) -> bool:
+    """Whether any pixel is less than opaque (an alpha band, or a transparent colour or
+    palette entry that some pixel uses)."""
+    if "A" not in img.getbands():
+        if "transparency" not in img.info:
+            return False
+        img = img.convert("RGBA")
+    return img.getchannel("A").getextrema()[0] < 255
 
 
 def as_read(pixels: torch.Tensor, on_grid: bool = False, into: torch.Tensor | None = None

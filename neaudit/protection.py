@@ -41,6 +41,9 @@ from neaudit.zoo import ImageClassifier, check_model, create_model
 FIDELITY_IMAGES = 64
 """Images the authorized model is run on (three forwards each) to preview its agreement."""
 
+UNREAD_EXAMPLES = 3
+"""Item names kept as examples of each thing the inputs show and the NEs do not."""
+
 CUDA_BATCH_SIZE = 256
 """Images a batch holds on CUDA unless told otherwise: the size ``bench/gpu.sh`` measures the
 job at. Each batch costs the device thread a few synchronizations and a hand-over to the
@@ -123,8 +126,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     noise_key = secrets.randbits(63) if key is None else key
     recoding = _Recoding(model, layer, space, method, psnr, noise_key, seed, tau,
                          patch_fraction, fidelity_images, isotropic_gain(layer, (3, *size)))
-    per_image, digests = _recode_all(dataset, recoding, out, names, trees, batch_size,
-                                     save_originals, output_format, png_compression)
+    per_image, digests, unread = _recode_all(dataset, recoding, out, names, trees, batch_size,
+                                             save_originals, output_format, png_compression)
     summary = {col: float(per_image[col].mean()) for col in per_image.columns if col != "name"}
     summary["min_gain"] = space.min_gain if space is not None else float("nan")
     params = {
@@ -138,7 +141,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         "image_size": list(size), "fidelity_images": min(fidelity_images, len(dataset)),
         "png_compression": png_compression if output_format == "png" else None,
     }
-    sidecar = _sidecar(out, dataset, model, method, params, summary, names, digests)
+    sidecar = _sidecar(out, dataset, model, method, params, summary, names, digests, unread)
     return ProtectResult(out, per_image, summary, sidecar)
 
 
@@ -225,18 +228,21 @@ class _Recoding:
 def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
                 names: list[str], trees: dict[str, OutputTree], batch_size: int,
                 save_originals: bool, output_format: str, png_compression: str
-                ) -> tuple[pd.DataFrame, list[str]]:
+                ) -> tuple[pd.DataFrame, list[str], dict[str, dict]]:
     """Recode and write every batch, the next batch decoded and the previous ones written
-    while the device works on the current one; returns the per-image fidelity table and the
-    SHA-256 of each protected PNG, in the order of ``names``."""
+    while the device works on the current one; returns the per-image fidelity table, the
+    SHA-256 of each protected PNG, in the order of ``names``, and what the inputs show that
+    the NEs do not (:func:`_unread`)."""
     device = recoding.model.mean.device
     preview = ModelPreview(recoding.model, recoding.seed,
                            fidelity_sample(len(dataset), recoding.fidelity_images))
     rows, written, originals = [], [], []
+    unread: dict[str, dict] = {}
     protected_tree, original_tree = trees[PROTECTED_DIR], trees[ORIGINAL_DIR]
     with PngWriter(compression=png_compression) as writer:
         for batch in read_ahead(dataset, batch_size, pin_memory=device.type == "cuda",
                                 on_grid=True):
+            _unread(unread, batch.unread)
             clean = on_device(batch.protected, device)
             protected, floats = recoding(clean, batch.index)
             rows.append(measure(recoding.layer, recoding.noise_gain, clean, protected, floats))
@@ -257,7 +263,18 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
     if output_format == "npz":
         _write_npz(out, dataset, np.concatenate(written),
                    np.concatenate(originals) if save_originals else None)
-    return per_image, [writer.digests[protected_tree.path(name)] for name in names]
+    return per_image, [writer.digests[protected_tree.path(name)] for name in names], unread
+
+
+def _unread(tally: dict[str, dict], batch_unread: dict[str, list[str]]) -> None:
+    """Add one batch's inputs that show what reading left out (transparency, an EXIF
+    orientation: :data:`neaudit.imageio.UNREAD`) to ``tally``: a count and the first
+    :data:`UNREAD_EXAMPLES` item names of each, for the sidecar and the command's notes."""
+    for what, items in batch_unread.items():
+        entry = tally.setdefault(what, {"count": 0, "examples": []})
+        entry["count"] += len(items)
+        entry["examples"] += items[:UNREAD_EXAMPLES - len(entry["examples"])]
+
 
 
 def _output_names(dataset: ImageDataset) -> list[str]:
@@ -342,8 +359,8 @@ def _write_npz(out: Path, dataset: ImageDataset, protected: np.ndarray,
 
 
 def _sidecar(out: Path, dataset: ImageDataset, model: ImageClassifier, method: str,
-             params: dict, summary: dict, names: list[str],
-             digests: list[str]) -> dict:
+             params: dict, summary: dict, names: list[str], digests: list[str],
+             unread: dict[str, dict]) -> dict:
     """``hashes.sha256`` of exactly the files this run wrote (PNGs hashed by their writers
     as they wrote them), and ``neaudit.json``."""
     if names:
@@ -365,6 +382,7 @@ def _sidecar(out: Path, dataset: ImageDataset, model: ImageClassifier, method: s
         "class_names": dataset.class_names,
         "content_digest": hashlib.sha256(hashes.encode()).hexdigest(),
         "fidelity": summary,
+        "unread": unread,
     }
     text = json.dumps(sidecar, indent=2, allow_nan=True)
     atomic_write(out / SIDECAR, lambda h: h.write(text.encode()))

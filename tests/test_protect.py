@@ -242,3 +242,44 @@ def test_files_left_in_out_by_another_run_are_found_at_any_depth(tmp_path):
     (tmp_path / "out" / "original" / "b" / "stale.png").write_bytes(b"x")
     with pytest.raises(NeauditError, match=r"original/ already holds 1 file.*b/stale\.png"):
         _refuse_foreign_files(tmp_path / "out", names)
+
+
+def test_transparency_and_exif_orientation_are_noted_not_silently_dropped(tmp_path, capsys,
+                                                                          vit_spec):
+    """Inputs whose viewer shows what their pixels as read do not — transparency that some
+    pixel uses, an EXIF orientation — are named in a note on stderr (even with --quiet) and
+    counted in neaudit.json; opaque alpha, orientation 1 and plain files are not."""
+    from PIL import Image
+
+    from neaudit.data import builtin_dataset
+
+    photos = builtin_dataset("samples", count=6, size=64).protected
+    alpha = np.full((64, 64, 1), 255, np.uint8)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(photos[0]).save(folder / "a-plain.png")
+    Image.fromarray(np.dstack([photos[1], alpha])).save(folder / "b-opaque.png")
+    see_through = alpha.copy()
+    see_through[:8] = 0
+    Image.fromarray(np.dstack([photos[2], see_through])).save(folder / "c-transparent.png")
+    keyed = Image.fromarray(photos[3]).convert("P")  # a palette entry some pixels use
+    keyed.save(folder / "d-keyed.png", transparency=int(np.asarray(keyed)[0, 0]))
+    for name, orientation, photo in (("e-upright", 1, photos[4]), ("f-turned", 6, photos[5])):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(photo).save(folder / f"{name}.jpg", quality=90, exif=exif)
+
+    assert main(["protect", str(folder), "--authorized", vit_spec, "--out",
+                 str(tmp_path / "out"), "--quiet", "--fidelity-images", "2"]) == 0
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert notes == ["note: 2 input(s) have transparency, which the pixels read (and PNG NEs "
+                     "written) do not keep (e.g. c-transparent.png, d-keyed.png)",
+                     "note: 1 input(s) have an EXIF orientation tag, not applied: the pixels "
+                     "are read as stored (e.g. f-turned.jpg)"]
+    unread = json.loads((tmp_path / "out" / "neaudit.json").read_text())["unread"]
+    assert unread == {"alpha": {"count": 2, "examples": ["c-transparent.png", "d-keyed.png"]},
+                      "orientation": {"count": 1, "examples": ["f-turned.jpg"]}}
+    # the pixels read are Pillow's RGB, as stored
+    for path in sorted(folder.iterdir()):
+        assert np.array_equal(read_image(path, on_grid=True).permute(1, 2, 0).numpy(),
+                              np.asarray(Image.open(path).convert("RGB"))), path.name
