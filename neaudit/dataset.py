@@ -32,7 +32,8 @@ from neaudit.imageio import (
 
 @dataclass
 class Batch:
-    """One streamed batch. Images are float32 NCHW in [0, 1]."""
+    """One streamed batch. Images are float32 NCHW in [0, 1] (uint8 on the grid from
+    :meth:`ImageDataset.batches` with ``on_grid``)."""
 
     index: torch.Tensor
     protected: torch.Tensor
