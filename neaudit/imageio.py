@@ -55,8 +55,7 @@ def read_pixels(path: str | Path) -> tuple[torch.Tensor, tuple[str, ...]]:
     what reading leaves out (:data:`UNREAD`)."""
     try:
         with Image.open(path) as img:  # the header only: size and decompression-bomb checks
-            unread = ("orientation",) if "exif" in img.info and img.getexif().get(
-                _ORIENTATION, 1) != 1 else ()
+            unread = ("orientation",) if _orientation(img) != 1 else ()
             rgb = (_rgb_decoded(path, img.format)
                    if img.mode == "RGB" and "transparency" not in img.info else None)
             if rgb is None:
@@ -75,6 +74,17 @@ def read_pixels(path: str | Path) -> tuple[torch.Tensor, tuple[str, ...]]:
 
 
 _ORIENTATION = 0x0112  # EXIF's Orientation tag; 1 is "as stored"
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation, 1 where there is none, or where the metadata cannot be parsed:
+    a broken EXIF block does not make the pixels unreadable, and only they are used."""
+    if "exif" not in img.info:
+        return 1
+    try:
+        return int(img.getexif().get(_ORIENTATION, 1))
+    except Exception:  # Pillow's EXIF parser on hostile bytes; the note is advisory
+        return 1
 
 
 def _transparent(img: Image.Image) -> bool:
