@@ -266,3 +266,24 @@ def test_folder_listing_order_links_and_hidden_files(tmp_path):
         root / name for name in ("A/e.PNG", "a b/d.jpg", "a-b/c.png", "dir.png/f.png",
                                  ".git/h.png"))
     assert outside == 0
+
+
+def test_a_broken_exif_block_leaves_the_image_readable(tmp_path, monkeypatch):
+    """EXIF is read only for the orientation note: where Pillow's parser fails on it, the
+    pixels are read all the same and nothing is noted."""
+    from PIL import Image
+
+    from neaudit.imageio import read_pixels
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    assert read_pixels(tmp_path / "turned.jpg")[1] == ("orientation",)
+
+    def broken(self):
+        raise SyntaxError("not a TIFF file")  # what Pillow's parser raises on some bytes
+
+    monkeypatch.setattr(Image.Image, "getexif", broken)
+    image, unread = read_pixels(tmp_path / "turned.jpg")
+    assert unread == () and image.shape == (3, 8, 8)
