@@ -276,7 +276,6 @@ def _unread(tally: dict[str, dict], batch_unread: dict[str, list[str]]) -> None:
         entry["examples"] += items[:UNREAD_EXAMPLES - len(entry["examples"])]
 
 
-
 def _output_names(dataset: ImageDataset) -> list[str]:
     """Each item's PNG path under ``protected/`` (relative, POSIX), from its sanitized relative
     name; flat inputs with labels get class folders, so labels survive. Two items mapping to
