@@ -245,7 +245,7 @@ def test_files_left_in_out_by_another_run_are_found_at_any_depth(tmp_path):
 
 
 def test_transparency_and_exif_orientation_are_noted_not_silently_dropped(tmp_path, capsys,
-                                                                          vit_spec):
+                                                                          vit_spec, snapshot):
     """Inputs whose viewer shows what their pixels as read do not — transparency that some
     pixel uses, an EXIF orientation — are named in a note on stderr (even with --quiet) and
     counted in neaudit.json; opaque alpha, orientation 1 and plain files are not."""
@@ -269,8 +269,10 @@ def test_transparency_and_exif_orientation_are_noted_not_silently_dropped(tmp_pa
         exif[0x0112] = orientation
         Image.fromarray(photo).save(folder / f"{name}.jpg", quality=90, exif=exif)
 
+    before = snapshot(folder)
     assert main(["protect", str(folder), "--authorized", vit_spec, "--out",
                  str(tmp_path / "out"), "--quiet", "--fidelity-images", "2"]) == 0
+    assert snapshot(folder) == before  # inputs untouched, metadata and all
     notes = capsys.readouterr().err.strip().splitlines()
     assert notes == ["note: 2 input(s) have transparency, which the pixels read (and PNG NEs "
                      "written) do not keep (e.g. c-transparent.png, d-keyed.png)",
