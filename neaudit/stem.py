@@ -1,7 +1,9 @@
 """Find the first linear operator a model applies to the pixels, by tracing execution.
 
-``first_layer(model)`` runs one forward pass with hooks on every ``Conv2d`` and records the
-first one to fire. It then checks that this layer's input is exactly the normalized image,
+``first_layer(model)`` starts one forward pass with hooks on every ``Conv2d`` and ``Linear``,
+records the first one to fire and stops the pass there (the rest of the network would cost
+a whole forward: 0.18 s for ViT-B/16 on 2 cores, paid by ``protect`` and by every model of
+an audit's evidence). It then checks that this layer's input is exactly the normalized image,
 so that the returned weight, stride, padding and normalization describe the map from
 [0, 1] pixels to first-layer responses.
 """
@@ -68,15 +70,20 @@ class FirstLayer:
                         padding=self.padding)
 
 
+class _Found(Exception):
+    """Raised by the tracing hook once it has seen the first layer: the pass stops there."""
+
+
 def first_layer(model: ImageClassifier, image_size: tuple[int, int] | None = None) -> FirstLayer:
-    """Trace ``model`` once and return its first pixel-facing convolution."""
+    """Trace ``model`` up to its first pixel-facing layer and return that convolution."""
     size = model.input_size or image_size or (64, 64)
     seen: list[tuple[str, nn.Module, torch.Tensor]] = []
     names = {module: name for name, module in model.net.named_modules()}
 
     def hook(module: nn.Module, inputs: tuple) -> None:
-        if not seen:
+        if not seen:  # a network that catches the stop runs on, and is traced all the same
             seen.append((names[module], module, inputs[0].detach()))
+            raise _Found
 
     handles = [m.register_forward_pre_hook(hook) for m in model.net.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -84,6 +91,8 @@ def first_layer(model: ImageClassifier, image_size: tuple[int, int] | None = Non
     try:
         with torch.no_grad():
             model(images)
+    except _Found:
+        pass
     finally:
         for handle in handles:
             handle.remove()

@@ -103,6 +103,32 @@ def test_first_layer_of_open_clip_zero_shot_model():
     assert model(torch.rand(2, 3, 224, 224)).shape == (2, 3)
 
 
+def test_first_layer_stops_the_pass_at_the_stem():
+    class Counted(nn.Module):
+        def __init__(self, catches: bool):
+            super().__init__()
+            self.stem, self.head, self.catches, self.head_calls = (
+                nn.Conv2d(3, 4, 4, 4), nn.Linear(4, 3), catches, 0)
+
+        def forward(self, x):
+            try:
+                features = self.stem(x).mean((2, 3))
+            except Exception:  # a network that swallows errors around its layers
+                if not self.catches:
+                    raise
+                features = x.new_zeros(len(x), 4)
+            self.head_calls += 1
+            return self.head(features)
+
+    stopped, swallowing = Counted(catches=False), Counted(catches=True)
+    for net in (stopped, swallowing):
+        layer = first_layer(wrap(net, input_size=(16, 16)))
+        assert layer.module_name == "stem" and layer.stride == (4, 4)
+        assert torch.equal(layer.weight, net.stem.weight)
+    assert stopped.head_calls == 0  # the rest of the network never ran
+    assert swallowing.head_calls == 1
+
+
 def test_first_layer_refuses_a_stem_that_does_not_see_pixels():
     class Shifted(nn.Module):
         def __init__(self):
