@@ -249,7 +249,8 @@ def _add_protect(sub) -> None:
     protect.add_argument("--allow-outside", action="store_true",
                          help="read input files outside the dataset's folder (manifest paths, "
                               "symlinks); recorded in neaudit.json")
-    protect.add_argument("--quiet", action="store_true")
+    protect.add_argument("-q", "--quiet", action="store_true",
+                         help="no summary (notes about the inputs still print)")
     protect.set_defaults(handler=_protect)
 
 
@@ -271,7 +272,7 @@ def _add_audit(sub) -> None:
     run.add_argument("--max-images", type=int, help="audit only the first N images")
     run.add_argument("--score", choices=("auto", "accuracy", "agreement"), default="auto",
                      help="accuracy against labels, or agreement with clean predictions")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     run.add_argument("--allow-outside", action="store_true",
                      help="read input files outside the dataset's folder (manifest paths, "
                           "symlinks); recorded in run.json")
@@ -316,7 +317,7 @@ def _add_demo(sub) -> None:
     demo.add_argument("--psnr", type=float, default=20.0, help="target PSNR of the NEs (dB)")
     demo.add_argument("--policy", help="policy TOML (default: the packaged default policy)")
     demo.add_argument("--suite", help="suite (default: standard; smoke with --quick)")
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("-q", "--quiet", action="store_true")
     demo.set_defaults(handler=_demo)
 
 

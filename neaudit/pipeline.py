@@ -18,12 +18,14 @@ import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from neaudit.dataset import share_decoding
+from neaudit.dataset import Batch, share_decoding
+from neaudit.errors import NeauditError
 from neaudit.imageio import write_png
 
 
@@ -37,10 +39,20 @@ def default_writers() -> int:
     return max(1, (os.cpu_count() or 2) - default_readers() - 1)
 
 
+@dataclass(frozen=True)
+class _ReadError:
+    """An input error met in a reader process, handed back as data. Raised there, a
+    DataLoader would re-raise it in the parent with the worker's whole traceback as its
+    message, in place of the one line that names the file and the fix."""
+
+    error: NeauditError
+
+
 class SpanReader(torch.utils.data.Dataset):
     """Item spans ``[start, stop)`` of a dataset as one batch each, so that a DataLoader can
     read them ahead in worker processes; with ``on_grid``, images come rounded to the uint8
-    grid as uint8 tensors (:func:`on_device`)."""
+    grid as uint8 tensors (:func:`on_device`). An unreadable input comes back as a
+    :class:`_ReadError` (:func:`span_batches` raises it)."""
 
     def __init__(self, dataset, spans: Sequence[tuple[int, int]], on_grid: bool = False
                  ) -> None:
@@ -49,9 +61,12 @@ class SpanReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.spans)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> Batch | _ReadError:
         start, stop = self.spans[index]
-        return next(self.dataset.batches(stop - start, start, stop, on_grid=self.on_grid))
+        try:
+            return next(self.dataset.batches(stop - start, start, stop, on_grid=self.on_grid))
+        except NeauditError as exc:
+            return _ReadError(exc)
 
 
 _LEVELS = torch.arange(256, dtype=torch.float32) / 255.0
@@ -75,13 +90,18 @@ def _levels_on(device: torch.device) -> torch.Tensor:
     return _LEVELS.to(device)
 
 
-def span_loader(dataset, spans: Sequence[tuple[int, int]], workers: int,
-                pin_memory: bool = False, on_grid: bool = False) -> torch.utils.data.DataLoader:
+def span_batches(dataset, spans: Sequence[tuple[int, int]], workers: int,
+                 pin_memory: bool = False, on_grid: bool = False) -> Iterator[Batch]:
     """The spans' batches in order, read ahead in ``workers`` processes that share the cores
-    for decoding (pinned memory for a CUDA device, so copies to it do not block)."""
-    return torch.utils.data.DataLoader(
+    for decoding (pinned memory for a CUDA device, so copies to it do not block). An
+    unreadable input raises its own one-line error here, as reading in-process would."""
+    loader = torch.utils.data.DataLoader(
         SpanReader(dataset, spans, on_grid), batch_size=None, pin_memory=pin_memory,
         num_workers=workers, worker_init_fn=functools.partial(share_decoding, max(1, workers)))
+    for batch in loader:
+        if isinstance(batch, _ReadError):
+            raise batch.error
+        yield batch
 
 
 def read_ahead(dataset, batch_size: int, workers: int | None = None,
@@ -90,8 +110,8 @@ def read_ahead(dataset, batch_size: int, workers: int | None = None,
     :func:`default_readers`)."""
     spans = [(lo, min(lo + batch_size, len(dataset))) for lo in range(0, len(dataset),
                                                                        batch_size)]
-    yield from span_loader(dataset, spans, default_readers() if workers is None else workers,
-                           pin_memory, on_grid)
+    yield from span_batches(dataset, spans, default_readers() if workers is None else workers,
+                            pin_memory, on_grid)
 
 
 WRITER_PROCESSES = True

@@ -28,7 +28,7 @@ from neaudit.dataset import Batch, ImageDataset
 from neaudit.device import resolve_device
 from neaudit.errors import DataError, NeauditError
 from neaudit.metrics import SsimReference, psnr, ssim
-from neaudit.pipeline import span_loader
+from neaudit.pipeline import span_batches
 from neaudit.plan import Task
 from neaudit.seeding import generator
 from neaudit.store import ResultStore, weights_hash
@@ -197,9 +197,9 @@ class Worker:
         visits = [(t.shard, t.start, t.stop) for t in tasks if t.kind != DATASET]
         visits = [v for i, v in enumerate(visits) if i == 0 or v[0] != visits[i - 1][0]]
         if workers > 0 and visits:
-            loader = span_loader(self.dataset, [(start, stop) for _, start, stop in visits],
-                                 workers, pin_memory=self.device.type == "cuda")
-            self._upcoming = iter(zip(visits, loader, strict=True))
+            batches = span_batches(self.dataset, [(start, stop) for _, start, stop in visits],
+                                   workers, pin_memory=self.device.type == "cuda")
+            self._upcoming = iter(zip(visits, batches, strict=True))
 
     def _batch(self, task: Task) -> Batch:
         while self._upcoming is not None and (

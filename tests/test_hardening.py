@@ -318,7 +318,8 @@ def test_protect_refuses_to_mix_with_an_earlier_release(inputs, tmp_path, capsys
     assert main(["protect", str(inputs / "images"), "--authorized", AUTH, "--out", str(out),
                  "--quiet"]) == 0
     assert main(["protect", str(inputs / "images"), "--authorized", AUTH, "--out", str(out),
-                 "--quiet"]) == 0  # the same files again: allowed
+                 "-q"]) == 0  # the same files again: allowed
+    assert capsys.readouterr().out == ""  # --quiet, and its short form
     write_png(out / "protected" / "stale.png", np.zeros((32, 32, 3), np.uint8))
     assert main(["protect", str(inputs / "images"), "--authorized", AUTH, "--out",
                  str(out)]) == 2
@@ -367,6 +368,34 @@ def test_a_full_disk_is_one_line_that_says_a_rerun_resumes(inputs, tmp_path, cap
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert "No space left on device" in err and "re-running the same command resumes" in err
     assert str(tmp_path / "run") in err
+
+
+@pytest.mark.parametrize("command", ["protect", "audit"])
+def test_an_unreadable_file_met_by_a_reader_process_is_one_line(command, inputs, tmp_path,
+                                                                 capsys):
+    """Reader processes meet the files the in-process checks do not read: their error must
+    reach the user as the same one line, not as the worker's traceback."""
+    import shutil
+
+    if command == "protect":
+        data = tmp_path / "images"
+        shutil.copytree(inputs / "images", data)
+        bad = data / "b" / "zz.png"  # read last, by a reader process
+        argv = ["protect", str(data), "--authorized", AUTH, "--batch-size", "2"]
+    else:
+        data = tmp_path / "release"
+        shutil.copytree(inputs / "release", data)
+        bad = max((data / "protected").rglob("*.png"))
+        argv = ["audit", str(data), "--model", OTHER, "--suite", "smoke", "--quiet",
+                "--batch-size", "2", "--loader-workers", "2"]
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    code = main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and "DataLoader" not in err, err
+    assert err.startswith(f"neaudit: error: {bad}: cannot read this image") and "Fix:" in err
+    if command == "protect":  # no sidecar, so a part release is not taken for a whole one
+        assert not (tmp_path / "out" / "neaudit.json").exists()
 
 
 def test_a_closed_output_pipe_ends_the_command_quietly():
