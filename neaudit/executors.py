@@ -11,12 +11,13 @@ and all through the same atomic results store, so a run can be resumed by either
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from neaudit.attacks import CLEAN
-from neaudit.errors import NeauditError
+from neaudit.errors import NeauditError, Refused, unless_refused
 from neaudit.plan import Task
 from neaudit.worker import Worker, WorkerRecipe, build_worker
 
@@ -50,13 +51,21 @@ class _AuditActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, task: Task) -> str:
-        self.worker(task)
+    def run(self, task: Task) -> str | Refused:
+        """The task's id; an input error comes back as a value, raised by the driver as the
+        same one line a local run prints (and not retried: a retry would meet it again)."""
+        try:
+            self.worker(task)
+        except NeauditError as exc:
+            return Refused(exc)
         return task.task_id
 
 
 class RayExecutor:
-    """Ray executor: ``workers`` actors, each asking ``cpus``/``gpus`` as resources."""
+    """Ray executor: ``workers`` actors, each asking ``cpus``/``gpus`` as resources. Without a
+    Ray instance already initialized in this process, it starts one (``address``: connects to
+    a cluster) and shuts it down when the run ends; initialize Ray yourself to keep one
+    across runs."""
 
     def __init__(self, address: str | None = None, workers: int = 2, cpus: float = 1,
                  gpus: float = 0, max_retries: int = 3, num_cpus: int | None = None) -> None:
@@ -75,9 +84,10 @@ class RayExecutor:
         if not isinstance(recipe.data, str):
             raise NeauditError("the Ray executor needs the dataset as a path that every worker "
                                "can read (shared storage), not an in-memory dataset.")
-        if not ray.is_initialized():
+        started = not ray.is_initialized()
+        if started:
             ray.init(address=self.address, num_cpus=None if self.address else self.num_cpus,
-                     include_dashboard=False, log_to_driver=False)
+                     include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         actor = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus,
                            max_restarts=self.max_retries,
                            max_task_retries=self.max_retries)(_AuditActor)
@@ -88,9 +98,13 @@ class RayExecutor:
             for phase in ([t for t in tasks if t.attack == CLEAN],
                           [t for t in tasks if t.attack != CLEAN]):
                 pool = ActorPool(actors)
-                for _ in pool.map_unordered(lambda a, t: a.run.remote(t), phase):
+                for done in pool.map_unordered(lambda a, t: a.run.remote(t), phase):
+                    unless_refused(done)
                     if progress:
                         progress()
         finally:
-            for handle in actors:
-                ray.kill(handle)
+            if started:  # the instance this run started, actors and all: nothing outlives it
+                ray.shutdown()
+            else:
+                for handle in actors:
+                    ray.kill(handle)

@@ -18,14 +18,13 @@ import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from neaudit.dataset import Batch, share_decoding
-from neaudit.errors import NeauditError
+from neaudit.errors import NeauditError, Refused, unless_refused
 from neaudit.imageio import write_png
 
 
@@ -39,20 +38,11 @@ def default_writers() -> int:
     return max(1, (os.cpu_count() or 2) - default_readers() - 1)
 
 
-@dataclass(frozen=True)
-class _ReadError:
-    """An input error met in a reader process, handed back as data. Raised there, a
-    DataLoader would re-raise it in the parent with the worker's whole traceback as its
-    message, in place of the one line that names the file and the fix."""
-
-    error: NeauditError
-
-
 class SpanReader(torch.utils.data.Dataset):
     """Item spans ``[start, stop)`` of a dataset as one batch each, so that a DataLoader can
     read them ahead in worker processes; with ``on_grid``, images come rounded to the uint8
-    grid as uint8 tensors (:func:`on_device`). An unreadable input comes back as a
-    :class:`_ReadError` (:func:`span_batches` raises it)."""
+    grid as uint8 tensors (:func:`on_device`). An unreadable input comes back
+    :class:`neaudit.errors.Refused` (:func:`span_batches` raises it)."""
 
     def __init__(self, dataset, spans: Sequence[tuple[int, int]], on_grid: bool = False
                  ) -> None:
@@ -61,12 +51,12 @@ class SpanReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.spans)
 
-    def __getitem__(self, index: int) -> Batch | _ReadError:
+    def __getitem__(self, index: int) -> Batch | Refused:
         start, stop = self.spans[index]
         try:
             return next(self.dataset.batches(stop - start, start, stop, on_grid=self.on_grid))
         except NeauditError as exc:
-            return _ReadError(exc)
+            return Refused(exc)
 
 
 _LEVELS = torch.arange(256, dtype=torch.float32) / 255.0
@@ -99,9 +89,7 @@ def span_batches(dataset, spans: Sequence[tuple[int, int]], workers: int,
         SpanReader(dataset, spans, on_grid), batch_size=None, pin_memory=pin_memory,
         num_workers=workers, worker_init_fn=functools.partial(share_decoding, max(1, workers)))
     for batch in loader:
-        if isinstance(batch, _ReadError):
-            raise batch.error
-        yield batch
+        yield unless_refused(batch)
 
 
 def read_ahead(dataset, batch_size: int, workers: int | None = None,

@@ -77,3 +77,19 @@ def test_a_local_run_can_be_finished_on_ray(cluster, release, tmp_path):
     finished = _run(release, tmp_path / "run", RayExecutor(workers=2))
     assert finished.skipped_tasks == 5 and finished.summary["complete"]
     pd.testing.assert_frame_equal(finished.table, _run(release, tmp_path / "local").table)
+
+
+def test_an_input_error_on_an_actor_is_the_local_one_line(cluster, release, tmp_path):
+    import shutil
+
+    from neaudit.errors import DataError
+
+    broken = tmp_path / "release"
+    shutil.copytree(release, broken)
+    bad = max((broken / "protected").rglob("*.png"))
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError) as raised:
+        _run(broken, tmp_path / "ray", RayExecutor(workers=2))
+    message = str(raised.value)
+    assert message.startswith(f"{bad}: cannot read this image") and "\n" not in message
+    assert "ray::" not in message and "Traceback" not in message
