@@ -11,7 +11,7 @@ Accepted layouts (``load_dataset(path)``):
 2. a dataset root written by ``neaudit protect``: ``protected/``, optional ``original/`` and
    ``neaudit.json``; or a folder of images with a sibling ``original/`` tree (or
    ``originals=DIR``) holding the clean images under the same relative paths;
-3. an ``.npz`` with ``protected`` (N,H,W,3 uint8 or N,3,H,W float in [0,1]), optional
+3. an ``.npz`` with ``protected`` (uint8 0–255 or float in [0, 1]; N,H,W,3 or N,3,H,W), optional
    ``original``, ``labels`` and ``class_names``;
 4. a ``.csv`` or ``.parquet`` manifest with ``path``, optional ``original_path`` and ``label``
    (paths relative to the manifest's folder).
@@ -233,13 +233,28 @@ def _load_npz(path: Path, resize) -> ImageDataset:
     protected = arrays["protected"]
     if protected.ndim != 4 or 3 not in (protected.shape[1], protected.shape[-1]):
         raise DataError(f"{path}: 'protected' has shape {protected.shape}; expected "
-                        "(N,H,W,3) uint8 or (N,3,H,W) float in [0,1].")
+                        "(N,H,W,3) or (N,3,H,W) RGB images.")
+    for name in ("protected", "original"):
+        kind = arrays[name].dtype if name in arrays else None
+        if kind is not None and kind != np.uint8 and kind.kind != "f":  # no scale to guess
+            raise DataError(f"{path}: '{name}' holds {kind} values. Fix: store uint8 images "
+                            "(0–255) or floats in [0, 1].")
     original = arrays["original"] if "original" in arrays else None
     if original is not None and original.shape != protected.shape:
         raise DataError(f"{path}: 'original' shape {original.shape} differs from 'protected' "
                         f"{protected.shape}. Fix: store one original per protected image.")
-    labels = arrays["labels"].astype(np.int64) if "labels" in arrays else None
-    class_names = [str(c) for c in arrays["class_names"]] if "class_names" in arrays else None
+    labels, class_names = None, None
+    if "labels" in arrays:
+        if arrays["labels"].ndim != 1:
+            raise DataError(f"{path}: 'labels' has shape {arrays['labels'].shape}. Fix: store "
+                            "one label per image, as a 1-D array.")
+        labels, class_names = _labels(path, pd.Series(arrays["labels"]), "item")
+    if "class_names" in arrays:
+        if class_names is not None:
+            raise DataError(f"{path}: 'labels' holds names ({class_names[0]!r}, …) and "
+                            "'class_names' is given too. Fix: store class indices in 'labels', "
+                            "or drop 'class_names'.")
+        class_names = [str(c) for c in arrays["class_names"]]
     return ImageDataset(names=[f"{i}" for i in range(len(protected))], protected=protected,
                         original=original, labels=labels, class_names=class_names,
                         sidecar=read_sidecar(path.parent / path.stem), source=path,
@@ -265,7 +280,8 @@ def _load_manifest(path: Path, resize, allow_outside: bool) -> ImageDataset:
     if outside and not allow_outside:
         example = next(f for f in files + (original or []) if not inside(f, path.parent))
         raise _outside_refused(path, outside, example)
-    labels, class_names = _manifest_labels(path, table)
+    labels, class_names = (_labels(path, table["label"], "row") if "label" in table.columns
+                           else (None, None))
     return ImageDataset(names=names, protected=files, original=original, labels=labels,
                         class_names=class_names, sidecar=read_sidecar(path.parent), source=path,
                         resize=resize, outside_files=outside)
@@ -293,16 +309,17 @@ def _manifest_files(manifest: Path, column: pd.Series, name: str
     return files, names, outside
 
 
-def _manifest_labels(path: Path, table: pd.DataFrame
-                     ) -> tuple[np.ndarray | None, list[str] | None]:
-    if "label" not in table.columns:
-        return None, None
-    column = table["label"]
+def _labels(source: Path, column: pd.Series, where: str) -> tuple[np.ndarray, list[str] | None]:
+    """Class indices and, where the values are names, the class names. Whole numbers are
+    indices as they are; any other values (names, fractions) are class names, numbered in
+    sorted order, so no label is rounded or cut."""
     if column.isna().any():
-        raise DataError(f"{path}: empty 'label' in row {int(column.isna().idxmax())}. "
-                        "Fix: label every row, or drop the column.")
-    if pd.api.types.is_integer_dtype(column):
-        return column.to_numpy(np.int64), None
-    class_names = sorted(column.astype(str).unique())
-    lookup = {n: i for i, n in enumerate(class_names)}
-    return np.array([lookup[v] for v in column.astype(str)], dtype=np.int64), class_names
+        raise DataError(f"{source}: empty label in {where} {int(column.isna().idxmax())}. "
+                        "Fix: label every item, or drop the labels.")
+    whole = (pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+             and (column % 1 == 0).all() and (column.abs() < 2**53).all())
+    if not whole:
+        class_names = sorted(column.astype(str).unique())
+        lookup = {n: i for i, n in enumerate(class_names)}
+        return np.array([lookup[v] for v in column.astype(str)], dtype=np.int64), class_names
+    return column.to_numpy(np.int64), None

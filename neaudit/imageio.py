@@ -205,13 +205,14 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def to_float(array: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC (or float NCHW in [0,1]) array → float32 NCHW tensor in [0, 1]."""
-    if array.dtype == np.uint8:
-        return torch.from_numpy(np.array(array, copy=True)).permute(0, 3, 1, 2).float() / 255.0
-    tensor = torch.as_tensor(array, dtype=torch.float32)
+    """uint8 (0–255) or float ([0, 1]) array, NHWC or NCHW, → float32 NCHW tensor in [0, 1].
+    NHWC where the last axis holds the 3 channels and the second does not."""
+    tensor = torch.from_numpy(np.array(array, copy=True))
     if tensor.ndim == 4 and tensor.shape[-1] == 3 and tensor.shape[1] != 3:
         tensor = tensor.permute(0, 3, 1, 2)
-    return tensor.contiguous()
+    if tensor.dtype == torch.uint8:
+        return tensor.float() / 255.0
+    return tensor.to(torch.float32).contiguous()
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,37 @@ def test_mixed_sizes_need_a_resize_policy(tmp_path: Path, photos):
     assert next(resized.batches(8)).protected.shape == (2, 3, 48, 48)
 
 
+def test_npz_layouts_and_types(tmp_path: Path, photos):
+    """uint8 arrays read the same channels-last or channels-first; integer types of unknown
+    scale are refused by name rather than read as floats."""
+    np.savez(tmp_path / "nhwc.npz", protected=photos[:3])
+    np.savez(tmp_path / "nchw.npz", protected=photos[:3].transpose(0, 3, 1, 2).copy())
+    nhwc, nchw = (next(load_dataset(tmp_path / f"{n}.npz").batches(3)).protected
+                  for n in ("nhwc", "nchw"))
+    assert nhwc.shape == (3, 3, 64, 64) and torch.equal(nhwc, nchw)
+    for kind in (np.int16, np.uint16, np.bool_):
+        np.savez(tmp_path / "ints.npz", protected=photos[:3].astype(kind))
+        with pytest.raises(DataError, match=rf"ints\.npz: 'protected' holds {np.dtype(kind)}"):
+            load_dataset(tmp_path / "ints.npz")
+
+
+def test_npz_labels_are_indices_or_names_never_rounded(tmp_path: Path, photos):
+    cases = {"whole floats": ([0.0, 1.0, 1.0], [0, 1, 1], None),
+             "names": (["cat", "dog", "cat"], [0, 1, 0], ["cat", "dog"]),
+             "fractions": ([0.5, 1.5, 0.5], [0, 1, 0], ["0.5", "1.5"])}
+    for given, indices, names in cases.values():
+        np.savez(tmp_path / "set.npz", protected=photos[:3], labels=np.array(given))
+        dataset = load_dataset(tmp_path / "set.npz")
+        assert dataset.labels.tolist() == indices and dataset.class_names == names
+    np.savez(tmp_path / "both.npz", protected=photos[:3], labels=np.array(["a", "b", "a"]),
+             class_names=np.array(["x", "y"]))
+    with pytest.raises(DataError, match=r"both\.npz: 'labels' holds names"):
+        load_dataset(tmp_path / "both.npz")
+    np.savez(tmp_path / "flat.npz", protected=photos[:3], labels=np.zeros((3, 2)))
+    with pytest.raises(DataError, match=r"flat\.npz: 'labels' has shape \(3, 2\)"):
+        load_dataset(tmp_path / "flat.npz")
+
+
 def test_empty_folder(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty: no images found"):
