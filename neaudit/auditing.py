@@ -28,14 +28,14 @@ from neaudit.dataset import ImageDataset
 from neaudit.device import resolve_device
 from neaudit.errors import NeauditError
 from neaudit.executors import Executor, LocalExecutor
-from neaudit.models import display_names
+from neaudit.models import display_names, split_name
 from neaudit.paths import refuse_overlap
 from neaudit.plan import plan
 from neaudit.results import build_table, summarize
 from neaudit.store import json_default, write_run_manifest, write_table
 from neaudit.vocabulary import AUTHORIZED, UNAUTHORIZED
 from neaudit.worker import WorkerRecipe, build_worker
-from neaudit.zoo import resolve_zoo, zoo_authorized
+from neaudit.zoo import RUNS_CODE, resolve_zoo, zoo_authorized
 
 SCORES = ("auto", "accuracy", "agreement")
 DECODERS = ("cpu", "device")
@@ -167,16 +167,30 @@ def _finish(worker, tasks, entries: Sequence[SuiteEntry]) -> tuple[pd.DataFrame,
     return table, summary
 
 
+def _recorded_authorized(dataset: ImageDataset) -> str:
+    """The authorized spec ``neaudit.json`` records. The release is an input, so a spec that
+    would run code from a file is refused: a hostile release could name any file."""
+    recorded = (dataset.sidecar or {}).get("authorized")
+    if not isinstance(recorded, str) or not recorded.strip():
+        raise NeauditError("no authorized model: the dataset has no neaudit.json naming one. "
+                           "Fix: pass --authorized SPEC.")
+    scheme = split_name(recorded)[1].partition(":")[0]
+    if scheme in RUNS_CODE:
+        raise NeauditError(f"{dataset.source}: its neaudit.json names the authorized model "
+                           f"'{recorded}', which runs code from a file; neaudit does not run "
+                           "code that an input names. Fix: if you trust that file, pass "
+                           f"--authorized '{recorded}' yourself.")
+    return recorded
+
+
 def _check_inputs(dataset: ImageDataset, authorized: str | None, zoo: str | Sequence[str],
                   entries: Sequence[SuiteEntry], score: str) -> dict[str, str]:
     """Refuse what cannot be audited, before any work; returns the zoo's specs (authorized
     first: given, else marked in a zoo file, else recorded in neaudit.json) with their display
     names."""
-    authorized = (authorized or (zoo_authorized(zoo) if isinstance(zoo, str) else None)
-                  or (dataset.sidecar or {}).get("authorized"))
+    authorized = authorized or (zoo_authorized(zoo) if isinstance(zoo, str) else None)
     if authorized is None:
-        raise NeauditError("no authorized model: the dataset has no neaudit.json naming one. "
-                           "Fix: pass --authorized SPEC.")
+        authorized = _recorded_authorized(dataset)
     names = display_names([authorized, *resolve_zoo(zoo)])
     if len(names) < 2:
         raise NeauditError("the zoo has no unauthorized model. Fix: pass --zoo or --model.")

@@ -224,6 +224,10 @@ def _build_demo(spec: ModelSpec, class_names: Sequence[str] | None) -> ImageClas
                            spec.text)
 
 
+RUNS_CODE = frozenset({"torchscript", "python"})
+"""Schemes whose specs load code from a file (a TorchScript program, a Python module): built
+where the user names them, never where an input does (a release's ``neaudit.json``)."""
+
 BUILDERS: dict[str, Callable[[ModelSpec, Sequence[str] | None], ImageClassifier]] = {
     "timm": _build_timm,
     "open_clip": _build_open_clip,

@@ -25,7 +25,7 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from neaudit.builders import BUILDERS
+from neaudit.builders import BUILDERS, RUNS_CODE  # noqa: F401  (RUNS_CODE: public)
 from neaudit.errors import ModelSpecError
 from neaudit.models import (  # noqa: F401  (the zoo's public names)
     IMAGENET_MEAN,

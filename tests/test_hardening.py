@@ -398,6 +398,38 @@ def test_an_unreadable_file_met_by_a_reader_process_is_one_line(command, inputs,
         assert not (tmp_path / "out" / "neaudit.json").exists()
 
 
+@pytest.mark.parametrize("scheme", ["python", "torchscript"])
+def test_a_release_never_names_code_to_run(scheme, inputs, tmp_path, capsys):
+    """neaudit.json is part of the input: a spec in it that loads code from a file is refused
+    (and the file never runs); the user may still name the same spec."""
+    import shutil
+
+    release = tmp_path / "release"
+    shutil.copytree(inputs / "release", release)
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "import torch.nn as nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 4, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),"
+        " nn.Linear(4, 10))\n")
+    spec = (f"python:{tmp_path / 'evil.py'}:make?input_size=32" if scheme == "python"
+            else f"torchscript:{tmp_path / 'net.pt'}?input_size=32")
+    sidecar = json.loads((release / "neaudit.json").read_text())
+    sidecar["authorized"] = spec
+    (release / "neaudit.json").write_text(json.dumps(sidecar))
+    argv = ["audit", str(release), "--model", OTHER, "--suite", "smoke", "--quiet", "--out",
+            str(tmp_path / "out")]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"names the authorized model '{spec}', which runs code from a file" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    if scheme == "python":  # named by the user, the same spec is built
+        assert main([*argv[:-1], str(tmp_path / "chosen"), "--authorized", spec]) in (0, 1)
+        assert marker.exists()
+
+
 def test_a_closed_output_pipe_ends_the_command_quietly():
     """`neaudit zoo list | head -1`: when the reader of stdout goes away, the command stops
     with the shell's SIGPIPE status and no bogus disk-error line."""
