@@ -61,10 +61,12 @@ def safe_relative(name: str, what: str) -> str:
     """``name`` as a relative POSIX path that cannot leave the folder it is joined to, with
     empty and ``.`` parts dropped (as ``pathlib`` reads ``./a//b``: ``a/b``)."""
     parts = [part for part in name.split("/") if part not in ("", ".")]
-    if "\\" in name or "\x00" in name or name.startswith("/") or not parts or ".." in parts:
-        raise NeauditError(f"{what} '{name}' is not a plain relative path (absolute, '..', "
-                           "empty or with a backslash). Fix: name items by paths inside the "
-                           "dataset's folder.")
+    if ("\\" in name or name.startswith("/") or not parts or ".." in parts
+            or any(ord(c) < 32 or c == "\x7f" for c in name)):
+        raise NeauditError(f"{what} {name!r} is not a plain relative path (absolute, '..', "
+                           "empty, or with a backslash or a control character such as a line "
+                           "break, which no line of hashes.sha256 could hold). Fix: rename it, "
+                           "inside the dataset's folder.")
     return "/".join(parts)
 
 
