@@ -99,15 +99,54 @@ def builtin_dataset(name: str, count: int = 32, size: int = 64) -> ImageDataset:
                         class_names=["china", "flower"], source=Path(f"builtin:{name}"))
 
 
+SIDECAR_TYPES: dict[str, tuple[type, ...]] = {
+    "authorized": (str,), "method": (str,), "format": (str,), "content_digest": (str,),
+    "params": (dict,), "class_names": (list,),
+}
+"""The fields of ``neaudit.json`` that an audit reads, with their JSON types (each may also
+be null or absent: sidecars of older versions lack some)."""
+
+PARAMS_TYPES: dict[str, tuple[type, ...]] = {
+    "psnr": (int, float), "psnr_is_nominal": (bool,), "rank": (int,), "seed": (int,),
+    "key_source": (str,),
+}
+"""The same for its ``params``."""
+
+
 def read_sidecar(folder: Path) -> dict | None:
+    """The ``neaudit.json`` of a release, checked: it is an input like the images, so a field
+    of the wrong type is refused here, by name, rather than met deep inside an audit."""
     for candidate in (folder / SIDECAR, folder.parent / SIDECAR):
         if candidate.is_file():
             try:
-                return json.loads(candidate.read_text())
-            except json.JSONDecodeError as exc:
+                sidecar = json.loads(candidate.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise DataError(f"{candidate}: not valid JSON ({exc}). Fix: restore the "
                                 "sidecar written by `neaudit protect` or delete it.") from exc
+            _check_types(candidate, "", sidecar, SIDECAR_TYPES)
+            _check_types(candidate, "params.", sidecar.get("params") or {}, PARAMS_TYPES)
+            return sidecar
     return None
+
+
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               dict: "an object", list: "an array"}
+
+
+def _check_types(path: Path, prefix: str, fields: object,
+                 types: dict[str, tuple[type, ...]]) -> None:
+    """Refuse ``fields`` unless it is a JSON object whose listed fields have their types."""
+    if not isinstance(fields, dict):
+        raise DataError(f"{path}: {prefix.rstrip('.') or 'the sidecar'} is "
+                        f"{json.dumps(fields)[:40]}, not an object. Fix: restore the sidecar "
+                        "written by `neaudit protect` or delete it.")
+    for name, allowed in types.items():
+        value = fields.get(name)
+        if value is not None and (not isinstance(value, allowed) or (
+                isinstance(value, bool) and bool not in allowed)):
+            raise DataError(f"{path}: '{prefix}{name}' is {json.dumps(value)[:40]}, not "
+                            f"{' or '.join(_JSON_NAMES[t] for t in allowed)}. Fix: restore the "
+                            "sidecar written by `neaudit protect` or delete it.")
 
 
 def _list_images(folder: Path, exclude: set[str] = frozenset()) -> tuple[list[str], int]:

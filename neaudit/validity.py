@@ -106,7 +106,8 @@ def file_checks(dataset: ImageDataset, limit: int = HASHED_FILES) -> dict:
     root = dataset.source
     hashes = root / "hashes.sha256" if root is not None else None
     if hashes is not None and hashes.is_file():
-        recorded = dict(reversed(line.split("  ", 1)) for line in hashes.read_text().splitlines()
+        text = hashes.read_text(encoding="utf-8", errors="surrogateescape")  # as names are
+        recorded = dict(reversed(line.split("  ", 1)) for line in text.splitlines()
                         if "  " in line)
         prefix = f"{root}{os.sep}"  # names as strings: a release may hold a million files
         names = [str(f)[len(prefix):] if str(f).startswith(prefix) else None for f in files]

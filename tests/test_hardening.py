@@ -4,8 +4,10 @@ Every case must end with its exit code, one line on stderr that names the offend
 no traceback, and every input file byte-identical afterwards."""
 
 import json
+import shutil
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,12 +115,39 @@ def inputs(tmp_path_factory) -> Path:
     (root / "dangling").mkdir()
     write_png(root / "dangling" / "inside.png", images[0])
     (root / "dangling" / "gone.png").symlink_to(root / "nowhere.png")
+    for name, edit in SIDECARS.items():
+        copy = root / "sidecars" / name
+        shutil.copytree(root / "release", copy)
+        sidecar = json.loads((copy / "neaudit.json").read_text())
+        (copy / "neaudit.json").write_bytes(edit(sidecar))
     for name, text in SUITES.items():
         (root / "suites" / f"{name}.toml").write_text(text)
     for name, text in POLICIES.items():
         (root / "policies" / f"{name}.toml").write_text(text)
     return root
 
+
+def _with(field: str, value) -> Callable[[dict], bytes]:
+    """A sidecar edit: ``field`` (``a.b`` for a nested one) set to ``value``."""
+    def edit(sidecar: dict) -> bytes:
+        *outer, last = field.split(".")
+        place = sidecar
+        for key in outer:
+            place = place[key]
+        place[last] = value
+        return json.dumps(sidecar).encode()
+    return edit
+
+
+SIDECARS: dict[str, Callable[[dict], bytes]] = {
+    "not_an_object": lambda sidecar: b"[1, 2]",
+    "not_utf8": lambda sidecar: b'{"authorized": "\xff\xfe"}',
+    "params_list": _with("params", [1, 2]),
+    "psnr_text": _with("params.psnr", "high"),
+    "authorized_number": _with("authorized", 5),
+    "class_names_text": _with("class_names", "cat"),
+}
+"""Release copies whose neaudit.json an editor or an attacker got wrong."""
 
 SUITES = {
     "quality_text": '[[attack]]\nname = "jpeg"\nquality = "abc"\n',
@@ -251,6 +280,14 @@ CASES = [
     Case("missing_input", _protect(data="{in}/nowhere"), ("nowhere",)),
     Case("bad_int_option", _audit("--batch-size", "abc"), ("--batch-size", "abc")),
     Case("report_not_a_run", ("report", "{in}/images"), ("images", "results.parquet")),
+    # a sidecar of the wrong shape: refused by field, not met inside the audit
+    *(Case(f"sidecar_{name}", _audit(data=f"{{in}}/sidecars/{name}"),
+           (f"sidecars/{name}/neaudit.json", says)) for name, says in (
+        ("not_an_object", "not an object"), ("not_utf8", "not valid JSON"),
+        ("params_list", "'params' is [1, 2], not an object"),
+        ("psnr_text", "'params.psnr' is \"high\", not an integer or a number"),
+        ("authorized_number", "'authorized' is 5, not a string"),
+        ("class_names_text", "'class_names' is \"cat\", not an array"))),
 ]
 
 
@@ -375,7 +412,6 @@ def test_an_unreadable_file_met_by_a_reader_process_is_one_line(command, inputs,
                                                                  capsys):
     """Reader processes meet the files the in-process checks do not read: their error must
     reach the user as the same one line, not as the worker's traceback."""
-    import shutil
 
     if command == "protect":
         data = tmp_path / "images"
@@ -402,7 +438,6 @@ def test_an_unreadable_file_met_by_a_reader_process_is_one_line(command, inputs,
 def test_a_release_never_names_code_to_run(scheme, inputs, tmp_path, capsys):
     """neaudit.json is part of the input: a spec in it that loads code from a file is refused
     (and the file never runs); the user may still name the same spec."""
-    import shutil
 
     release = tmp_path / "release"
     shutil.copytree(inputs / "release", release)
@@ -428,6 +463,20 @@ def test_a_release_never_names_code_to_run(scheme, inputs, tmp_path, capsys):
     if scheme == "python":  # named by the user, the same spec is built
         assert main([*argv[:-1], str(tmp_path / "chosen"), "--authorized", spec]) in (0, 1)
         assert marker.exists()
+
+
+def test_a_garbled_hashes_file_is_read_as_far_as_it_goes(inputs, tmp_path, capsys):
+    release = tmp_path / "release"
+    shutil.copytree(inputs / "release", release)
+    lines = (release / "hashes.sha256").read_bytes().splitlines()
+    (release / "hashes.sha256").write_bytes(b"\n".join([b"\xff\xfe garbage", b"no spaces",
+                                                         *lines[1:]]))
+    code = main(["audit", str(release), "--model", OTHER, "--suite", "smoke", "--out",
+                 str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 1 and "internal error" not in out
+    # the one line lost is the one file unlisted; the rest still vouch for their files
+    assert "lossy_or_altered_input: 1 protected file(s) are not in the hashes" in out
 
 
 def test_a_closed_output_pipe_ends_the_command_quietly():
