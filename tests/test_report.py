@@ -107,6 +107,29 @@ def test_exit_codes_and_junit_on_passing_and_failing_policies(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
 
 
+@pytest.mark.parametrize("damage", ["garbage table", "table of other columns",
+                                    "summary not an object", "summary missing",
+                                    "manifest not JSON"])
+def test_a_damaged_run_folder_is_refused_by_file(damage, tmp_path, capsys):
+    run = make_run(tmp_path / "run", leak=30)
+    file = {"garbage table": "results.parquet", "table of other columns": "results.parquet",
+            "summary not an object": "summary.json", "summary missing": "summary.json",
+            "manifest not JSON": "run.json"}[damage]
+    if damage == "table of other columns":
+        pd.DataFrame({"model": ["x"], "value": [1.0]}).to_parquet(run / file)
+    elif damage == "summary missing":
+        (run / file).unlink()
+    else:
+        (run / file).write_bytes({"garbage table": b"PAR1 not parquet",
+                                  "summary not an object": b"[1, 2]",
+                                  "manifest not JSON": b"\xff{"}[damage])
+    for argv in (["report", str(run)], ["diff", str(make_run(tmp_path / "a", 30)), str(run)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "internal error" not in err, err
+        assert f"{run / file}: not as an audit wrote it" in err and "Fix:" in err
+
+
 def test_default_policy_ships_with_the_package():
     policy = Policy.load()
     assert policy.name == "default" and policy.rules["max_leakage"] == 0.5

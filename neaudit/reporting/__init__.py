@@ -27,7 +27,7 @@ from neaudit.policy import Criterion, Policy
 from neaudit.reporting import plots
 from neaudit.reporting.samples import write_sample_grid
 from neaudit.reporting.wording import verdict_sentence
-from neaudit.results import reconstruction_quality
+from neaudit.results import COLUMNS, reconstruction_quality
 from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, THREAT_LEVELS
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -50,15 +50,39 @@ class ReportResult:
 
 
 def load_run(run_dir: Path) -> tuple[pd.DataFrame, dict, dict]:
+    """The stored table, summary and manifest of an audit folder; a folder whose files are
+    missing, unreadable or not what an audit writes is refused by file, before rendering."""
     results = run_dir / "results.parquet"
     if not results.is_file():
         raise NeauditError(f"{run_dir}: no results.parquet. Fix: point to the folder an audit "
                            "wrote (reports/<run>).")
-    table = pd.read_parquet(results)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    try:
+        table = pd.read_parquet(results)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise _damaged(results, str(exc)) from exc
+    missing = [column for column in COLUMNS if column not in table.columns]
+    if missing:
+        raise _damaged(results, f"no {', '.join(missing)} column")
+    summary = _json_object(run_dir / "summary.json")
     manifest_path = run_dir / "run.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = _json_object(manifest_path) if manifest_path.is_file() else {}
     return table, summary, manifest
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # missing, not UTF-8, not JSON
+        raise _damaged(path, str(exc)) from exc
+    if not isinstance(value, dict):
+        raise _damaged(path, "not a JSON object")
+    return value
+
+
+def _damaged(path: Path, why: str) -> NeauditError:
+    return NeauditError(f"{path}: not as an audit wrote it ({why[:200]}). Fix: re-run the "
+                        "audit with the same --out (it resumes from its task records), or "
+                        "point to another run folder.")
 
 
 def render_report(run_dir: str | Path, policy: str | Path | Policy | None = None
