@@ -69,6 +69,12 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, workers: int = 2, cpus: float = 1,
                  gpus: float = 0, max_retries: int = 3, num_cpus: int | None = None) -> None:
+        for option, value, least in (("--ray-workers", workers, 1), ("--ray-cpus", cpus, 0),
+                                     ("--ray-gpus", gpus, 0)):
+            if not value >= least:  # NaN too
+                raise NeauditError(f"{option} {value}: must be at least {least}. Fix: give "
+                                   f"{'a count of actors' if least else 'a share per actor'}"
+                                   ", e.g. 1.")
         self.address, self.workers, self.cpus, self.gpus = address, workers, cpus, gpus
         self.max_retries, self.num_cpus = max_retries, num_cpus
         self.pids: list[int] = []
