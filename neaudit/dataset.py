@@ -91,6 +91,9 @@ class ImageDataset:
                         f"{self.source}: label {int(self.labels[bad[0]])} of item "
                         f"'{self.names[bad[0]]}' is outside the {len(self.class_names)} class "
                         "names. Fix: make class_names cover every label.")
+        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):
+            raise DataError(f"resize {tuple(self.resize)}: a size needs a positive height and "
+                            "width. Fix: give e.g. --resize 224 or --resize 224x224.")
         self.image_shape = self.resize or self._first_shape()
 
     def __len__(self) -> int:

@@ -280,6 +280,8 @@ CASES = [
          ("--ray-cpus -1",)),
     Case("ray_gpus_nan", _audit("--executor", "ray", "--ray-gpus", "nan"), ("--ray-gpus nan",)),
     Case("device_tpu", _protect("--device", "tpu"), ("--device tpu",)),
+    Case("resize_0", _protect("--resize", "0"), ("resize (0, 0)",)),
+    Case("resize_negative", _protect("--resize", "10x-3"), ("resize (10, -3)",)),
     Case("decompression_bomb", _protect(data="{in}/bomb"), ("huge.png",)),
     Case("pickled_npz", _protect(data="{in}/objects.npz"), ("objects.npz",)),
     Case("missing_input", _protect(data="{in}/nowhere"), ("nowhere",)),
