@@ -223,15 +223,22 @@ def _exposed_key(run: _Run) -> Iterator[Flag]:
     source = run.diagnostics.get("exposed_key")
     if source is None:
         return
-    how = ("neaudit.json records the noise key (protect --store-key)" if source == "stored" else
-           "this release's neaudit.json comes from a protect that used the recorded seed as the "
-           "noise key unless --key was given")
+    how = {
+        "stored": "neaudit.json records the noise key (protect --store-key)",
+        "seed": "this release's neaudit.json comes from a protect that used the recorded seed "
+                "as the noise key unless --key was given",
+        "searchable": "this release comes from a protect (neaudit before the ChaCha noise "
+                      "generator) whose noise depends on only 32 bits of its key, which anyone "
+                      "who knows the construction can search",
+    }[source]
+    fix = ("Re-protect with this version of neaudit (its noise generator keeps every bit of "
+           "the key)." if source == "searchable" else
+           "Re-protect without --store-key (the key is then drawn at random and not recorded), "
+           "or keep neaudit.json out of the release; if that release was written with its own "
+           "secret --key, drop exposed_key from the policy's fail_on.")
     yield Flag(
         "exposed_key", f"{how}: whoever holds the file can regenerate each image's noise and "
-        "subtract it, an attack none of the figures below covers.",
-        "Re-protect without --store-key (the key is then drawn at random and not recorded), or "
-        "keep neaudit.json out of the release; if that release was written with its own secret "
-        "--key, drop exposed_key from the policy's fail_on.")
+        "subtract it, an attack none of the figures below covers.", fix)
 
 
 def _criteria_not_evaluated(run: _Run) -> Iterator[Flag]:

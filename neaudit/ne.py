@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from neaudit.imageio import quantize
 from neaudit.patches import from_patches, to_patches
-from neaudit.seeding import counter_normal, derive_seed
+from neaudit.seeding import counter_normal, derive_key
 from neaudit.spectral import PatchSubspace, Subspace
 from neaudit.stem import FirstLayer
 
@@ -42,8 +42,9 @@ METHODS = ("subspace", "reference")
 
 
 def noise_key(key: int) -> int:
-    """The counter key of an NE key's noise (:func:`neaudit.seeding.counter_normal`)."""
-    return derive_seed(key, "ne-noise")
+    """The 256-bit generator key of an NE key's noise (:func:`neaudit.seeding.counter_normal`):
+    any integer key, its entropy kept."""
+    return derive_key(key, "ne-noise")
 
 
 def subspace_recode(clean: torch.Tensor, space: Subspace,

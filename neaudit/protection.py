@@ -34,6 +34,7 @@ from neaudit.models import split_name
 from neaudit.ne import METHODS, reference_recode, subspace_recode
 from neaudit.paths import OutputTree, refuse_overlap, safe_component, safe_relative
 from neaudit.pipeline import PngWriter, on_device, read_ahead
+from neaudit.seeding import NOISE_GENERATOR
 from neaudit.spectral import Subspace, low_sensitivity_subspace
 from neaudit.stem import FirstLayer, first_layer
 from neaudit.zoo import ImageClassifier, check_model, create_model
@@ -54,6 +55,9 @@ MAX_PSNR = 55.0
 """Uint8 rounding alone is a 59 dB perturbation: a higher measured target cannot be written
 (the published construction's *nominal* PSNR counts the image itself and has no such bound)."""
 
+KEY_BITS = 128
+"""Bits of a key ``protect`` draws. Every bit reaches the noise (a 256-bit generator key is
+derived from it: :func:`neaudit.ne.noise_key`), so finding the noise means searching them all."""
 
 
 @dataclass
@@ -123,7 +127,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     if patch_fraction < 1.0 and (space is None or layer.overlapping):
         raise NeauditError(f"--patch-fraction applies to the subspace method on a patch stem; "
                            f"{model.name} with --method {method} has none. Fix: drop the option.")
-    noise_key = secrets.randbits(63) if key is None else key
+    noise_key = secrets.randbits(KEY_BITS) if key is None else key
     recoding = _Recoding(model, layer, space, method, psnr, noise_key, seed, tau,
                          patch_fraction, fidelity_images, isotropic_gain(layer, (3, *size)))
     per_image, digests, unread = _recode_all(dataset, recoding, out, names, trees, batch_size,
@@ -137,7 +141,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         "tau": tau if method == "reference" else None,
         "patch_fraction": patch_fraction if method == "subspace" else None,
         "seed": seed, "key": noise_key if store_key else None, "key_stored": store_key,
-        "key_source": "random" if key is None else "given",
+        "key_source": "random" if key is None else "given", "noise_generator": NOISE_GENERATOR,
         "image_size": list(size), "fidelity_images": min(fidelity_images, len(dataset)),
         "png_compression": png_compression if output_format == "png" else None,
     }

@@ -71,14 +71,18 @@ def label_spread(labels: np.ndarray | None) -> dict | None:
 
 
 def exposed_key(sidecar: dict | None) -> str | None:
-    """How the release's noise key can be read off its ``neaudit.json``: ``"stored"``
-    (``protect --store-key``), ``"seed"`` (written before ``protect`` drew secret keys, when
-    the key was the recorded seed unless ``--key`` was given), or None (not recorded)."""
+    """How the release's noise can be had without its key's secret, from its ``neaudit.json``:
+    ``"stored"`` (``protect --store-key``), ``"seed"`` (written before ``protect`` drew secret
+    keys, when the key was the recorded seed unless ``--key`` was given), ``"searchable"``
+    (written before the ChaCha generator, whose predecessor reduced any key to 32 bits of
+    state: 2³² candidates, each checked by correlating its noise with the release), or None."""
     params = (sidecar or {}).get("params") or {}
     if params.get("key") is not None:
         return "stored"
     if "seed" in params and "key_source" not in params:
         return "seed"
+    if "key_source" in params and "noise_generator" not in params:
+        return "searchable"
     return None
 
 

@@ -180,6 +180,9 @@ def test_exposed_key_flag_fails_a_release_whose_sidecar_gives_the_key_away(relea
     assert any(f.name == "exposed_key" and f.failing for f in render_report(result.out).flags)
     legacy = {k: v for k, v in sidecar["params"].items() if k != "key_source"} | {"key": None}
     assert exposed_key({"params": legacy}) == "seed"
+    # drawn at random but by the generator that kept 32 bits of it: searchable, so flagged
+    searchable = {k: v for k, v in sidecar["params"].items() if k != "noise_generator"}
+    assert exposed_key({"params": searchable | {"key": None}}) == "searchable"
 
 
 def test_lossy_and_altered_input_flags(release, tmp_path):
