@@ -44,6 +44,8 @@ def read_image(path: str | Path, on_grid: bool = False) -> torch.Tensor:
 UNREAD = {
     "alpha": "transparency, which the pixels read (and PNG NEs written) do not keep",
     "orientation": "an EXIF orientation tag, not applied: the pixels are read as stored",
+    "frames": "more than one frame (an animation or pages), of which only the first is read "
+              "(and protected)",
 }
 """What a file can show in an image viewer that its pixels as read (RGB, as stored: what
 ecosystem loaders such as timm's and torchvision's give a model) do not, by name."""
@@ -55,7 +57,8 @@ def read_pixels(path: str | Path) -> tuple[torch.Tensor, tuple[str, ...]]:
     what reading leaves out (:data:`UNREAD`)."""
     try:
         with Image.open(path) as img:  # the header only: size and decompression-bomb checks
-            unread = ("orientation",) if _orientation(img) != 1 else ()
+            unread = (("orientation",) if _orientation(img) != 1 else ()) + (
+                ("frames",) if _frames(img) > 1 else ())
             rgb = (_rgb_decoded(path, img.format)
                    if img.mode == "RGB" and "transparency" not in img.info else None)
             if rgb is None:
@@ -84,6 +87,15 @@ def _orientation(img: Image.Image) -> int:
     try:
         return int(img.getexif().get(_ORIENTATION, 1))
     except Exception:  # Pillow's EXIF parser on hostile bytes; the note is advisory
+        return 1
+
+
+def _frames(img: Image.Image) -> int:
+    """Frames in the file (an animated WebP, GIF or PNG, a multi-page TIFF); 1 where the
+    count cannot be read, as for :func:`_orientation`."""
+    try:
+        return int(getattr(img, "n_frames", 1))
+    except Exception:  # Pillow seeking through hostile frame tables; the note is advisory
         return 1
 
 

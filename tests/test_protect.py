@@ -247,8 +247,9 @@ def test_files_left_in_out_by_another_run_are_found_at_any_depth(tmp_path):
 def test_transparency_and_exif_orientation_are_noted_not_silently_dropped(tmp_path, capsys,
                                                                           vit_spec, snapshot):
     """Inputs whose viewer shows what their pixels as read do not — transparency that some
-    pixel uses, an EXIF orientation — are named in a note on stderr (even with --quiet) and
-    counted in neaudit.json; opaque alpha, orientation 1 and plain files are not."""
+    pixel uses, an EXIF orientation, frames after the first — are named in a note on stderr
+    (even with --quiet) and counted in neaudit.json; opaque alpha, orientation 1, one-frame
+    files and plain files are not."""
     from PIL import Image
 
     from neaudit.data import builtin_dataset
@@ -268,6 +269,10 @@ def test_transparency_and_exif_orientation_are_noted_not_silently_dropped(tmp_pa
         exif = Image.Exif()
         exif[0x0112] = orientation
         Image.fromarray(photo).save(folder / f"{name}.jpg", quality=90, exif=exif)
+    first, *more = [Image.fromarray(p) for p in photos[:3]]
+    first.save(folder / "g-animated.webp", save_all=True, append_images=more, lossless=True)
+    first.save(folder / "h-pages.tif", save_all=True, append_images=more)
+    first.save(folder / "i-one-page.tif")
 
     before = snapshot(folder)
     assert main(["protect", str(folder), "--authorized", vit_spec, "--out",
@@ -277,10 +282,14 @@ def test_transparency_and_exif_orientation_are_noted_not_silently_dropped(tmp_pa
     assert notes == ["note: 2 input(s) have transparency, which the pixels read (and PNG NEs "
                      "written) do not keep (e.g. c-transparent.png, d-keyed.png)",
                      "note: 1 input(s) have an EXIF orientation tag, not applied: the pixels "
-                     "are read as stored (e.g. f-turned.jpg)"]
+                     "are read as stored (e.g. f-turned.jpg)",
+                     "note: 2 input(s) have more than one frame (an animation or pages), of "
+                     "which only the first is read (and protected) (e.g. g-animated.webp, "
+                     "h-pages.tif)"]
     unread = json.loads((tmp_path / "out" / "neaudit.json").read_text())["unread"]
     assert unread == {"alpha": {"count": 2, "examples": ["c-transparent.png", "d-keyed.png"]},
-                      "orientation": {"count": 1, "examples": ["f-turned.jpg"]}}
+                      "orientation": {"count": 1, "examples": ["f-turned.jpg"]},
+                      "frames": {"count": 2, "examples": ["g-animated.webp", "h-pages.tif"]}}
     # the pixels read are Pillow's RGB, as stored
     for path in sorted(folder.iterdir()):
         assert np.array_equal(read_image(path, on_grid=True).permute(1, 2, 0).numpy(),
