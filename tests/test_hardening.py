@@ -486,6 +486,22 @@ def test_a_garbled_hashes_file_is_read_as_far_as_it_goes(inputs, tmp_path, capsy
     assert "lossy_or_altered_input: 1 protected file(s) are not in the hashes" in out
 
 
+def test_names_from_a_release_cannot_drive_the_terminal(inputs, tmp_path, capsys):
+    """A file added to a release under a name holding an escape sequence is named in the
+    terminal's flags with the sequence escaped, not obeyed."""
+    release = tmp_path / "release"
+    shutil.copytree(inputs / "release", release)
+    added = max((release / "protected").rglob("*.png"))
+    original = release / "original" / added.relative_to(release / "protected")
+    for path in (added, original):  # renamed after protection, with its original
+        path.rename(path.with_name("\x1b]0;pwned\x07\x1b[2J.png"))
+    code = main(["audit", str(release), "--model", OTHER, "--suite", "smoke", "--out",
+                 str(tmp_path / "run"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 1 and "\x1b" not in out and "\x07" not in out
+    assert "\\x1b]0;pwned\\x07\\x1b[2J.png" in out  # named, escaped
+
+
 def test_a_closed_output_pipe_ends_the_command_quietly():
     """`neaudit zoo list | head -1`: when the reader of stdout goes away, the command stops
     with the shell's SIGPIPE status and no bogus disk-error line."""
