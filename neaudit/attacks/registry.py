@@ -111,12 +111,14 @@ class Param:
         return value
 
     def describe(self) -> str:
+        """What the parameter accepts, as the object of "give" in a fix."""
         if self.path:
-            return "path to a local folder" + (f" holding {' or '.join(self.holds)}"
-                                               if self.holds else "")
+            return "a path to a local folder" + (f" holding {' or '.join(self.holds)}"
+                                                 if self.holds else "")
         if self.choices is not None:
             return "one of " + ", ".join(map(str, self.choices))
-        kind = "list of numbers" if isinstance(self.default, list) else type(self.default).__name__
+        kind = ("a list of numbers" if isinstance(self.default, list) else
+                "an integer" if isinstance(self.default, int) else "a number")
         return f"{kind} in [{self.low:g}, {self.high:g}]"
 
 
@@ -152,7 +154,7 @@ class Attack:
                 checked[name] = self.params[name].check(value)
             except ValueError as exc:
                 raise NeauditError(
-                    f"attack '{self.name}': {name} = {value!r} {exc}. Fix: give a "
+                    f"attack '{self.name}': {name} = {value!r} {exc}. Fix: give "
                     f"{self.params[name].describe()} (default {self.params[name].default}).",
                 ) from None
         return checked
