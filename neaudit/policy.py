@@ -1,7 +1,8 @@
 """Release policies: thresholds checked against the results table, giving PASS or FAIL.
 
 A policy is TOML. Top-level keys apply to every attack; a ``[family.NAME]`` table overrides
-them for one attack family (``preprocess``, ``purify``)::
+them for one attack family (``preprocess``, ``purify``, ``adaptive``, ``reconstruct``,
+``learning``; another name is refused, so a misspelt one cannot judge nothing)::
 
     min_authorized_retention = 0.95   # authorized utility retention on the unattacked NEs
     max_leakage = 0.5                 # worst unauthorized inference leakage (L0–L3)
@@ -31,14 +32,20 @@ import pandas as pd
 
 from neaudit.errors import NeauditError
 from neaudit.flags import FLAG_NAMES, Flag, evaluate_flags
-from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, THREAT_LEVELS, UNAUTHORIZED
+from neaudit.vocabulary import AUTHORIZED, CLEAN, FAMILIES, NONE, THREAT_LEVELS, UNAUTHORIZED
 
 DEFAULT_POLICY = Path(__file__).parent / "reporting" / "default_policy.toml"
 KEYS = ("min_authorized_retention", "max_leakage", "max_leakage_above_chance",
         "max_learning_leakage", "min_suppression_ratio", "min_psnr")
 LIST_KEYS = ("fail_on", "levels")
+NEVER_NEGATIVE = {"min_authorized_retention": 0.95, "max_leakage": 0.5,
+                  "min_suppression_ratio": 2.0, "min_psnr": 28.0}
+"""Thresholds on figures that cannot be negative (ratios of scores, PSNR), with an example
+value; leakage above chance and learning leakage can be."""
 EXCLUDED_ATTACKS = (CLEAN,)
 EXCLUDED_FAMILIES = ("test",)
+POLICY_FAMILIES = tuple(f for f in FAMILIES if f not in EXCLUDED_FAMILIES)
+"""The attack families a ``[family.NAME]`` table can name."""
 
 
 @dataclass(frozen=True)
@@ -82,13 +89,21 @@ class Policy:
             raise NeauditError(f"{path}: not valid TOML ({exc}).") from exc
         families = raw.pop("family", {})
         raw.pop("description", None)
-        name = str(raw.pop("name", path.stem))
+        name = raw.pop("name", path.stem)
+        if not isinstance(name, str):
+            raise NeauditError(f"{path}: name = {name!r} is not a string. Fix: e.g. "
+                               f"name = \"{path.stem}\".")
         lists = {key: _names(path, key, raw.pop(key, []), allowed)
                  for key, allowed in (("fail_on", FLAG_NAMES), ("levels", THREAT_LEVELS))}
         rules = _thresholds(path, raw, "")
         if not isinstance(families, dict) or not all(isinstance(r, dict)
                                                      for r in families.values()):
             raise NeauditError(f"{path}: 'family' must hold [family.NAME] tables.")
+        unknown = sorted(set(families) - set(POLICY_FAMILIES))
+        if unknown:  # a misspelt family would judge nothing, silently
+            raise NeauditError(f"{path}: unknown attack famil{'ies' if len(unknown) > 1 else 'y'}"
+                               f" {', '.join(unknown)}. Valid: [family.NAME] with NAME one of "
+                               f"{', '.join(POLICY_FAMILIES)}.")
         per_family = {f: _thresholds(path, r, f"[family.{f}] ") for f, r in families.items()}
         if not rules and not any(per_family.values()):
             raise NeauditError(f"{path}: no threshold, and a policy without one can never pass. "
@@ -139,6 +154,9 @@ def _thresholds(path: Path, rules: dict, where: str) -> dict[str, float]:
                 value):
             raise NeauditError(f"{path}: {where}{key} = {value!r} is not a finite number. Fix: "
                                f"e.g. {key} = 0.5.")
+        if value < 0 and key in NEVER_NEGATIVE:  # it could never fail, or never pass
+            raise NeauditError(f"{path}: {where}{key} = {value!r}, but the figure it bounds is "
+                               f"never negative. Fix: e.g. {key} = {NEVER_NEGATIVE[key]}.")
     return {key: float(value) for key, value in rules.items()}
 
 

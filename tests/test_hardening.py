@@ -176,6 +176,10 @@ POLICIES = {
     "unknown_level": 'max_leakage = 0.5\nlevels = ["L9"]\n',
     "unknown_flag": 'max_leakage = 0.5\nfail_on = ["flaky"]\n',
     "empty": "",
+    "negative_leakage": "max_leakage = -0.1\n",  # could never pass
+    "negative_psnr": "max_leakage = 0.5\nmin_psnr = -5\n",  # could never fail
+    "misspelt_family": "max_leakage = 0.5\n[family.purfy]\nmax_leakage = 0.2\n",
+    "name_not_text": "name = 5\nmax_leakage = 0.5\n",
 }
 
 
