@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from neaudit import evidence, validity
@@ -194,11 +195,19 @@ def _check_inputs(dataset: ImageDataset, authorized: str | None, zoo: str | Sequ
     names = display_names([authorized, *resolve_zoo(zoo)])
     if len(names) < 2:
         raise NeauditError("the zoo has no unauthorized model. Fix: pass --zoo or --model.")
-    if any(e.kind == DATASET for e in entries) and (
-            dataset.labels is None or not dataset.has_originals):
-        raise NeauditError(f"{dataset.source}: learning attacks (linear_probe, finetune) need "
-                           "labels and the clean originals. Fix: use class folders and "
-                           "--originals, or drop them from the suite.")
+    if any(e.kind == DATASET for e in entries):
+        if dataset.labels is None or not dataset.has_originals:
+            raise NeauditError(f"{dataset.source}: learning attacks (linear_probe, finetune) "
+                               "need labels and the clean originals. Fix: use class folders "
+                               "and --originals, or drop them from the suite.")
+        counts = np.bincount(dataset.labels)
+        if (counts >= 2).sum() < 2:  # each class splits into a training and a test half
+            raise NeauditError(f"{dataset.source}: learning attacks (linear_probe, finetune) "
+                               "train and test on halves of each class, so they need two "
+                               f"classes with two images or more; this dataset has "
+                               f"{(counts > 0).sum()} class(es), {(counts >= 2).sum()} of them "
+                               "with two images or more. Fix: add classes or images, or drop "
+                               "the learning attacks from the suite.")
     if score not in SCORES:
         raise NeauditError(f"unknown score '{score}'. Fix: use auto, accuracy or agreement.")
     if score == "agreement" and not dataset.has_originals:

@@ -1,6 +1,7 @@
 """Learning-based leakage: probe and fine-tuning curves, with SLC-AUC."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -71,6 +72,21 @@ def test_learning_attacks_need_labels_and_originals(tmp_path):
     with pytest.raises(NeauditError, match="need labels and the clean originals"):
         audit(tmp_path / "d", ["timm:resnet18?num_classes=10&input_size=64&drop_rate=0.1"],
               suite=suite, out=tmp_path / "r", quiet=True)
+
+
+def test_learning_attacks_need_two_classes_to_split(tmp_path):
+    """Each class splits into a training and a test half: with one class, or classes of one
+    image, the probe has nothing to tell apart (it raised from scikit-learn mid-audit)."""
+    images = digits_test_set(12)
+    suite = tmp_path / "s.toml"
+    suite.write_text('[[attack]]\nname = "linear_probe"\n')
+    for name, labels in (("one class", [0] * 12), ("single images", [0, 1] + [2] * 10)):
+        release = tmp_path / name
+        one = replace(images, labels=np.array(labels), class_names=["a", "b", "c"])
+        protect(one, demo_zoo.AUTHORIZED, release, psnr=20, save_originals=True)
+        with pytest.raises(NeauditError, match=r"need two classes with two images or more"):
+            audit(release, ["demo:small_cnn"], suite=suite, out=tmp_path / "r", quiet=True)
+        assert not (tmp_path / "r").exists()
 
 
 @pytest.fixture(scope="module")
