@@ -130,10 +130,11 @@ def fits_on_device(models: dict[str, ImageClassifier], device: torch.device) -> 
 
 def reference_images(dataset: ImageDataset, reference: str | Path | None, seed: int
                      ) -> torch.Tensor | None:
-    """Clean in-distribution images for L2 attacks: ``reference`` if given, else a seeded run
-    of up to 256 originals of the dataset itself (the strongest such attacker)."""
+    """Clean in-distribution images for L2 attacks: ``reference`` if given (resized to the
+    release's size, as an attacker would bring them), else a seeded run of up to 256 originals
+    of the dataset itself (the strongest such attacker)."""
     if reference is not None:
-        source = load_dataset(reference)
+        source = load_dataset(reference, resize=tuple(dataset.image_shape))
         return torch.cat([b.protected for b in source.batches(64, stop=REFERENCE_IMAGES)])
     if not dataset.has_originals:
         return None

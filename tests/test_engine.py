@@ -3,8 +3,10 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from neaudit.attacks import load_suite
 from neaudit.auditing import audit
@@ -199,3 +201,20 @@ def test_compiling_models_that_must_take_turns_is_refused_before_any_work(
     assert snapshot(protected) == before
 
 
+
+
+def test_reference_images_come_at_the_release_size(protected, tmp_path):
+    """An attacker's clean images of other sizes (mixed ones included) are resized to the
+    release's, not refused with a fix the audit has no option for."""
+    from PIL import Image
+
+    from neaudit.worker import reference_images
+
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    for i, (height, width) in enumerate([(48, 40), (96, 96), (64, 64)]):
+        Image.fromarray(np.full((height, width, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    dataset = load_dataset(protected)
+    images = reference_images(dataset, folder, seed=0)
+    assert images.shape == (3, 3, *dataset.image_shape)
+    assert torch.allclose(images[2], torch.full_like(images[2], 120 / 255))  # uniform stays
