@@ -5,6 +5,7 @@ network: ``pretrained=true`` resolves to a file already in the local hub caches.
 from __future__ import annotations
 
 import importlib.util
+import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -53,7 +54,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # objects beyond tensors: code, as far as we know
+        raise ModelSpecError(f"{path}: holds Python objects besides tensors, which neaudit does "
+                             "not unpickle (loading them can run code). Fix: save a state dict "
+                             "of tensors (torch.save(model.state_dict(), …) or .safetensors) "
+                             "where the model was trained.") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return state

@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -365,8 +366,15 @@ def _add_zoo(sub) -> None:
     zoo.set_defaults(handler=_zoo)
 
 
+LIBRARIES = r"(torch|timm|open_clip|kornia|torchvision|safetensors)(\.|$)"
+"""Frameworks whose warnings (deprecations, pickle-protocol notes) the command line does not
+pass on: its stderr carries notes and one-line errors about the user's inputs."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=LIBRARIES)
     try:
         return args.handler(args)
     except NeauditError as exc:

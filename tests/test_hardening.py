@@ -4,6 +4,7 @@ Every case must end with its exit code, one line on stderr that names the offend
 no traceback, and every input file byte-identical afterwards."""
 
 import json
+import pickle
 import shutil
 import struct
 import zlib
@@ -63,6 +64,16 @@ def nan_model():
 '''
 
 
+class _Payload:
+    """Pickles into a call that creates ``marker``: a weights file that would run code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 def _bomb_png(path: Path) -> None:
     """A valid 1×1 PNG whose header then claims 100000×100000 pixels."""
     write_png(path, np.zeros((1, 1, 3), np.uint8))
@@ -87,6 +98,7 @@ def inputs(tmp_path_factory) -> Path:
     (root / "policies").mkdir()
     (root / "models.py").write_text(FACTORIES)
     (root / "a_file").write_text("not a folder")
+    (root / "code.pt").write_bytes(pickle.dumps(_Payload(root / "ran"), protocol=4))
     (root / "bomb").mkdir()
     _bomb_png(root / "bomb" / "huge.png")
     np.savez(root / "objects.npz", protected=np.array([object(), object()], dtype=object))
@@ -258,6 +270,8 @@ CASES = [
            (f"{name}.toml",)) for name in SUITES],
     *[Case(f"policy_{name}", _audit("--policy", "{in}/policies/" + name + ".toml"),
            (f"{name}.toml",)) for name in POLICIES],
+    Case("weights_that_run_code", _protect(auth="timm:resnet18?weights={in}/code.pt"),
+         ("code.pt: holds Python objects besides tensors", "state dict")),
     Case("spec_num_classes_text", _protect(auth="timm:resnet18?num_classes=abc"),
          ("num_classes=abc",)),
     Case("spec_negative_size", _protect(auth="timm:resnet18?input_size=-32"),
@@ -504,6 +518,24 @@ def test_names_from_a_release_cannot_drive_the_terminal(inputs, tmp_path, capsys
     out = capsys.readouterr().out
     assert code == 1 and "\x1b" not in out and "\x07" not in out
     assert "\\x1b]0;pwned\\x07\\x1b[2J.png" in out  # named, escaped
+
+
+def test_framework_warnings_stay_off_the_command_line(inputs, tmp_path):
+    """torch warns on every TorchScript load (deprecated) and on some weights files; stderr is
+    for the user's inputs: those warnings do not reach it."""
+    import subprocess
+    import sys
+
+    import torch
+    import torch.nn as nn
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 4, 4), nn.Flatten(), nn.Linear(256, 2))
+    torch.jit.trace(net.eval(), torch.zeros(1, 3, 32, 32)).save(str(tmp_path / "net.pt"))
+    command = subprocess.run(  # its own process: pytest would catch the warnings itself
+        [sys.executable, "-m", "neaudit.cli", "audit", str(inputs / "release"), "--model",
+         f"torchscript:{tmp_path / 'net.pt'}?input_size=32", "--suite", "smoke", "--out",
+         str(tmp_path / "run"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert command.returncode in (0, 1) and command.stderr == "", command.stderr
 
 
 def test_a_closed_output_pipe_ends_the_command_quietly():
