@@ -386,13 +386,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         return _fail(f"neaudit: error: {where}{exc.strerror or exc}. Fix: check the path, its "
                      "permissions and the free space; what was written is complete (files "
-                     "are replaced atomically) and re-running the same command resumes.", 2)
+                     f"are replaced atomically) and {_rerun(args)}.", 2)
     except KeyboardInterrupt:
-        return _fail("neaudit: interrupted; re-running the same command resumes.", 130)
+        return _fail(f"neaudit: interrupted; {_rerun(args)}.", 130)
     except Exception:
         report = _write_traceback(getattr(args, "out", None))
         return _fail(f"neaudit: internal error (a bug in neaudit, not in your input); the "
                      f"traceback is in {report}. Please report it with that file.", 3)
+
+
+def _rerun(args: argparse.Namespace) -> str:
+    """What running the stopped command again does: an audit resumes from its task records;
+    ``protect`` writes its release again (its noise key, unless given, is never kept on disk,
+    and a release must hold one key's noise)."""
+    if args.handler is _protect:
+        return ("re-running the same command writes the whole release again (no sidecar marks "
+                "this one complete)")
+    return "re-running the same command resumes"
 
 
 def _fail(message: str, code: int) -> int:

@@ -414,22 +414,29 @@ def test_an_internal_error_exits_3_with_the_traceback_in_a_file(inputs, tmp_path
     assert report.parent == out and "ZeroDivisionError: a bug" in report.read_text()
 
 
-def test_a_full_disk_is_one_line_that_says_a_rerun_resumes(inputs, tmp_path, capsys,
-                                                          monkeypatch):
+@pytest.mark.parametrize("command", ["audit", "protect"])
+def test_a_full_disk_is_one_line_that_says_what_a_rerun_does(command, inputs, tmp_path, capsys,
+                                                            monkeypatch):
+    """An audit resumes from its task records; protect writes its release again (a drawn key
+    is never kept on disk, and one release holds one key's noise)."""
     import errno
 
+    import neaudit.protection
     import neaudit.store
 
     def full(path, write):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(neaudit.store, "atomic_write", full)
-    code = main(["audit", str(inputs / "release"), "--model", OTHER, "--suite", "smoke",
-                 "--out", str(tmp_path / "run"), "--quiet"])
+    module = neaudit.store if command == "audit" else neaudit.protection
+    monkeypatch.setattr(module, "atomic_write", full)
+    argv = (["audit", str(inputs / "release"), "--model", OTHER, "--suite", "smoke"]
+            if command == "audit" else ["protect", str(inputs / "images"), "--authorized", AUTH])
+    code = main([*argv, "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "No space left on device" in err and "re-running the same command resumes" in err
-    assert str(tmp_path / "run") in err
+    assert "No space left on device" in err and str(tmp_path / "run") in err
+    assert ("re-running the same command resumes" if command == "audit" else
+            "re-running the same command writes the whole release again") in err
 
 
 @pytest.mark.parametrize("command", ["protect", "audit"])
