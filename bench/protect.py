@@ -1,7 +1,9 @@
 """NE recoding throughput at 224×224 for ViT-B/16 and ResNet-50 stems (random init).
 
 Prints images/s for ``subspace`` and ``reference``, split into recoding (noise, repair,
-quantization) and encoding + writing PNGs, side by side in one process.
+quantization) and encoding + writing PNGs, side by side in one process; and, for scale, the
+noise alone (the ChaCha8 keystream, Box–Muller and the spread over the subspace: the part of
+``subspace`` recoding that :meth:`Subspace.sample` does).
 Run: ``python bench/protect.py [--images 64] [--threads 2]``.
 """
 
@@ -17,7 +19,7 @@ import torch
 from neaudit.data import builtin_dataset
 from neaudit.device import chunks
 from neaudit.imageio import quantize, to_float, to_uint8, write_png
-from neaudit.ne import reference_recode, subspace_recode
+from neaudit.ne import noise_key, reference_recode, subspace_recode
 from neaudit.spectral import low_sensitivity_subspace
 from neaudit.stem import first_layer
 from neaudit.zoo import create_model
@@ -44,6 +46,21 @@ def recode(method: str, space, layer, batch: torch.Tensor, offset: int) -> torch
     if batch.device.type == "cuda":
         torch.cuda.synchronize()
     return written
+
+
+def noise_seconds(space, clean: torch.Tensor, batch: int) -> float:
+    """Seconds the subspace's noise takes for every image, in the job's chunks."""
+    def run() -> None:
+        for lo in range(0, len(clean), batch):
+            images = clean[lo:lo + batch]
+            index = torch.arange(lo, lo + len(images), device=images.device)
+            for part in chunks(images):
+                space.sample(images[part].shape, noise_key(0), index[part])
+        if clean.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run()  # warm-up
+    return timed(run)[0]
 
 
 def main() -> None:
@@ -86,7 +103,8 @@ def main() -> None:
             writing = (f"{'-':>12} {'-':>17}" if args.skip_writing else
                        f"{n / write_s:>12.1f} {n / (recode_s + write_s):>17.1f}")
             print(f"{label:<10} {method:<10} {n / recode_s:>13.1f} {writing}")
-        print(f"{'':<10} (subspace built once in {space_time:.2f} s, rank {space.rank})")
+        print(f"{'':<10} (subspace built once in {space_time:.2f} s, rank {space.rank}; the "
+              f"noise alone {args.images / noise_seconds(space, clean, args.batch):,.0f} img/s)")
 
 
 if __name__ == "__main__":
