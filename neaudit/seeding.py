@@ -4,7 +4,9 @@ Every random draw is keyed by what it is for: ``derive_seed(seed, "task", key, s
 hashes the parts' text (joined by ``:``) with BLAKE2b into a 63-bit integer. The same parts
 give the same seed in every process, on every platform and in every batch composition, and
 different purposes never share a stream. A secret key passed as a part keeps its entropy (up
-to 63 bits), unlike arithmetic on seeds.
+to 63 bits), unlike arithmetic on seeds; ``derive_key`` keeps up to 256 bits, for the NE noise,
+which is the ChaCha8 keystream under that key (:func:`counter_uniform`): counter-based, so an
+image gets the same noise on every device and in every batch, and every key bit reaches it.
 """
 
 from __future__ import annotations
