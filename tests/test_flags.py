@@ -183,6 +183,13 @@ def test_exposed_key_flag_fails_a_release_whose_sidecar_gives_the_key_away(relea
     # drawn at random but by the generator that kept 32 bits of it: searchable, so flagged
     searchable = {k: v for k, v in sidecar["params"].items() if k != "noise_generator"}
     assert exposed_key({"params": searchable | {"key": None}}) == "searchable"
+    summary = json.loads((result.out / "summary.json").read_text())
+    summary["diagnostics"]["exposed_key"] = "searchable"
+    (result.out / "summary.json").write_text(json.dumps(summary))
+    report = render_report(result.out)  # the packaged default policy
+    [flag] = [f for f in report.flags if f.name == "exposed_key"]
+    assert "only 32 bits of its key" in flag.message and "Re-protect" in flag.advice
+    assert flag.failing and report.verdict == "FAIL"
 
 
 def test_lossy_and_altered_input_flags(release, tmp_path):
