@@ -231,14 +231,14 @@ def _exposed_key(run: _Run) -> Iterator[Flag]:
                       "generator) whose noise depends on only 32 bits of its key, which anyone "
                       "who knows the construction can search",
     }[source]
-    fix = ("Re-protect with this version of neaudit (its noise generator keeps every bit of "
-           "the key)." if source == "searchable" else
-           "Re-protect without --store-key (the key is then drawn at random and not recorded), "
-           "or keep neaudit.json out of the release; if that release was written with its own "
-           "secret --key, drop exposed_key from the policy's fail_on.")
+    advice = ("Re-protect with this version of neaudit (its noise generator keeps every bit of "
+              "the key)." if source == "searchable" else
+              "Re-protect without --store-key (the key is then drawn at random and not "
+              "recorded), or keep neaudit.json out of the release; if that release was written "
+              "with its own secret --key, drop exposed_key from the policy's fail_on.")
     yield Flag(
         "exposed_key", f"{how}: whoever holds the file can regenerate each image's noise and "
-        "subtract it, an attack none of the figures below covers.", fix)
+        "subtract it, an attack none of the figures below covers.", advice)
 
 
 def _criteria_not_evaluated(run: _Run) -> Iterator[Flag]:
