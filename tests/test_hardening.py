@@ -511,20 +511,31 @@ def test_a_garbled_hashes_file_is_read_as_far_as_it_goes(inputs, tmp_path, capsy
     assert "lossy_or_altered_input: 1 protected file(s) are not in the hashes" in out
 
 
-def test_names_from_a_release_cannot_drive_the_terminal(inputs, tmp_path, capsys):
-    """A file added to a release under a name holding an escape sequence is named in the
-    terminal's flags with the sequence escaped, not obeyed."""
+@pytest.mark.parametrize("name", [b"\x1b]0;pwned\x07\x1b[2J.png", b"\xff\xfe-latin.png"],
+                         ids=["escape_sequence", "not_utf8"])
+def test_odd_names_from_a_release_reach_terminal_and_reports_as_text(name, inputs, tmp_path,
+                                                                     capsys):
+    """A file added to a release under a name holding an escape sequence, or bytes that are
+    not UTF-8, is named in the terminal's flags escaped (not obeyed, not a crash), and the
+    report and a well-formed junit.xml are still written."""
+    import os
+    import xml.etree.ElementTree as ET
+
     release = tmp_path / "release"
     shutil.copytree(inputs / "release", release)
     added = max((release / "protected").rglob("*.png"))
     original = release / "original" / added.relative_to(release / "protected")
     for path in (added, original):  # renamed after protection, with its original
-        path.rename(path.with_name("\x1b]0;pwned\x07\x1b[2J.png"))
+        os.rename(bytes(path), bytes(path.parent) + b"/" + name)
+    shown = repr(name.decode(errors="surrogateescape"))[1:-1]
     code = main(["audit", str(release), "--model", OTHER, "--suite", "smoke", "--out",
                  str(tmp_path / "run"), "--quiet"])
     out = capsys.readouterr().out
     assert code == 1 and "\x1b" not in out and "\x07" not in out
-    assert "\\x1b]0;pwned\\x07\\x1b[2J.png" in out  # named, escaped
+    assert shown in out  # named, escaped
+    junit = ET.parse(tmp_path / "run" / "junit.xml").getroot()
+    assert any(shown in failure.text for failure in junit.iter("failure"))
+    assert "lossy_or_altered_input" in (tmp_path / "run" / "index.html").read_text()
 
 
 def test_framework_warnings_stay_off_the_command_line(inputs, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -101,9 +102,9 @@ def render_report(run_dir: str | Path, policy: str | Path | Policy | None = None
     atomic_write(run_dir / "summary.json",
                  lambda h: h.write(json.dumps(summary, indent=2, default=str).encode()))
     html = _render_html(run_dir, table, summary, manifest, policy, criteria, flags, result)
-    atomic_write(run_dir / "index.html", lambda h: h.write(html.encode()))
+    atomic_write(run_dir / "index.html", lambda h: h.write(utf8(html)))
     junit = junit_xml(criteria, flags, policy.name)
-    atomic_write(run_dir / "junit.xml", lambda h: h.write(junit.encode()))
+    atomic_write(run_dir / "junit.xml", lambda h: h.write(utf8(junit)))
     return ReportResult(result, sentence, criteria, flags, run_dir / "index.html",
                         run_dir / "junit.xml")
 
@@ -221,4 +222,16 @@ def junit_xml(criteria: list[Criterion], flags: list[Flag], suite_name: str) -> 
             lines.append(f"    <failure message={quoteattr(message)}>{escape(message)}</failure>")
         lines.append("  </testcase>")
     lines.append("</testsuite>")
-    return "\n".join(lines) + "\n"
+    return _NOT_XML.sub(lambda found: repr(found.group())[1:-1], "\n".join(lines) + "\n")
+
+
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+"""Characters XML 1.0 cannot hold: control characters and lone surrogates, which come from
+file names (a release's, in flag messages) that hold escape sequences or are not UTF-8.
+JUnit carries them as Python escapes: CI systems refuse a file that is not well-formed."""
+
+
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8 for a report file; a lone surrogate (a file name that is not UTF-8)
+    is written as its Python escape instead of failing the report."""
+    return text.encode("utf-8", "backslashreplace")

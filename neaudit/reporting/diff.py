@@ -11,7 +11,7 @@ import pandas as pd
 
 from neaudit.imageio import atomic_write
 from neaudit.policy import Policy
-from neaudit.reporting import _environment, load_run
+from neaudit.reporting import _environment, load_run, utf8
 
 
 @dataclass
@@ -83,5 +83,5 @@ def diff_runs(run_a: str | Path, run_b: str | Path, policy: str | Path | None = 
     html = _environment().get_template("diff.html.j2").render(
         run_a=str(run_a), run_b=str(run_b), verdicts=verdicts, failing_flags=failing,
         criteria=criteria.to_dict("records"), moves=moves.head(50).to_dict("records"))
-    atomic_write(html_path, lambda h: h.write(html.encode()))
+    atomic_write(html_path, lambda h: h.write(utf8(html)))
     return DiffResult(verdicts, failing, criteria, moves.reset_index(drop=True), html_path)
