@@ -62,11 +62,11 @@ def safe_relative(name: str, what: str) -> str:
     empty and ``.`` parts dropped (as ``pathlib`` reads ``./a//b``: ``a/b``)."""
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ("\\" in name or name.startswith("/") or not parts or ".." in parts
-            or any(ord(c) < 32 or c == "\x7f" for c in name)):
+            or any(ord(c) < 32 or c == "\x7f" or "\ud800" <= c <= "\udfff" for c in name)):
         raise NeauditError(f"{what} {name!r} is not a plain relative path (absolute, '..', "
-                           "empty, or with a backslash or a control character such as a line "
-                           "break, which no line of hashes.sha256 could hold). Fix: rename it, "
-                           "inside the dataset's folder.")
+                           "empty, with a backslash, a control character such as a line break, "
+                           "or bytes that are not UTF-8: no line of hashes.sha256 could hold "
+                           "it). Fix: rename it, inside the dataset's folder.")
     return "/".join(parts)
 
 

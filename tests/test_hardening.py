@@ -604,7 +604,8 @@ def test_output_names_follow_pathlib_and_stay_under_the_folder():
         expected = PurePosixPath(name).with_suffix(".png").as_posix()
         assert _png_name(safe_relative(name, "item name")) == expected, name
     for bad in ["/etc/passwd", "../x.png", "a/../../x.png", "", ".", "a\\b.png", "a\x00.png",
-                "//server/x.png", "a\nb.png", "a\rb.png", "d\t/x.png", "a\x1b[31m.png"]:
+                "//server/x.png", "a\nb.png", "a\rb.png", "d\t/x.png", "a\x1b[31m.png",
+                b"\xff\xfe.png".decode(errors="surrogateescape")]:  # not UTF-8
         with pytest.raises(NeauditError, match="not a plain relative path") as refused:
             safe_relative(bad, "item name")
         assert "\n" not in str(refused.value)  # the one-line message shows the name escaped
