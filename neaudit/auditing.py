@@ -89,7 +89,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     dataset = (data if isinstance(data, ImageDataset)
                else load_dataset(data, originals, allow_outside=allow_outside))
     if max_images is not None:
-        dataset = dataset.head(max_images)
+        dataset = dataset.spread(max_images)
     names = _check_inputs(dataset, authorized, zoo, entries, score)
     specs = list(names)
     authorized = specs[0]
@@ -105,7 +105,10 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
         "names": names, "authorized": authorized, "suite": [e.label for e in entries],
         "seed": seed, "batch_size": batch_size, "score_metric": score_metric,
         "reference": str(reference) if reference else None, "decode": decode,
-        "compile_models": compile_models}
+        "compile_models": compile_models,
+        # which items --max-images chose (a run that chose others, the first N, is another run)
+        "items": (hashlib.sha256(json.dumps(dataset.names).encode()).hexdigest()
+                  if max_images is not None else None)}
     recipe = WorkerRecipe(
         data if isinstance(data, ImageDataset) else str(data),
         str(originals) if originals else None, max_images, tuple(specs), authorized, str(out),

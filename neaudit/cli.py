@@ -271,7 +271,8 @@ def _add_audit(sub) -> None:
     run.add_argument("--batch-size", type=int, default=64)
     run.add_argument("--originals", help="folder of clean originals (same relative paths)")
     run.add_argument("--reference", help="clean in-distribution images for L2 attacks")
-    run.add_argument("--max-images", type=int, help="audit only the first N images")
+    run.add_argument("--max-images", type=int,
+                     help="audit N images evenly spread over the dataset (every class)")
     run.add_argument("--score", choices=("auto", "accuracy", "agreement"), default="auto",
                      help="accuracy against labels, or agreement with clean predictions")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -99,13 +99,22 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.names)
 
-    def head(self, count: int) -> ImageDataset:
-        """The first ``count`` items as a dataset of their own."""
-        def cut(items):
-            return None if items is None else items[:count]
+    def spread(self, count: int) -> ImageDataset:
+        """``count`` items evenly spaced over the dataset (all of it if it holds no more), as a
+        dataset of their own. Items are in name order, so a class-folder dataset is grouped by
+        class: its first ``count`` items would be its first classes only, and every figure
+        would describe them alone."""
+        if count >= len(self):
+            return self
+        rows = np.arange(count) * len(self) // count  # strictly increasing
 
-        return replace(self, names=self.names[:count], protected=cut(self.protected),
-                       original=cut(self.original), labels=cut(self.labels))
+        def pick(items):
+            if items is None or isinstance(items, np.ndarray):
+                return None if items is None else items[rows]
+            return [items[i] for i in rows]
+
+        return replace(self, names=pick(self.names), protected=pick(self.protected),
+                       original=pick(self.original), labels=pick(self.labels))
 
     def input_roots(self) -> list[Path]:
         """The files and folders this dataset reads: what no output may overlap."""

@@ -66,7 +66,7 @@ def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> W
         dataset = (recipe.data if isinstance(recipe.data, ImageDataset)
                    else load_dataset(recipe.data, recipe.originals))
         if recipe.max_images is not None:
-            dataset = dataset.head(recipe.max_images)
+            dataset = dataset.spread(recipe.max_images)
     device = resolve_device(recipe.device)
     if recipe.decode == "device":
         dataset = replace(dataset, decode_device=device)

@@ -318,3 +318,21 @@ def test_a_broken_exif_block_leaves_the_image_readable(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "getexif", broken)
     image, unread = read_pixels(tmp_path / "turned.jpg")
     assert unread == () and image.shape == (3, 8, 8)
+
+
+def test_a_spread_subset_covers_every_class(tmp_path: Path, photos):
+    """--max-images audits items evenly spread over the dataset: in name order a class-folder
+    dataset is grouped by class, and its first items would all be of the first classes."""
+    for i in range(12):
+        write_png(tmp_path / "set" / f"class{i // 4}" / f"{i}.png", photos[i])
+    dataset = load_dataset(tmp_path / "set")
+    assert dataset.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    subset = dataset.spread(6)
+    assert subset.labels.tolist() == [0, 0, 1, 1, 2, 2] and len(set(subset.names)) == 6
+    batch = next(subset.batches(6))
+    for name, image in zip(batch.names, batch.protected, strict=True):
+        assert torch.equal(image, next(dataset.batches(1, dataset.names.index(name))).protected[0])
+    assert dataset.spread(12) is dataset and dataset.spread(50) is dataset
+    arrays = tmp_path / "set.npz"
+    np.savez(arrays, protected=photos[:10], labels=np.arange(10) // 5)
+    assert load_dataset(arrays).spread(4).labels.tolist() == [0, 0, 1, 1]
