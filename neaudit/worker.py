@@ -86,7 +86,7 @@ def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> W
     models = {spec: m.to(memory_format=layout) if offload else m.to(device, memory_format=layout)
               for spec, m in models.items()}
     _check_models(models, dataset, recipe.score_metric, device, offload)
-    reference = (reference_images(dataset, recipe.reference, recipe.seed)
+    reference = (reference_images(dataset, recipe.reference)
                  if recipe.needs_reference else None)
     store = ResultStore(Path(recipe.out), recipe.config)
     worker = Worker(dataset, models, recipe.authorized, store, device, recipe.seed, reference,
@@ -128,20 +128,18 @@ def fits_on_device(models: dict[str, ImageClassifier], device: torch.device) -> 
     return size < free / 2
 
 
-def reference_images(dataset: ImageDataset, reference: str | Path | None, seed: int
+def reference_images(dataset: ImageDataset, reference: str | Path | None
                      ) -> torch.Tensor | None:
     """Clean in-distribution images for L2 attacks: ``reference`` if given (resized to the
-    release's size, as an attacker would bring them), else a seeded run of up to 256 originals
-    of the dataset itself (the strongest such attacker)."""
+    release's size, as an attacker would bring them), else up to 256 originals of the dataset
+    itself (the strongest such attacker), spread over it: a class-folder dataset is grouped by
+    class, and a run of 256 would hold one or two of its classes."""
     if reference is not None:
         source = load_dataset(reference, resize=tuple(dataset.image_shape))
         return torch.cat([b.protected for b in source.batches(64, stop=REFERENCE_IMAGES)])
     if not dataset.has_originals:
         return None
-    count = min(REFERENCE_IMAGES, len(dataset))
-    start = int(torch.randint(0, len(dataset) - count + 1, (1,),
-                              generator=generator(seed, "reference-images")))
-    return torch.cat([b.original for b in dataset.batches(64, start, start + count)])
+    return torch.cat([b.original for b in dataset.spread(REFERENCE_IMAGES).batches(64)])
 
 
 def array_name(spec: str) -> str:

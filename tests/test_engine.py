@@ -215,6 +215,24 @@ def test_reference_images_come_at_the_release_size(protected, tmp_path):
     for i, (height, width) in enumerate([(48, 40), (96, 96), (64, 64)]):
         Image.fromarray(np.full((height, width, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
     dataset = load_dataset(protected)
-    images = reference_images(dataset, folder, seed=0)
+    images = reference_images(dataset, folder)
     assert images.shape == (3, 3, *dataset.image_shape)
     assert torch.allclose(images[2], torch.full_like(images[2], 120 / 255))  # uniform stays
+
+
+def test_default_reference_images_span_the_classes(tmp_path):
+    """Without --reference, the L2 attacker learns from up to 256 of the dataset's originals,
+    spread over it: a run of 256 would hold one or two classes of a class-sorted dataset."""
+    from neaudit.worker import REFERENCE_IMAGES, reference_images
+
+    count = 3 * REFERENCE_IMAGES // 2
+    index = np.arange(count)
+    images = np.broadcast_to((index * 255 // (count - 1)).astype(np.uint8)[:, None, None, None],
+                             (count, 8, 8, 3)).copy()
+    np.savez(tmp_path / "set.npz", protected=images, original=images, labels=index * 3 // count)
+    reference = reference_images(load_dataset(tmp_path / "set.npz"), None)
+    assert len(reference) == REFERENCE_IMAGES
+    levels = (reference[:, 0, 0, 0] * 255).round().long()
+    classes = (levels * (count - 1) // 255) * 3 // count  # each image's class, from its level
+    assert set(classes.tolist()) == {0, 1, 2}
+    assert levels.min() <= 2 and levels.max() >= 250  # from the first items to the last
