@@ -34,6 +34,7 @@ def _protect(args: argparse.Namespace) -> int:
     from neaudit.fidelity import FIDELITY_COLUMNS
     from neaudit.imageio import UNREAD
     from neaudit.protection import protect
+    from neaudit.seeding import MIN_KEY_BITS
 
     dataset = load_dataset(args.data, originals=None, resize=args.resize,
                            allow_outside=args.allow_outside)
@@ -47,6 +48,11 @@ def _protect(args: argparse.Namespace) -> int:
     for what, entry in result.sidecar["unread"].items():  # about the release: even if quiet
         print(f"note: {entry['count']} input(s) have {UNREAD[what]} (e.g. "
               f"{', '.join(entry['examples'])})", file=sys.stderr)
+    bits = result.sidecar["params"]["key_bits"]
+    if bits is not None and bits < MIN_KEY_BITS:
+        print(f"note: --key has {bits} bits; under {MIN_KEY_BITS}, anyone who knows the "
+              "construction can try every key, and the audit fails this release (exposed_key). "
+              "Leave --key out to draw a 128-bit key.", file=sys.stderr)
     if not args.quiet:
         summary = result.summary
         print(f"wrote {len(result.per_image)} NEs ({args.method}) to {result.out}; model "

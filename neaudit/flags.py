@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from neaudit.seeding import MIN_KEY_BITS
 from neaudit.vocabulary import AUTHORIZED, CLEAN, NONE, UNAUTHORIZED
 
 FLAG_NAMES = ("random_init_model", "degenerate_model", "wrong_preprocessing", "authorized_failing",
@@ -230,9 +231,14 @@ def _exposed_key(run: _Run) -> Iterator[Flag]:
         "searchable": "this release comes from a protect (neaudit before the ChaCha noise "
                       "generator) whose noise depends on only 32 bits of its key, which anyone "
                       "who knows the construction can search",
+        "short": "this release's noise key was given (--key) and has fewer than "
+                 f"{MIN_KEY_BITS} bits, few enough for anyone who knows the construction to "
+                 "try them all",
     }[source]
     advice = ("Re-protect with this version of neaudit (its noise generator keeps every bit of "
               "the key)." if source == "searchable" else
+              "Re-protect without --key: protect then draws a 128-bit key." if source == "short"
+              else
               "Re-protect without --store-key (the key is then drawn at random and not "
               "recorded), or keep neaudit.json out of the release; if that release was written "
               "with its own secret --key, drop exposed_key from the policy's fail_on.")

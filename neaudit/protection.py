@@ -142,6 +142,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         "patch_fraction": patch_fraction if method == "subspace" else None,
         "seed": seed, "key": noise_key if store_key else None, "key_stored": store_key,
         "key_source": "random" if key is None else "given", "noise_generator": NOISE_GENERATOR,
+        "key_bits": None if key is None else abs(key).bit_length(),
         "image_size": list(size), "fidelity_images": min(fidelity_images, len(dataset)),
         "png_compression": png_compression if output_format == "png" else None,
     }

@@ -52,6 +52,12 @@ rounds made the noise 1.3 times as slow here, on 2 cores)."""
 NOISE_GENERATOR = f"chacha{CHACHA_ROUNDS}"
 """The name ``protect`` records for this generator (``neaudit.json``: ``noise_generator``)."""
 
+MIN_KEY_BITS = 56
+"""Below this many bits a given noise key can be searched: at a microsecond a candidate on a
+GPU, 2⁴⁸ keys take a thousand GPUs three days, 2⁵⁶ two thousand GPU-years. ``protect``
+records a given key's bit length (``key_bits``), and the audit flags a short one
+(``exposed_key``)."""
+
 _SIGMA = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)  # "expand 32-byte k"
 
 

@@ -14,6 +14,7 @@ from neaudit.attacks import DATASET
 from neaudit.dataset import ImageDataset
 from neaudit.imageio import JPEG_SUFFIXES, is_lossy, sha256_file
 from neaudit.plan import Task
+from neaudit.seeding import MIN_KEY_BITS
 from neaudit.worker import Worker
 
 RERUN_TASKS = 2
@@ -75,7 +76,8 @@ def exposed_key(sidecar: dict | None) -> str | None:
     ``"stored"`` (``protect --store-key``), ``"seed"`` (written before ``protect`` drew secret
     keys, when the key was the recorded seed unless ``--key`` was given), ``"searchable"``
     (written before the ChaCha generator, whose predecessor reduced any key to 32 bits of
-    state: 2³² candidates, each checked by correlating its noise with the release), or None."""
+    state: 2³² candidates, each checked by correlating its noise with the release), ``"short"``
+    (a given key of fewer than :data:`neaudit.seeding.MIN_KEY_BITS` bits), or None."""
     params = (sidecar or {}).get("params") or {}
     if params.get("key") is not None:
         return "stored"
@@ -83,6 +85,8 @@ def exposed_key(sidecar: dict | None) -> str | None:
         return "seed"
     if "key_source" in params and "noise_generator" not in params:
         return "searchable"
+    if params.get("key_bits") is not None and params["key_bits"] < MIN_KEY_BITS:
+        return "short"
     return None
 
 

@@ -190,6 +190,10 @@ def test_exposed_key_flag_fails_a_release_whose_sidecar_gives_the_key_away(relea
     [flag] = [f for f in report.flags if f.name == "exposed_key"]
     assert "only 32 bits of its key" in flag.message and "Re-protect" in flag.advice
     assert flag.failing and report.verdict == "FAIL"
+    # a key given by hand, short enough to try every one: flagged; a long one is not
+    given = sidecar["params"] | {"key": None, "key_source": "given"}
+    assert exposed_key({"params": given | {"key_bits": 40}}) == "short"
+    assert exposed_key({"params": given | {"key_bits": 100}}) is None
 
 
 def test_lossy_and_altered_input_flags(release, tmp_path):

@@ -556,6 +556,20 @@ def test_framework_warnings_stay_off_the_command_line(inputs, tmp_path):
     assert command.returncode in (0, 1) and command.stderr == "", command.stderr
 
 
+def test_a_short_given_key_is_noted(inputs, tmp_path, capsys):
+    """A key typed by hand is often short; every key under MIN_KEY_BITS can be tried."""
+    from neaudit.seeding import MIN_KEY_BITS
+
+    for key, noted in ((12345, True), (2**MIN_KEY_BITS + 7, False)):
+        out = tmp_path / str(key)
+        assert main(["protect", str(inputs / "images"), "--authorized", AUTH, "--out", str(out),
+                     "--key", str(key), "--quiet"]) == 0
+        err = capsys.readouterr().err
+        assert ("note: --key has 14 bits" in err) == noted, err
+        bits = json.loads((out / "neaudit.json").read_text())["params"]["key_bits"]
+        assert bits == key.bit_length()
+
+
 def test_a_closed_output_pipe_ends_the_command_quietly():
     """`neaudit zoo list | head -1`: when the reader of stdout goes away, the command stops
     with the shell's SIGPIPE status and no bogus disk-error line."""

@@ -65,6 +65,7 @@ def test_the_noise_key_is_secret_unless_given(tmp_path, vit_spec, monkeypatch):
                      save_originals=True) for name in ("c", "d")]
     params = given[0].sidecar["params"]
     assert params["key"] is None and not params["key_stored"] and params["key_source"] == "given"
+    assert params["key_bits"] == 3 and drawn[0].sidecar["params"]["key_bits"] is None
     assert (tmp_path / "c" / "hashes.sha256").read_text() == (
         tmp_path / "d" / "hashes.sha256").read_text()
 
