@@ -99,8 +99,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     (:data:`neaudit.imageio.PNG_COMPRESSIONS`); the pixels are the same either way, and for
     every ``batch_size`` (by default :data:`CUDA_BATCH_SIZE` on CUDA, 32 elsewhere).
     """
-    _check_options(method, psnr, l2, rank, patch_fraction, output_format, batch_size,
-                   png_compression)
+    _check_options(method, psnr, l2, rank, threshold, patch_fraction, output_format,
+                   batch_size, png_compression)
     if fidelity_images < 1:
         raise NeauditError(f"--fidelity-images {fidelity_images}: must be at least 1.")
     dataset = (data if isinstance(data, ImageDataset)
@@ -151,8 +151,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
 
 
 def _check_options(method: str, psnr: float, l2: float | None, rank: int | None,
-                   patch_fraction: float, output_format: str, batch_size: int | None,
-                   png_compression: str) -> None:
+                   threshold: float | None, patch_fraction: float, output_format: str,
+                   batch_size: int | None, png_compression: str) -> None:
     """Refuse settings that would write something other than what was asked for."""
     if method not in METHODS:
         raise NeauditError(f"unknown method '{method}'. Fix: use one of {', '.join(METHODS)}.")
@@ -165,6 +165,14 @@ def _check_options(method: str, psnr: float, l2: float | None, rank: int | None,
         raise NeauditError(f"--l2 {l2}: an L2 strength needs the subspace method and a positive "
                            "norm (the published construction sets its strength from a nominal "
                            "PSNR). Fix: use --method subspace with --l2 > 0, or --psnr.")
+    for option, value in (("--rank", rank), ("--threshold", threshold)):
+        if value is not None and method != "subspace":  # it would be recorded, not used
+            raise NeauditError(f"{option} {value}: the {method} construction selects no "
+                               f"subspace. Fix: drop {option}, or use --method subspace.")
+    if png_compression != "none" and output_format == "npz":
+        raise NeauditError(f"--png-compression {png_compression}: --format npz writes no PNG "
+                           "(its arrays are zip-compressed). Fix: drop --png-compression, or "
+                           "write PNGs.")
     if rank is not None and rank < 1:
         raise NeauditError(f"--rank {rank}: the subspace needs at least one dimension. Fix: "
                            "give a positive rank, or leave it out for the default.")

@@ -299,6 +299,13 @@ CASES = [
     Case("ray_gpus_nan", _audit("--executor", "ray", "--ray-gpus", "nan"), ("--ray-gpus nan",)),
     Case("device_tpu", _protect("--device", "tpu"), ("--device tpu",)),
     Case("resize_0", _protect("--resize", "0"), ("resize (0, 0)",)),
+    # options that would be recorded but not used
+    Case("rank_with_reference", _protect("--method", "reference", "--rank", "5"),
+         ("--rank 5", "--method subspace")),
+    Case("threshold_with_reference", _protect("--method", "reference", "--threshold", "0.1"),
+         ("--threshold 0.1",)),
+    Case("png_compression_with_npz", _protect("--format", "npz", "--png-compression", "deflate"),
+         ("--png-compression deflate", "--format npz")),
     Case("resize_negative", _protect("--resize", "10x-3"), ("resize (10, -3)",)),
     Case("decompression_bomb", _protect(data="{in}/bomb"), ("huge.png",)),
     Case("pickled_npz", _protect(data="{in}/objects.npz"), ("objects.npz",)),
