@@ -237,8 +237,9 @@ def _add_protect(sub) -> None:
                          help="share of each image's patches that carry noise (patch stems): "
                               "lower reaches the authorized model less and protects less")
     protect.add_argument("--seed", type=int, default=0)
-    protect.add_argument("--key", type=int, help="secret seed of the noise, to repeat a release "
-                         "(default: drawn at random and not recorded)")
+    protect.add_argument("--key", type=int, help="secret key of the noise, to repeat a release: "
+                         "56 bits or more, never reused for other data (default: a 128-bit key "
+                         "drawn at random and not recorded)")
     protect.add_argument("--store-key", action="store_true", help="record the key in neaudit.json")
     protect.add_argument("--save-originals", action="store_true",
                          help="also write the clean images under OUT/original/")
