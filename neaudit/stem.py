@@ -10,6 +10,7 @@ so that the returned weight, stride, padding and normalization describe the map 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -89,10 +90,8 @@ def first_layer(model: ImageClassifier, image_size: tuple[int, int] | None = Non
                if isinstance(m, (nn.Conv2d, nn.Linear))]
     images = torch.rand(1, 3, *size, generator=generator("stem-probe")).to(model.mean.device)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.suppress(_Found):  # the hook's stop: the layer is seen
             model(images)
-    except _Found:
-        pass
     finally:
         for handle in handles:
             handle.remove()
