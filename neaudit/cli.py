@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from neaudit.errors import NeauditError
+from neaudit.errors import NeauditError, printable
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -99,7 +99,7 @@ def _audit(args: argparse.Namespace) -> int:
                    loader_workers=args.loader_workers, decode=args.decode,
                    allow_outside=args.allow_outside, compile_models=args.compile_models,
                    command=" ".join(["neaudit", *sys.argv[1:]]))
-    print(_shown(format_summary(result.summary, result.out)))
+    print(printable(format_summary(result.summary, result.out)))
     if not result.complete:
         print("audit incomplete: re-run the same command to finish it")
         return 1
@@ -140,12 +140,12 @@ def _number(value: float | None) -> str:
 
 def _print_verdict(report) -> None:
     for flag in report.flags:
-        print(_shown(f"  FLAG{' (fails)' if flag.failing else ''}  {flag.name}: {flag.message}"))
+        print(printable(f"  FLAG{' (fails)' if flag.failing else ''}  {flag.name}: {flag.message}"))
     for criterion in report.criteria:
-        print(_shown(f"  {'PASS' if criterion.passed else 'FAIL'}  {criterion.title}: "
+        print(printable(f"  {'PASS' if criterion.passed else 'FAIL'}  {criterion.title}: "
                     f"{criterion.observed:.3f} (threshold {criterion.threshold:g}; "
                     f"{criterion.where})"))
-    print(_shown(f"verdict: {report.verdict}. {report.sentence}"))
+    print(printable(f"verdict: {report.verdict}. {report.sentence}"))
     print(f"report: {report.html}")
 
 
@@ -160,7 +160,7 @@ def _report(args: argparse.Namespace) -> int:
 def _diff(args: argparse.Namespace) -> int:
     from neaudit.reporting.diff import diff_runs
 
-    print(_shown(diff_runs(args.run_a, args.run_b, args.policy, args.out).text()))
+    print(printable(diff_runs(args.run_a, args.run_b, args.policy, args.out).text()))
     return 0
 
 
@@ -169,7 +169,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     result = demo(args.out, quick=args.quick, psnr=args.psnr, quiet=args.quiet,
                   policy=args.policy, suite=args.suite)
-    print(_shown(format_summary(result.audit.summary, result.audit.out)))
+    print(printable(format_summary(result.audit.summary, result.audit.out)))
     _print_verdict(result.report)
     print(f"\nOpen the report: {result.report.html.resolve()}")
     return 0
@@ -414,14 +414,8 @@ def _rerun(args: argparse.Namespace) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    print(_shown(" ".join(message.split())), file=sys.stderr)
+    print(printable(" ".join(message.split())), file=sys.stderr)
     return code
-
-
-def _shown(text: str) -> str:
-    """``text`` for a terminal, its control characters (but line breaks) escaped: names that
-    come from a release (files, classes) can hold escape sequences a terminal would obey."""
-    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
 
 
 def _write_traceback(out: str | None) -> Path:

@@ -1,4 +1,5 @@
-"""Errors that users see: each names the offending file or value and the fix."""
+"""What users see of a failure: errors that name the offending file or value and the fix, and
+text from inputs made safe to print."""
 
 from __future__ import annotations
 
@@ -34,3 +35,11 @@ def unless_refused(value: T | Refused) -> T:
     if isinstance(value, Refused):
         raise value.error
     return value
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (but line breaks) written as its
+    Python escape: names from an input (files, classes) can hold escape sequences a terminal
+    would obey, or characters a JUnit file cannot hold (control characters, the lone
+    surrogates of a file name that is not UTF-8)."""
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)

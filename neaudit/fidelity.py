@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from neaudit.dataset import evenly_spaced
 from neaudit.errors import NeauditError
 from neaudit.imageio import quantize
 from neaudit.metrics import (
@@ -40,7 +41,7 @@ FIDELITY_COLUMNS = {
 
 def fidelity_sample(count: int, size: int) -> torch.Tensor:
     """Evenly spaced item indices whose fidelity includes the model-based figures."""
-    return torch.linspace(0, count - 1, min(count, size)).round().long().unique()
+    return torch.from_numpy(evenly_spaced(count, size))
 
 
 def measure(layer: FirstLayer, noise_gain: float, clean: torch.Tensor,

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from neaudit.attacks import DATASET
-from neaudit.dataset import ImageDataset
+from neaudit.dataset import ImageDataset, evenly_spaced
 from neaudit.imageio import JPEG_SUFFIXES, is_lossy, sha256_file
 from neaudit.plan import Task
 from neaudit.seeding import MIN_KEY_BITS
@@ -106,8 +106,7 @@ def file_checks(dataset: ImageDataset, limit: int = HASHED_FILES) -> dict:
     if isinstance(dataset.protected, np.ndarray):
         return {}
     files = dataset.protected
-    picked = (range(len(files)) if len(files) <= limit
-              else np.linspace(0, len(files) - 1, limit, dtype=int).tolist())
+    picked = evenly_spaced(len(files), limit).tolist()
     sample = [files[i] for i in picked]
     lossy = [str(f) for f in sample if is_lossy(f)]
     out = {"lossy": len(lossy), "lossy_example": lossy[0] if lossy else None}

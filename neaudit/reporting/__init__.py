@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -21,7 +20,7 @@ import jinja2
 import pandas as pd
 
 from neaudit._version import __version__
-from neaudit.errors import NeauditError
+from neaudit.errors import NeauditError, printable
 from neaudit.flags import Flag
 from neaudit.imageio import atomic_write
 from neaudit.policy import Criterion, Policy
@@ -222,13 +221,8 @@ def junit_xml(criteria: list[Criterion], flags: list[Flag], suite_name: str) -> 
             lines.append(f"    <failure message={quoteattr(message)}>{escape(message)}</failure>")
         lines.append("  </testcase>")
     lines.append("</testsuite>")
-    return _NOT_XML.sub(lambda found: repr(found.group())[1:-1], "\n".join(lines) + "\n")
-
-
-_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-"""Characters XML 1.0 cannot hold: control characters and lone surrogates, which come from
-file names (a release's, in flag messages) that hold escape sequences or are not UTF-8.
-JUnit carries them as Python escapes: CI systems refuse a file that is not well-formed."""
+    # names from a release can hold characters XML cannot: CI refuses a file not well-formed
+    return printable("\n".join(lines) + "\n")
 
 
 def utf8(text: str) -> bytes:
