@@ -33,7 +33,7 @@ from neaudit.models import display_names, split_name
 from neaudit.paths import refuse_overlap
 from neaudit.plan import plan
 from neaudit.results import build_table, summarize
-from neaudit.store import json_default, write_run_manifest, write_table
+from neaudit.store import json_default, run_folders, write_run_manifest, write_table
 from neaudit.vocabulary import AUTHORIZED, UNAUTHORIZED
 from neaudit.worker import WorkerRecipe, build_worker
 from neaudit.zoo import RUNS_CODE, resolve_zoo, zoo_authorized
@@ -100,6 +100,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     out = Path(out) if out else default_run_dir(
         data if not isinstance(data, ImageDataset) else "data", str(suite), specs, seed)
     refuse_overlap(out, [*dataset.input_roots(), *([Path(reference)] if reference else [])])
+    run_folders(out)
     config = {  # the run's identity: a run folder holding another config is refused
         "dataset": _dataset_hash(dataset), "count": len(dataset), "models": specs,
         "names": names, "authorized": authorized, "suite": [e.label for e in entries],

@@ -80,29 +80,39 @@ def safe_component(name: str, what: str) -> str:
 
 
 class OutputTree:
-    """Output paths under ``root`` for relative names from :func:`safe_relative`, each refused
-    if a symlink under ``root`` would lead the write elsewhere. A folder is checked once, at
-    its first file (its first existing ancestor resolved, when the folder is still to be
-    made): a release's million files cost a dictionary lookup each, not a ``stat``."""
+    """Output paths under ``root`` (a folder of ``out``, or ``out`` itself) for relative names
+    from :func:`safe_relative`, each refused if a symlink would lead the write out of ``out``,
+    ``root`` itself included. A folder is checked once, at its first file (its first existing
+    ancestor resolved, when the folder is still to be made): a release's million files cost a
+    dictionary lookup each, not a ``stat``."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = os.fspath(root)
+    def __init__(self, root: str | os.PathLike, out: str | os.PathLike) -> None:
+        self.root, self.out = os.fspath(root), os.fspath(out)
         self._checked: set[str] = set()
 
     def path(self, relative: str) -> str:
         """``root/relative`` as a string (a writer's key for the file)."""
         target = f"{self.root}/{relative}"
-        folder = target.rpartition("/")[0]
-        if folder not in self._checked:
-            existing = folder
-            while not os.path.lexists(existing) and existing != self.root:
-                existing = os.path.dirname(existing)
-            if not inside(existing, self.root):
-                raise NeauditError(f"{target}: a symlink under {self.root} leads outside it; "
-                                   "neaudit never writes outside --out. Fix: remove the link or "
-                                   "choose a new --out.")
-            self._checked.add(folder)
+        self._check(target.rpartition("/")[0])
         return target
+
+    def folder(self, relative: str = "") -> str:
+        """``root/relative`` as a folder to write into, checked like a file's folder."""
+        folder = f"{self.root}/{relative}" if relative else self.root
+        self._check(folder)
+        return folder
+
+    def _check(self, folder: str) -> None:
+        if folder in self._checked:
+            return
+        existing = folder
+        while not os.path.lexists(existing) and existing != self.out:
+            existing = os.path.dirname(existing)
+        if not inside(existing, self.out):
+            raise NeauditError(f"{folder}: a symlink under {self.out} leads outside it; "
+                               "neaudit never writes outside --out. Fix: remove the link or "
+                               "choose a new --out.")
+        self._checked.add(folder)
 
 
 def refuse_overlap(out: Path, inputs: Iterable[Path]) -> None:

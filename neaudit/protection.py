@@ -328,7 +328,7 @@ def _output_trees(out: Path, names: list[str], save_originals: bool
                   ) -> dict[str, OutputTree]:
     """The output folders, every file's folder checked for symlinks leading out of ``out``
     before any work (:class:`neaudit.paths.OutputTree`)."""
-    trees = {kind: OutputTree(out / kind) for kind in (PROTECTED_DIR, ORIGINAL_DIR)}
+    trees = {kind: OutputTree(out / kind, out) for kind in (PROTECTED_DIR, ORIGINAL_DIR)}
     for kind in (PROTECTED_DIR, ORIGINAL_DIR) if save_originals else (PROTECTED_DIR,):
         for name in names:
             trees[kind].path(name)

@@ -23,12 +23,23 @@ import torch
 from neaudit._version import __version__
 from neaudit.errors import NeauditError
 from neaudit.imageio import atomic_write
+from neaudit.paths import OutputTree
+
+
+def run_folders(root: Path) -> tuple[Path, Path]:
+    """A run's ``tasks/`` (finished tasks) and ``.cache/`` (networks that trained attacks
+    reuse when the run resumes), refused if either is a link out of ``root``; the audit checks
+    them before any work, the store again where it runs."""
+    tree = OutputTree(root, root)
+    return Path(tree.folder("tasks")), Path(tree.folder(".cache"))
 
 
 class ResultStore:
+    """One run's folder: its finished tasks, its cache and its outputs (:func:`run_folders`)."""
+
     def __init__(self, root: Path, config: dict) -> None:
         self.root = Path(root)
-        self.tasks_dir = self.root / "tasks"
+        self.tasks_dir, self.cache_dir = run_folders(self.root)
         self.tasks_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.root / "config.json"
         text = json.dumps(config, indent=2, sort_keys=True, default=str)

@@ -187,7 +187,7 @@ class Worker:
         task, so a task draws the same numbers wherever and whenever it runs."""
         return AttackContext(generator=generator(self.seed, *task_parts), seed=self.seed,
                              device=self.device, reference=self.reference,
-                             originals=originals, cache_dir=self.store.root.parent / ".cache",
+                             originals=originals, cache_dir=self.store.cache_dir,
                              extras=self.extras)
 
     def prefetch(self, tasks: Sequence[Task], workers: int) -> None:

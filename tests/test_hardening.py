@@ -613,6 +613,48 @@ def test_a_symlink_in_out_leading_outside_is_refused_and_nothing_written_there(
     assert _tree(inputs) == before
 
 
+@pytest.mark.parametrize("command,folder", [
+    (_protect(), "protected"),
+    (_protect("--save-originals"), "original"),
+    (_audit(), "tasks"),
+], ids=["protect_protected", "protect_original", "audit_tasks"])
+def test_an_out_folder_that_is_itself_a_symlink_out_is_refused(inputs, tmp_path, capsys,
+                                                               command, folder):
+    """``--out``'s own working folders (``protected/``, ``original/``, an audit's ``tasks/``)
+    replaced by links out of it: refused before any work, nothing written through them."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / folder).symlink_to(outside, target_is_directory=True)
+    before = _tree(inputs)
+    argv = [a.replace("{in}", str(inputs)).replace("{out}", str(out)) for a in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "leads outside" in err and folder in err
+    assert not any(outside.iterdir())
+    assert _tree(inputs) == before
+
+
+def test_trained_attacks_cache_inside_out_and_not_through_a_link(inputs, tmp_path):
+    """Trained networks are cached in ``--out``'s own ``.cache/``, never beside it, and a
+    ``.cache`` that links out of ``--out`` is refused."""
+    from neaudit.errors import NeauditError
+    from neaudit.store import ResultStore
+
+    out = tmp_path / "runs" / "one"
+    store = ResultStore(out, {"seed": 0})
+    assert Path(store.cache_dir).parent == out
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / ".cache").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(NeauditError, match="leads outside"):
+        ResultStore(linked, {"seed": 0})
+    assert not any(outside.iterdir())
+
+
 def test_output_names_follow_pathlib_and_stay_under_the_folder():
     from pathlib import PurePosixPath
 
