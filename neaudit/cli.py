@@ -55,8 +55,10 @@ def _protect(args: argparse.Namespace) -> int:
               "Leave --key out to draw a 128-bit key.", file=sys.stderr)
     if not args.quiet:
         summary = result.summary
-        print(f"wrote {len(result.per_image)} NEs ({args.method}) to {result.out}; model "
-              f"figures on {result.sidecar['params']['fidelity_images']} of them")
+        resumed = (f" ({result.resumed} of them written by the stopped run it resumed)"
+                   if result.resumed else "")
+        print(f"wrote {len(result.per_image)} NEs ({args.method}) to {result.out}{resumed}; "
+              f"model figures on {result.sidecar['params']['fidelity_images']} of them")
         print(f"authorized: {result.sidecar['authorized']}")
         for key, meaning in FIDELITY_COLUMNS.items():
             print(f"  {key:<20} {summary[key]:>10.4f}   {meaning}")
@@ -404,11 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _rerun(args: argparse.Namespace) -> str:
-    """What running the stopped command again does: an audit resumes from its task records;
-    ``protect`` writes its release again (its noise key, unless given, is never kept on disk,
-    and a release must hold one key's noise)."""
-    if args.handler is _protect:
-        return ("re-running the same command writes the whole release again (no sidecar marks "
+    """What running the stopped command again does: an audit resumes from its task records,
+    ``protect`` from its checkpoint (:mod:`neaudit.progress`), except into one ``.npz``."""
+    if args.handler is _protect and args.format == "npz":
+        return ("re-running the same command writes the whole .npz again (no sidecar marks "
                 "this one complete)")
     return "re-running the same command resumes"
 

@@ -66,9 +66,15 @@ def measure(layer: FirstLayer, noise_gain: float, clean: torch.Tensor,
 
 
 PREVIEW_BATCH = 256
-"""Sampled images collected before the authorized model runs on them: a job's batch holds a
-few of them (64 among 4096 images in batches of 256 is 4 a batch), and three forwards for each
-batch's few would cost more than the recoding on a GPU."""
+"""Sampled images the authorized model runs on at a time, collected across the job's batches: a
+job's batch holds a few of them (64 among 4096 images in batches of 256 is 4 a batch), and
+three forwards for each batch's few would cost more than the recoding on a GPU. Runs take the
+sampled items in item order, this many each, so the figures do not depend on the job's batch
+size, nor on where a resumed run took over."""
+
+Kept = tuple[torch.Tensor, ...]
+"""One batch's sampled items for :class:`ModelPreview`: item numbers, clean, written NE,
+noise control and, for the reference construction, its float output."""
 
 
 class ModelPreview:
@@ -78,36 +84,44 @@ class ModelPreview:
 
     def __init__(self, model: ImageClassifier, seed: int, sampled: torch.Tensor) -> None:
         self.model, self.seed, self.sampled = model, seed, sampled
-        self.pending: list[tuple[torch.Tensor, ...]] = []
+        self.pending: list[Kept] = []
         self.done: list[pd.DataFrame] = []
 
     def add(self, clean: torch.Tensor, protected: torch.Tensor, floats: torch.Tensor | None,
-            index: torch.Tensor) -> None:
-        """Keep the sampled items of one batch (``index``: their item numbers)."""
+            index: torch.Tensor) -> Kept | None:
+        """Keep the sampled items of one batch (``index``: their item numbers) and return
+        them, for a checkpoint to hand to :meth:`keep` when the job resumes."""
         rows = torch.isin(index, self.sampled).nonzero().flatten()
         if not len(rows):
-            return
+            return None
         picked = rows.to(clean.device)
         delta = protected[picked] - clean[picked]
         gaussian = counter_normal(derive_seed(self.seed, "noise-control"),
                                   index[rows].to(clean.device), delta[0].numel())
         noisy = quantize(clean[picked] + isotropic_like(delta, gaussian.view_as(delta)))
         kept = (index[rows], clean[picked], protected[picked], noisy)
-        self.pending.append(kept if floats is None else (*kept, floats[picked]))
-        if sum(len(p[0]) for p in self.pending) >= PREVIEW_BATCH:
-            self._run()
+        kept = kept if floats is None else (*kept, floats[picked])
+        self.keep(kept)
+        return kept
+
+    def keep(self, kept: Kept) -> None:
+        """Queue sampled items (from :meth:`add`, or restored), running the model on each full
+        :data:`PREVIEW_BATCH`."""
+        self.pending.append(kept)
+        while sum(len(p[0]) for p in self.pending) >= PREVIEW_BATCH:
+            self._run(PREVIEW_BATCH)
 
     def table(self) -> pd.DataFrame:
         """The figures of every sampled item, indexed by item number."""
-        self._run()
+        while self.pending:
+            self._run(PREVIEW_BATCH)
         return pd.concat(self.done) if self.done else pd.DataFrame()
 
-    def _run(self) -> None:
-        if not self.pending:
-            return
-        columns = zip(*self.pending, strict=True)
-        index, clean, protected, noisy, *floats = (torch.cat(column) for column in columns)
-        self.pending = []
+    def _run(self, count: int) -> None:
+        """Run the model on the first ``count`` pending items (or all there are)."""
+        merged = [torch.cat(column) for column in zip(*self.pending, strict=True)]
+        self.pending = [tuple(c[count:] for c in merged)] if len(merged[0]) > count else []
+        index, clean, protected, noisy, *floats = (c[:count] for c in merged)
         figures = _model_figures(self.model, clean, protected, noisy,
                                  floats[0] if floats else None)
         self.done.append(pd.DataFrame(figures, index=index.numpy()))

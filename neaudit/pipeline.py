@@ -16,7 +16,7 @@ import mmap
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -92,13 +92,24 @@ def span_batches(dataset, spans: Sequence[tuple[int, int]], workers: int,
         yield unless_refused(batch)
 
 
+def batch_spans(count: int, batch_size: int, done: np.ndarray | None = None
+                ) -> list[tuple[int, int]]:
+    """``[start, stop)`` spans of at most ``batch_size`` items covering every item not marked in
+    ``done`` (a boolean mask), each run of such items cut into batches from its start."""
+    todo = np.ones(count, bool) if done is None else ~done
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], todo, [False]]).astype(np.int8)))
+    return [(lo, min(lo + batch_size, stop)) for start, stop in zip(edges[::2], edges[1::2],
+                                                                     strict=True)
+            for lo in range(int(start), int(stop), batch_size)]
+
+
 def read_ahead(dataset, batch_size: int, workers: int | None = None,
-               pin_memory: bool = False, on_grid: bool = False) -> Iterator:
-    """The dataset's batches in order, read ahead in ``workers`` processes (default:
-    :func:`default_readers`)."""
-    spans = [(lo, min(lo + batch_size, len(dataset))) for lo in range(0, len(dataset),
-                                                                       batch_size)]
-    yield from span_batches(dataset, spans, default_readers() if workers is None else workers,
+               pin_memory: bool = False, on_grid: bool = False,
+               done: np.ndarray | None = None) -> Iterator:
+    """The dataset's batches in order (those of the items not marked in ``done``), read ahead
+    in ``workers`` processes (default: :func:`default_readers`)."""
+    yield from span_batches(dataset, batch_spans(len(dataset), batch_size, done),
+                            default_readers() if workers is None else workers,
                             pin_memory, on_grid)
 
 
@@ -153,7 +164,8 @@ class PngWriter:
             None if self.processes else ThreadPoolExecutor(self.workers))
         self.token: int | None = None
         self.slot_bytes, self.free = 0, list(range(self.pending))
-        self.futures: deque[tuple[Future, int | None]] = deque()  # with the slot each holds
+        # each write's future with the ring slot it holds, or a callback (:meth:`then`)
+        self.futures: deque[tuple[Future, int | None] | Callable[[], None]] = deque()
         self.digests: dict[str | Path, str] = {}
 
     def _start_processes(self, image_bytes: int) -> None:
@@ -186,8 +198,17 @@ class PngWriter:
                 self.futures.append((self.pool.submit(_write_pngs, names, part,
                                                       self.compression), None))
 
+    def then(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on this thread) once every file written so far is on disk and
+        hashed in :attr:`digests`; never, if one of them failed."""
+        self.futures.append(callback)
+
     def _collect(self) -> None:
-        future, slot = self.futures.popleft()
+        entry = self.futures.popleft()
+        if callable(entry):
+            entry()
+            return
+        future, slot = entry
         try:
             self.digests.update(future.result())
         finally:

@@ -9,11 +9,11 @@ uint8 images exactly as written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import math
-import os
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,13 +27,21 @@ from neaudit.data import ORIGINAL_DIR, PROTECTED_DIR, RELEASE_NPZ, SIDECAR, load
 from neaudit.dataset import ImageDataset
 from neaudit.device import chunks, resolve_device
 from neaudit.errors import NeauditError
-from neaudit.fidelity import ModelPreview, fidelity_sample, measure
-from neaudit.imageio import PNG_COMPRESSIONS, atomic_write, quantize, sha256_file, to_uint8
+from neaudit.fidelity import Kept, ModelPreview, fidelity_sample, measure
+from neaudit.imageio import (
+    PNG_COMPRESSIONS,
+    atomic_write,
+    quantize,
+    sha256_file,
+    to_grid,
+    to_uint8,
+)
 from neaudit.metrics import isotropic_gain
 from neaudit.models import split_name
 from neaudit.ne import METHODS, reference_recode, subspace_recode
 from neaudit.paths import OutputTree, refuse_overlap, safe_component, safe_relative
 from neaudit.pipeline import PngWriter, on_device, read_ahead
+from neaudit.progress import BatchRecord, Progress, key_tag, written_files
 from neaudit.seeding import NOISE_GENERATOR
 from neaudit.spectral import Subspace, low_sensitivity_subspace
 from neaudit.stem import FirstLayer, first_layer
@@ -62,12 +70,15 @@ derived from it: :func:`neaudit.ne.noise_key`), so finding the noise means searc
 
 @dataclass
 class ProtectResult:
-    """What ``protect`` returns: where it wrote, per-image fidelity and its summary."""
+    """What ``protect`` returns: where it wrote, per-image fidelity and its summary, and how
+    many images it found written by a stopped run of the same command."""
 
     out: Path
     per_image: pd.DataFrame
     summary: dict[str, float]
     sidecar: dict
+    resumed: int = 0
+    """Images an earlier run of the same command had written, kept as they were."""
 
 
 def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
@@ -108,8 +119,17 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     out = Path(out)
     refuse_overlap(out, dataset.input_roots())
     names = _output_names(dataset) if output_format == "png" else []
-    _refuse_foreign_files(out, names)
     trees = _output_trees(out, names, save_originals)
+    planned = {trees[kind].path(name) for kind in (PROTECTED_DIR, ORIGINAL_DIR)
+               if kind == PROTECTED_DIR or save_originals for name in names}
+    written = written_files(out, [PROTECTED_DIR, ORIGINAL_DIR], planned)
+    noise_key = secrets.randbits(KEY_BITS) if key is None else key
+    progress = Progress(out, _identity(dataset, authorized, method, psnr, l2, rank, threshold,
+                                       tau, patch_fraction, seed, key, store_key,
+                                       save_originals, fidelity_images, png_compression),
+                        noise_key if key is None and store_key else None) if names else None
+    if progress is not None and progress.key is not None:
+        noise_key = progress.key  # the stopped run's, which its sidecar will hold
     torch_device = resolve_device(device)
     if batch_size is None:
         batch_size = CUDA_BATCH_SIZE if torch_device.type == "cuda" else 32
@@ -127,11 +147,16 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     if patch_fraction < 1.0 and (space is None or layer.overlapping):
         raise NeauditError(f"--patch-fraction applies to the subspace method on a patch stem; "
                            f"{model.name} with --method {method} has none. Fix: drop the option.")
-    noise_key = secrets.randbits(KEY_BITS) if key is None else key
     recoding = _Recoding(model, layer, space, method, psnr, noise_key, seed, tau,
                          patch_fraction, fidelity_images, isotropic_gain(layer, (3, *size)))
+    if progress is not None:
+        progress.begin()
+    done = progress.records(len(dataset), (3, *size), written, names,
+                            [trees[kind] for kind in (PROTECTED_DIR, ORIGINAL_DIR)
+                             if kind == PROTECTED_DIR or save_originals]) if progress else []
     per_image, digests, unread = _recode_all(dataset, recoding, out, names, trees, batch_size,
-                                             save_originals, output_format, png_compression)
+                                             save_originals, output_format, png_compression,
+                                             progress, done)
     summary = {col: float(per_image[col].mean()) for col in per_image.columns if col != "name"}
     summary["min_gain"] = space.min_gain if space is not None else float("nan")
     params = {
@@ -147,7 +172,31 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         "png_compression": png_compression if output_format == "png" else None,
     }
     sidecar = _sidecar(out, dataset, model, method, params, summary, names, digests, unread)
-    return ProtectResult(out, per_image, summary, sidecar)
+    if progress is not None:
+        progress.finish()
+    return ProtectResult(out, per_image, summary, sidecar,
+                         resumed=sum(record.stop - record.start for record in done))
+
+
+def _identity(dataset: ImageDataset, authorized: str | ImageClassifier, method: str,
+              psnr: float, l2: float | None, rank: int | None, threshold: float | None,
+              tau: float, patch_fraction: float, seed: int, key: int | None, store_key: bool,
+              save_originals: bool, fidelity_images: int, png_compression: str) -> dict:
+    """What a stopped run must share with the one that resumes it (:mod:`neaudit.progress`):
+    the items, every setting that shapes a written byte or a recorded figure, and the key as
+    a tag (a given key) or as drawn (:class:`neaudit.progress.Progress` keeps a drawn key
+    only when the sidecar will hold it anyway)."""
+    spec = authorized if isinstance(authorized, str) else authorized.name
+    return {
+        "neaudit_version": __version__, "noise_generator": NOISE_GENERATOR,
+        "source": str(dataset.source), "count": len(dataset),
+        "items": hashlib.sha256(json.dumps(dataset.names).encode()).hexdigest(),
+        "authorized": spec, "method": method, "psnr": psnr, "l2": l2, "rank": rank,
+        "threshold": threshold, "tau": tau, "patch_fraction": patch_fraction, "seed": seed,
+        "save_originals": save_originals, "fidelity_images": fidelity_images,
+        "png_compression": png_compression, "key_stored": store_key,
+        "key": key_tag(key) if key is not None else "drawn, stored" if store_key else "drawn",
+    }
 
 
 def _check_options(method: str, psnr: float, l2: float | None, rank: int | None,
@@ -240,26 +289,41 @@ class _Recoding:
 
 def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
                 names: list[str], trees: dict[str, OutputTree], batch_size: int,
-                save_originals: bool, output_format: str, png_compression: str
+                save_originals: bool, output_format: str, png_compression: str,
+                progress: Progress | None, done: list[BatchRecord]
                 ) -> tuple[pd.DataFrame, list[str], dict[str, dict]]:
-    """Recode and write every batch, the next batch decoded and the previous ones written
-    while the device works on the current one; returns the per-image fidelity table, the
+    """Recode and write every batch not ``done`` by a stopped run, the next batch decoded and
+    the previous ones written while the device works on the current one, each checkpointed
+    in ``progress`` once its files are written; returns the per-image fidelity table, the
     SHA-256 of each protected PNG, in the order of ``names``, and what the inputs show that
     the NEs do not (:func:`_unread`)."""
     device = recoding.model.mean.device
     preview = ModelPreview(recoding.model, recoding.seed,
                            fidelity_sample(len(dataset), recoding.fidelity_images))
-    rows, written, originals = [], [], []
+    fidelity: dict[int, pd.DataFrame] = {}
+    written, originals = [], []
     unread: dict[str, dict] = {}
     protected_tree, original_tree = trees[PROTECTED_DIR], trees[ORIGINAL_DIR]
+    digests: dict[str, str] = {}
+    covered = np.zeros(len(dataset), bool)
+    for record in done:  # in item order, as the stopped run added them
+        fidelity[record.start] = record.fidelity
+        if len(record.preview_index):
+            preview.keep(_restored(record, device))
+        _unread(unread, record.unread)
+        digests.update(zip([protected_tree.path(n) for n in names[record.start:record.stop]],
+                           record.digests, strict=True))
+        covered[record.start:record.stop] = True
     with PngWriter(compression=png_compression) as writer:
         for batch in read_ahead(dataset, batch_size, pin_memory=device.type == "cuda",
-                                on_grid=True):
+                                on_grid=True, done=covered):
             _unread(unread, batch.unread)
             clean = on_device(batch.protected, device)
             protected, floats = recoding(clean, batch.index)
-            rows.append(measure(recoding.layer, recoding.noise_gain, clean, protected, floats))
-            preview.add(clean, protected, floats, batch.index)
+            start, stop = int(batch.index[0]), int(batch.index[-1]) + 1
+            rows = fidelity[start] = measure(recoding.layer, recoding.noise_gain, clean,
+                                             protected, floats)
+            kept = preview.add(clean, protected, floats, batch.index)
             images = to_uint8(protected)
             # the originals as read, already uint8 on the host: nothing copied back
             clean_images = batch.protected.permute(0, 2, 3, 1).numpy() if save_originals else None
@@ -267,16 +331,48 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
                 written.append(images.copy())  # kept to the end: out of pinned memory
                 originals.append(clean_images)
                 continue
-            batch_names = names[int(batch.index[0]):int(batch.index[-1]) + 1]
-            writer.write([protected_tree.path(name) for name in batch_names], images)
+            paths = [protected_tree.path(name) for name in names[start:stop]]
+            writer.write(paths, images)
             if save_originals:
-                writer.write([original_tree.path(name) for name in batch_names], clean_images)
-    per_image = pd.concat(rows, ignore_index=True).join(preview.table())
+                writer.write([original_tree.path(name) for name in names[start:stop]],
+                             clean_images)
+            if progress is not None:
+                writer.then(functools.partial(_checkpoint, progress, writer.digests, paths,
+                                              start, rows, kept, batch.unread,
+                                              tuple(clean.shape[1:])))
+    digests.update(writer.digests)  # every file's, once the writers are done
+    per_image = pd.concat([fidelity[start] for start in sorted(fidelity)],
+                          ignore_index=True).join(preview.table())
     per_image.insert(0, "name", dataset.names)
     if output_format == "npz":
         _write_npz(out, dataset, np.concatenate(written),
                    np.concatenate(originals) if save_originals else None)
-    return per_image, [writer.digests[protected_tree.path(name)] for name in names], unread
+    return per_image, [digests[protected_tree.path(name)] for name in names], unread
+
+
+def _checkpoint(progress: Progress, digests: dict[str, str], paths: list[str], start: int,
+                rows: pd.DataFrame, kept: Kept | None, unread: dict[str, list[str]],
+                image_shape: tuple[int, ...]) -> None:
+    """Record one batch whose files are written (:meth:`PngWriter.then`); its preview items
+    come back from the device only now, long after it computed them."""
+    images = (np.zeros((0, 3, *image_shape), np.uint8) if kept is None else
+              torch.stack([to_grid(part) for part in kept[1:4]], dim=1).cpu().numpy())
+    progress.save(BatchRecord(
+        start, start + len(paths), rows, [digests[path] for path in paths],
+        np.zeros(0, np.int64) if kept is None else kept[0].numpy(), images,
+        kept[4].cpu().numpy() if kept is not None and len(kept) > 4 else None, unread))
+
+
+def _restored(record: BatchRecord, device: torch.device) -> Kept:
+    """A record's preview items as :meth:`ModelPreview.add` kept them, bit for bit: the clean
+    images as read (:func:`neaudit.pipeline.on_device`), the written NE and the noise control
+    as the device computed them, levels divided by 255 there."""
+    images = torch.from_numpy(record.preview_images)
+    on_grid = images[:, 1:].to(device).float().div_(255.0)
+    kept = (torch.from_numpy(record.preview_index), on_device(images[:, 0], device),
+            on_grid[:, 0], on_grid[:, 1])
+    floats = record.preview_floats
+    return kept if floats is None else (*kept, torch.from_numpy(floats).to(device))
 
 
 def _unread(tally: dict[str, dict], batch_unread: dict[str, list[str]]) -> None:
@@ -333,25 +429,6 @@ def _output_trees(out: Path, names: list[str], save_originals: bool
         for name in names:
             trees[kind].path(name)
     return trees
-
-
-def _refuse_foreign_files(out: Path, names: list[str]) -> None:
-    """Refuse an ``out`` whose image folders hold files this run would not write: they would
-    be mixed into the release (and into its hashes)."""
-    planned = set(names)
-    for folder in (out / PROTECTED_DIR, out / ORIGINAL_DIR):
-        if not folder.is_dir():
-            continue
-        extra = []  # walked on strings: a re-run's folder may hold a million files
-        for parent, _, files in os.walk(folder):  # links to folders are not followed
-            relative = os.path.relpath(parent, folder).replace(os.sep, "/")
-            prefix = "" if relative == "." else f"{relative}/"
-            extra += [os.path.join(parent, f) for f in files if f"{prefix}{f}" not in planned
-                      and os.path.isfile(os.path.join(parent, f))]
-        if extra:
-            raise NeauditError(f"{out}: {folder.name}/ already holds {len(extra)} file(s) this "
-                               f"run would not write, e.g. {min(extra)}. Fix: choose a new "
-                               "--out folder, or delete the old one.")
 
 
 def _write_npz(out: Path, dataset: ImageDataset, protected: np.ndarray,

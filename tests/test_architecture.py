@@ -31,7 +31,7 @@ LAYERS = [
     {"flags", "results"},
     {"policy"},
     # the engine's parts
-    {"plan", "store"},
+    {"plan", "store", "progress"},
     {"worker"},
     {"validity", "evidence", "executors"},
     # the jobs

@@ -424,8 +424,8 @@ def test_an_internal_error_exits_3_with_the_traceback_in_a_file(inputs, tmp_path
 @pytest.mark.parametrize("command", ["audit", "protect"])
 def test_a_full_disk_is_one_line_that_says_what_a_rerun_does(command, inputs, tmp_path, capsys,
                                                             monkeypatch):
-    """An audit resumes from its task records; protect writes its release again (a drawn key
-    is never kept on disk, and one release holds one key's noise)."""
+    """An audit resumes from its task records, protect from its checkpoint: the message says
+    so."""
     import errno
 
     import neaudit.protection
@@ -442,8 +442,7 @@ def test_a_full_disk_is_one_line_that_says_what_a_rerun_does(command, inputs, tm
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert "No space left on device" in err and str(tmp_path / "run") in err
-    assert ("re-running the same command resumes" if command == "audit" else
-            "re-running the same command writes the whole release again") in err
+    assert "re-running the same command resumes" in err
 
 
 @pytest.mark.parametrize("command", ["protect", "audit"])
