@@ -198,13 +198,15 @@ def _typed(array: np.ndarray, kind: str, shape: tuple[int, ...] | None = None) -
     return array
 
 
-def written_files(out: Path, folders: list[str], planned: set[str]) -> set[str]:
+def existing_outputs(out: Path, folders: list[str], planned: set[str]
+                     ) -> tuple[set[str], list[str]]:
     """The planned files already under ``out``'s image ``folders`` (``planned`` and the result
-    as ``out/folder/relative`` paths), after removing the temporary files a killed run left
-    beside planned ones; refused if any other file is there: it would be mixed into the
-    release (and into its hashes). Walked on strings: a re-run's folder may hold a million
-    files; links to folders are not followed and dangling links are no files."""
-    present = set()
+    as ``out/folder/relative`` paths), and the temporary files a killed run's writers left
+    beside planned ones (:func:`neaudit.imageio.atomic_write`), for the run to remove once it
+    starts; refused if any other file is there: it would be mixed into the release (and into
+    its hashes). Walked on strings: a re-run's folder may hold a million files; links to
+    folders are not followed and dangling links are no files."""
+    present, leftovers = set(), []
     for folder in folders:
         root, extra = os.path.join(out, folder), []
         for parent, _, files in os.walk(root):
@@ -212,7 +214,7 @@ def written_files(out: Path, folders: list[str], planned: set[str]) -> set[str]:
                 path = os.path.join(parent, file)
                 target = os.path.join(parent, _leftover(file) or file)
                 if target != path and target in planned:
-                    os.unlink(path)  # a killed writer's temporary file (atomic_write)
+                    leftovers.append(path)
                 elif not os.path.isfile(path):
                     continue
                 elif path in planned:
@@ -223,7 +225,7 @@ def written_files(out: Path, folders: list[str], planned: set[str]) -> set[str]:
             raise NeauditError(f"{out}: {folder}/ already holds {len(extra)} file(s) this run "
                                f"would not write, e.g. {min(extra)}. Fix: choose a new --out "
                                "folder, or delete the old one.")
-    return present
+    return present, leftovers
 
 
 def _leftover(file: str) -> str | None:

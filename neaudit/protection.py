@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,7 +42,7 @@ from neaudit.models import split_name
 from neaudit.ne import METHODS, reference_recode, subspace_recode
 from neaudit.paths import OutputTree, refuse_overlap, safe_component, safe_relative
 from neaudit.pipeline import PngWriter, on_device, read_ahead
-from neaudit.progress import BatchRecord, Progress, key_tag, written_files
+from neaudit.progress import BatchRecord, Progress, existing_outputs, key_tag
 from neaudit.seeding import NOISE_GENERATOR
 from neaudit.spectral import Subspace, low_sensitivity_subspace
 from neaudit.stem import FirstLayer, first_layer
@@ -122,7 +123,9 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     trees = _output_trees(out, names, save_originals)
     planned = {trees[kind].path(name) for kind in (PROTECTED_DIR, ORIGINAL_DIR)
                if kind == PROTECTED_DIR or save_originals for name in names}
-    written = written_files(out, [PROTECTED_DIR, ORIGINAL_DIR], planned)
+    written, leftovers = existing_outputs(out, [PROTECTED_DIR, ORIGINAL_DIR], planned)
+    if isinstance(authorized, str):
+        authorized = split_name(authorized)[1]  # a display name does not name the weights
     noise_key = secrets.randbits(KEY_BITS) if key is None else key
     progress = Progress(out, _identity(dataset, authorized, method, psnr, l2, rank, threshold,
                                        tau, patch_fraction, seed, key, store_key,
@@ -133,8 +136,6 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     torch_device = resolve_device(device)
     if batch_size is None:
         batch_size = CUDA_BATCH_SIZE if torch_device.type == "cuda" else 32
-    if isinstance(authorized, str):
-        authorized = split_name(authorized)[1]  # a display name does not name the weights
     model = create_model(authorized, dataset.class_names).to(torch_device)
     size = tuple(model.input_size or dataset.image_shape)
     if tuple(dataset.image_shape) != size:  # recode at the resolution the stem sees
@@ -149,6 +150,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
                            f"{model.name} with --method {method} has none. Fix: drop the option.")
     recoding = _Recoding(model, layer, space, method, psnr, noise_key, seed, tau,
                          patch_fraction, fidelity_images, isotropic_gain(layer, (3, *size)))
+    for path in leftovers:  # checks passed: the work, and so the writing, starts
+        os.unlink(path)
     if progress is not None:
         progress.begin()
     done = progress.records(len(dataset), (3, *size), written, names,

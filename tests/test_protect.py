@@ -227,10 +227,11 @@ def test_photos_of_mixed_sizes_are_recoded_at_the_size_the_model_takes(tmp_path,
 def test_files_left_in_out_by_another_run_are_found_at_any_depth(tmp_path):
     """``protect`` refuses an ``--out`` whose image folders hold files it would not write,
     in class folders too; links to folders are not followed and dangling links are no files.
-    The planned files there are returned (a resumed run's), and a killed writer's temporary
-    file beside a planned one is removed, another hidden file is not."""
+    The planned files there are returned (a resumed run's), and so is a killed writer's
+    temporary file beside a planned one, for the run to remove; another hidden file is
+    refused."""
     from neaudit.errors import NeauditError
-    from neaudit.progress import written_files
+    from neaudit.progress import existing_outputs
 
     out = tmp_path / "out"
     names = ["a/1.png", "b/2.png", "3.png"]
@@ -244,16 +245,17 @@ def test_files_left_in_out_by_another_run_are_found_at_any_depth(tmp_path):
     (out / "protected" / "b" / ".2.png.k3_x9zq1.tmp").write_bytes(b"half")
     planned = {f"{out}/protected/{name}" for name in names}
     folders = ["protected", "original"]
-    assert written_files(out, folders, planned) == planned  # planned files and links: accepted
-    assert not (out / "protected" / "b" / ".2.png.k3_x9zq1.tmp").exists()
+    # planned files and links: accepted; the temporary file is named, not yet removed
+    assert existing_outputs(out, folders, planned) == (
+        planned, [f"{out}/protected/b/.2.png.k3_x9zq1.tmp"])
     (out / "protected" / ".3.png.k3_x9zq1.tmp.keep").write_bytes(b"x")
     with pytest.raises(NeauditError, match=r"protected/ already holds 1 file.*3\.png\.k3_"):
-        written_files(out, folders, planned)
+        existing_outputs(out, folders, planned)
     (out / "protected" / ".3.png.k3_x9zq1.tmp.keep").unlink()
     (out / "original" / "b").mkdir(parents=True)
     (out / "original" / "b" / "stale.png").write_bytes(b"x")
     with pytest.raises(NeauditError, match=r"original/ already holds 1 file.*b/stale\.png"):
-        written_files(out, folders, planned)
+        existing_outputs(out, folders, planned)
 
 
 def test_transparency_and_exif_orientation_are_noted_not_silently_dropped(tmp_path, capsys,
