@@ -189,3 +189,34 @@ def test_read_ahead_batches_arrive_in_pinned_memory(tmp_path):
         batches = list(read_ahead(dataset, 4, workers=1, pin_memory=True, on_grid=on_grid))
         assert [len(b.index) for b in batches] == [4, 2]
         assert all(b.protected.is_pinned() and b.index.is_pinned() for b in batches)
+
+
+def test_a_stopped_run_on_cuda_resumes_to_the_uninterrupted_release(tmp_path, monkeypatch):
+    """The checkpoint's preview items come back as the device computed them: a run stopped
+    and resumed on CUDA writes the bytes and figures of one never stopped, there too."""
+    from neaudit import fidelity, protection
+    from neaudit.data import builtin_dataset
+
+    dataset = builtin_dataset("samples", count=24, size=64)
+    monkeypatch.setattr(fidelity, "PREVIEW_BATCH", 3)
+    settings = dict(key=9, batch_size=4, fidelity_images=10, device="cuda",
+                    save_originals=True)
+    spec = "timm:vit_small_patch16_224?img_size=64&num_classes=10"
+    whole = protect(dataset, spec, tmp_path / "whole", **settings)
+    calls, measure = [], fidelity.measure
+
+    def stop_at_third(*args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return measure(*args)
+
+    monkeypatch.setattr(protection, "measure", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        protect(dataset, spec, tmp_path / "stopped", **settings)
+    monkeypatch.setattr(protection, "measure", measure)
+    resumed = protect(dataset, spec, tmp_path / "stopped", **settings)
+    assert resumed.resumed == 12
+    pd.testing.assert_frame_equal(resumed.per_image, whole.per_image)
+    for name in ("hashes.sha256", "neaudit.json"):
+        assert (whole.out / name).read_bytes() == (resumed.out / name).read_bytes()
