@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from neaudit.errors import NeauditError, printable
+from neaudit.errors import NeauditError, printable, utf8
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -420,18 +420,24 @@ def _fail(message: str, code: int) -> int:
 
 
 def _write_traceback(out: str | None) -> Path:
-    """The current traceback, in the run folder where it exists, else in a temporary file."""
+    """The current traceback, in the run folder where it exists and takes it, else in a
+    temporary file."""
     import tempfile
     import traceback
+
+    from neaudit import imageio
 
     text = traceback.format_exc()
     if out and Path(out).is_dir():
         path = Path(out) / "neaudit-error.txt"
-        path.write_text(text)
-        return path
+        try:  # replaces a link planted there, never writes through it
+            imageio.atomic_write(path, lambda handle: handle.write(utf8(text)))
+            return path
+        except OSError:
+            pass  # a folder it may not write in: a temporary file, as without one
     handle, name = tempfile.mkstemp(prefix="neaudit-error-", suffix=".txt")
-    with open(handle, "w") as file:
-        file.write(text)
+    with open(handle, "wb") as file:
+        file.write(utf8(text))
     return Path(name)
 
 

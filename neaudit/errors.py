@@ -43,3 +43,9 @@ def printable(text: str) -> str:
     would obey, or characters a JUnit file cannot hold (control characters, the lone
     surrogates of a file name that is not UTF-8)."""
     return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
+
+
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8 for a file (a report, a traceback); a lone surrogate (a file name that
+    is not UTF-8) is written as its Python escape instead of failing the write."""
+    return text.encode("utf-8", "backslashreplace")

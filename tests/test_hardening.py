@@ -421,6 +421,38 @@ def test_an_internal_error_exits_3_with_the_traceback_in_a_file(inputs, tmp_path
     assert report.parent == out and "ZeroDivisionError: a bug" in report.read_text()
 
 
+@pytest.mark.parametrize("where", ["link_out", "read_only"])
+def test_the_traceback_file_is_never_written_through_a_link_and_always_written(
+        inputs, tmp_path, capsys, monkeypatch, where):
+    """``RUN/neaudit-error.txt`` planted as a link to another file replaces the link, not that
+    file; a run folder it cannot be written in gets it in a temporary file instead, still
+    one line and exit code 3."""
+    import neaudit.imageio
+    import neaudit.protection
+
+    def explode(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(neaudit.protection, "_recode_all", explode)
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious")
+    if where == "link_out":
+        (out / "neaudit-error.txt").symlink_to(victim)
+    argv = ["protect", str(inputs / "images"), "--authorized", AUTH, "--out", str(out)]
+    if where == "read_only":  # as a folder it may not write in (chmod would not stop root)
+        def refused(path, write):
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(neaudit.imageio, "atomic_write", refused)
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and len(err.splitlines()) == 1 and "Traceback" not in err
+    report = Path(err.split("traceback is in ")[1].split(". ")[0])
+    assert "ZeroDivisionError: a bug" in report.read_text() and victim.read_text() == "precious"
+    assert (report.parent == out and not report.is_symlink()) == (where == "link_out")
+
+
 @pytest.mark.parametrize("command", ["audit", "protect"])
 def test_a_full_disk_is_one_line_that_says_what_a_rerun_does(command, inputs, tmp_path, capsys,
                                                             monkeypatch):

@@ -20,7 +20,7 @@ import jinja2
 import pandas as pd
 
 from neaudit._version import __version__
-from neaudit.errors import NeauditError, printable
+from neaudit.errors import NeauditError, printable, utf8
 from neaudit.flags import Flag
 from neaudit.imageio import atomic_write
 from neaudit.policy import Criterion, Policy
@@ -223,9 +223,3 @@ def junit_xml(criteria: list[Criterion], flags: list[Flag], suite_name: str) -> 
     lines.append("</testsuite>")
     # names from a release can hold characters XML cannot: CI refuses a file not well-formed
     return printable("\n".join(lines) + "\n")
-
-
-def utf8(text: str) -> bytes:
-    """``text`` as UTF-8 for a report file; a lone surrogate (a file name that is not UTF-8)
-    is written as its Python escape instead of failing the report."""
-    return text.encode("utf-8", "backslashreplace")

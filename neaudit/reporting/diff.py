@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from neaudit.errors import utf8
 from neaudit.imageio import atomic_write
 from neaudit.policy import Policy
-from neaudit.reporting import _environment, load_run, utf8
+from neaudit.reporting import _environment, load_run
 
 
 @dataclass
