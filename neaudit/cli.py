@@ -240,7 +240,7 @@ def _add_protect(sub) -> None:
                               "lower reaches the authorized model less and protects less")
     protect.add_argument("--seed", type=int, default=0)
     protect.add_argument("--key", type=int, help="secret key of the noise, to repeat a release: "
-                         "56 bits or more, never reused for other data (default: a 128-bit key "
+                         "56 bits or more; a new one for edited data (default: a 128-bit key "
                          "drawn at random and not recorded)")
     protect.add_argument("--store-key", action="store_true", help="record the key in neaudit.json")
     protect.add_argument("--save-originals", action="store_true",

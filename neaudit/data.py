@@ -108,7 +108,7 @@ be null or absent: sidecars of older versions lack some)."""
 
 PARAMS_TYPES: dict[str, tuple[type, ...]] = {
     "psnr": (int, float), "psnr_is_nominal": (bool,), "rank": (int,), "seed": (int,),
-    "key_source": (str,), "key_bits": (int,),
+    "key_source": (str,), "key_bits": (int,), "noise_salt": (str,),
 }
 """The same for its ``params``."""
 

@@ -47,6 +47,14 @@ def noise_key(key: int) -> int:
     return derive_key(key, "ne-noise")
 
 
+def release_key(key: int, salt: str) -> int:
+    """The key one release's noise is drawn under: the user's NE key bound to the release's
+    ``salt`` (its settings and items: ``noise_salt`` in its sidecar), so that a key given again
+    at another strength, or for other items, draws independent noise. Two releases under one
+    noise would show it in their difference, and both could be cleaned."""
+    return derive_key(key, "ne-release", salt)
+
+
 def subspace_recode(clean: torch.Tensor, space: Subspace,
                     psnr: float, key: int, index: torch.Tensor,
                     patch_fraction: float = 1.0, repair_iterations: int = 10,

@@ -39,7 +39,7 @@ from neaudit.imageio import (
 )
 from neaudit.metrics import isotropic_gain
 from neaudit.models import split_name
-from neaudit.ne import METHODS, reference_recode, subspace_recode
+from neaudit.ne import METHODS, reference_recode, release_key, subspace_recode
 from neaudit.paths import OutputTree, refuse_overlap, safe_component, safe_relative
 from neaudit.pipeline import PngWriter, on_device, read_ahead
 from neaudit.progress import BatchRecord, Progress, existing_outputs, key_tag
@@ -148,8 +148,10 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     if patch_fraction < 1.0 and (space is None or layer.overlapping):
         raise NeauditError(f"--patch-fraction applies to the subspace method on a patch stem; "
                            f"{model.name} with --method {method} has none. Fix: drop the option.")
-    recoding = _Recoding(model, layer, space, method, psnr, noise_key, seed, tau,
-                         patch_fraction, fidelity_images, isotropic_gain(layer, (3, *size)))
+    salt = _noise_salt(dataset, model.name, method, psnr, space, threshold, tau,
+                       patch_fraction, size)
+    recoding = _Recoding(model, layer, space, method, psnr, release_key(noise_key, salt), seed,
+                         tau, patch_fraction, fidelity_images, isotropic_gain(layer, (3, *size)))
     for path in leftovers:  # checks passed: the work, and so the writing, starts
         os.unlink(path)
     if progress is not None:
@@ -170,6 +172,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         "patch_fraction": patch_fraction if method == "subspace" else None,
         "seed": seed, "key": noise_key if store_key else None, "key_stored": store_key,
         "key_source": "random" if key is None else "given", "noise_generator": NOISE_GENERATOR,
+        "noise_salt": salt,
         "key_bits": None if key is None else abs(key).bit_length(),
         "image_size": list(size), "fidelity_images": min(fidelity_images, len(dataset)),
         "png_compression": png_compression if output_format == "png" else None,
@@ -179,6 +182,26 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         progress.finish()
     return ProtectResult(out, per_image, summary, sidecar,
                          resumed=sum(record.stop - record.start for record in done))
+
+
+def _noise_salt(dataset: ImageDataset, spec: str, method: str, psnr: float,
+                space: Subspace | None, threshold: float | None, tau: float,
+                patch_fraction: float, size: tuple[int, ...]) -> str:
+    """What binds a release's noise to its own settings and items (:func:`neaudit.ne.release_key`):
+    a digest of every setting that shapes the NEs and of the item names, in their order. Public
+    (the sidecar's ``noise_salt``): it separates releases, the key keeps each one secret."""
+    settings = {
+        "authorized": spec, "method": method, "psnr": psnr, "tau": tau,
+        "rank": space.rank if space is not None else None, "threshold": threshold,
+        "patch_fraction": patch_fraction, "image_size": list(size),
+        "items": _items_digest(dataset),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _items_digest(dataset: ImageDataset) -> str:
+    """The item names, in their order (each item's number keys its noise)."""
+    return hashlib.sha256(json.dumps(dataset.names).encode()).hexdigest()
 
 
 def _identity(dataset: ImageDataset, authorized: str | ImageClassifier, method: str,
@@ -193,11 +216,11 @@ def _identity(dataset: ImageDataset, authorized: str | ImageClassifier, method: 
     return {
         "neaudit_version": __version__, "noise_generator": NOISE_GENERATOR,
         "source": str(dataset.source), "count": len(dataset),
-        "items": hashlib.sha256(json.dumps(dataset.names).encode()).hexdigest(),
-        "authorized": spec, "method": method, "psnr": psnr, "l2": l2, "rank": rank,
-        "threshold": threshold, "tau": tau, "patch_fraction": patch_fraction, "seed": seed,
-        "save_originals": save_originals, "fidelity_images": fidelity_images,
-        "png_compression": png_compression, "key_stored": store_key,
+        "items": _items_digest(dataset), "authorized": spec, "method": method, "psnr": psnr,
+        "l2": l2, "rank": rank, "threshold": threshold, "tau": tau,
+        "patch_fraction": patch_fraction, "seed": seed, "save_originals": save_originals,
+        "fidelity_images": fidelity_images, "png_compression": png_compression,
+        "key_stored": store_key,
         "key": key_tag(key) if key is not None else "drawn, stored" if store_key else "drawn",
     }
 

@@ -12,7 +12,7 @@ from neaudit.cli import main
 from neaudit.data import load_dataset
 from neaudit.errors import NeauditError
 from neaudit.imageio import read_image, sha256_file
-from neaudit.ne import noise_key
+from neaudit.ne import noise_key, release_key
 from neaudit.protection import protect
 from neaudit.spectral import low_sensitivity_subspace
 from neaudit.stem import first_layer
@@ -77,11 +77,40 @@ def test_the_noise_key_is_secret_unless_given(tmp_path, vit_spec, monkeypatch):
               for line in (tmp_path / "c" / "hashes.sha256").read_text().splitlines()]
     index = torch.tensor([listed.index(name) for name in batch.names])
 
+    salt = given[0].sidecar["params"]["noise_salt"]
+
     def alignment(key: int) -> torch.Tensor:
-        noise = space.sample(batch.protected.shape, noise_key(key), index)
+        noise = space.sample(batch.protected.shape, noise_key(release_key(key, salt)), index)
         return torch.nn.functional.cosine_similarity(delta, noise.flatten(1), dim=1)
 
     assert alignment(5).mean() > 0.5 and alignment(6).abs().mean() < 0.1
+
+
+def test_a_key_given_again_for_other_settings_or_items_draws_independent_noise(tmp_path,
+                                                                              vit_spec):
+    """A publisher who re-runs with the same --key at another strength, or on a dataset with
+    other items, must not publish the same noise twice: the difference of two releases
+    would show it (scaled) and both could be cleaned. Each release's noise is bound to its
+    settings and items (``noise_salt``); the same ones repeat the release byte for byte."""
+    from neaudit.data import builtin_dataset
+
+    dataset = builtin_dataset("samples", count=16, size=64)
+
+    def perturbations(name: str, data=dataset, **settings) -> torch.Tensor:
+        """The written perturbations of the 16 items every run shares, in one order."""
+        result = protect(data, vit_spec, tmp_path / name, key=2**90 + 7, fidelity_images=2,
+                         save_originals=True, **settings)
+        batch = next(load_dataset(result.out).batches(64))
+        rows = [batch.names.index(name) for name in sorted(batch.names)
+                if name.split("/")[-1] < "016"]
+        return (batch.protected - batch.original).flatten(1)[rows]
+
+    first = perturbations("a", psnr=30)
+    assert torch.equal(first, perturbations("again", psnr=30))
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(first, perturbations("stronger", psnr=25), dim=1).abs().mean() < 0.1
+    more = builtin_dataset("samples", count=17, size=64)  # the same 16 items and one more
+    assert cosine(first, perturbations("more", data=more), dim=1).abs().mean() < 0.1
 
 
 def test_npz_output_and_reference_method(tmp_path, vit_spec):
