@@ -39,6 +39,12 @@ FIDELITY_COLUMNS = {
 }
 
 
+def measured_columns(floats: bool) -> list[str]:
+    """The columns :func:`measure` returns, in order (``psnr_float`` with a float output)."""
+    return ["psnr", "l2", "ssim", "gain", "isotropic_gain", "relative_change",
+            *(["psnr_float"] if floats else [])]
+
+
 def fidelity_sample(count: int, size: int) -> torch.Tensor:
     """Evenly spaced item indices whose fidelity includes the model-based figures."""
     return torch.from_numpy(evenly_spaced(count, size))

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from neaudit.errors import NeauditError
-from neaudit.imageio import atomic_write
+from neaudit.imageio import UNREAD, atomic_write
 from neaudit.paths import OutputTree
 from neaudit.seeding import derive_key
 
@@ -116,16 +116,17 @@ class Progress:
             atomic_write(self.folder / KEPT_KEY, lambda h: h.write(str(self.key).encode()))
         atomic_write(path, lambda h: h.write(self._text.encode()))  # last: the run's start
 
-    def records(self, count: int, image_shape: tuple[int, ...], written: set[str],
-                names: list[str], folders: list[OutputTree]) -> list[BatchRecord]:
+    def records(self, names: list[str], image_shape: tuple[int, ...], columns: list[str],
+                written: set[str], folders: list[OutputTree]) -> list[BatchRecord]:
         """The recorded batches, in item order, whose files are all still in ``written``
-        (their paths relative to ``out``), each checked against the run it claims to be of
-        (``count`` items, ``names``, ``image_shape`` (3, H, W))."""
-        kept, covered = [], np.zeros(count, bool)
+        (``out/folder/relative`` paths), each checked against the run it claims to be of:
+        its items (``names``), their ``image_shape`` (3, H, W) and the fidelity ``columns``
+        (with ``psnr_float``, the preview keeps float outputs too)."""
+        kept, covered = [], np.zeros(len(names), bool)
         for file in sorted(os.listdir(self.folder)):
             if not _RECORD.fullmatch(file):
                 continue
-            record = self._load(self.folder / file, count, image_shape)
+            record = self._load(self.folder / file, len(names), image_shape, columns)
             files = [tree.path(name) for tree in folders
                      for name in names[record.start:record.stop]]
             if covered[record.start:record.stop].any() or not written.issuperset(files):
@@ -143,11 +144,12 @@ class Progress:
         """Remove the checkpoint: the run's own outputs now say it is complete."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _load(self, path: Path, count: int, image_shape: tuple[int, ...]) -> BatchRecord:
+    def _load(self, path: Path, count: int, image_shape: tuple[int, ...], columns: list[str]
+              ) -> BatchRecord:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
-            return _record(arrays, count, image_shape)
+            return _record(arrays, count, image_shape, columns)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise self._damaged(path, str(exc).split("\n")[0]) from None
 
@@ -156,15 +158,16 @@ class Progress:
                             f"delete {self.folder} (or choose another --out) to start over.")
 
 
-def _record(arrays: dict[str, np.ndarray], count: int, image_shape: tuple[int, ...]
-            ) -> BatchRecord:
-    """A record from its arrays, refused (``ValueError``) unless each has the shape and type
-    this run's would."""
+def _record(arrays: dict[str, np.ndarray], count: int, image_shape: tuple[int, ...],
+            columns: list[str]) -> BatchRecord:
+    """A record from its arrays, refused (``ValueError``) unless each has the shape, type and
+    names this run's would."""
     start, stop = (int(v) for v in _typed(arrays["span"], "i", (2,)))
     if not 0 <= start < stop <= count:
         raise ValueError(f"items {start}..{stop} outside the dataset's {count}")
     size = stop - start
-    columns = [str(c) for c in _typed(arrays["fidelity_columns"], "U")]
+    if _typed(arrays["fidelity_columns"], "U").tolist() != columns:
+        raise ValueError("other fidelity columns than this run measures")
     fidelity = pd.DataFrame({c: _typed(arrays[f"fidelity.{c}"], "f", (size,)) for c in columns})
     digests = [str(d) for d in _typed(arrays["digests"], "U", (size,))]
     if not all(_DIGEST.fullmatch(d) for d in digests):
@@ -175,11 +178,14 @@ def _record(arrays: dict[str, np.ndarray], count: int, image_shape: tuple[int, .
     images = _typed(arrays["preview_images"], "u")
     if images.dtype != np.uint8 or images.shape != (len(index), 3, *image_shape):
         raise ValueError(f"preview images of shape {images.shape}")
-    floats = arrays.get("preview_floats")
-    if floats is not None and _typed(floats, "f").shape != (len(index), *image_shape):
-        raise ValueError(f"preview floats of shape {floats.shape}")
-    unread = {str(what): [str(n) for n in _typed(arrays[f"unread.{what}"], "U")]
-              for what in _typed(arrays["unread_kinds"], "U")}
+    floats = arrays.get("preview_floats") if "psnr_float" in columns else None
+    if "psnr_float" in columns and (floats is None or _typed(floats, "f").shape != (
+            len(index), *image_shape)):
+        raise ValueError("no preview floats of the preview images' shape")
+    kinds = _typed(arrays["unread_kinds"], "U").tolist()
+    if not set(kinds) <= set(UNREAD):
+        raise ValueError(f"unknown kinds of unread input {kinds}")
+    unread = {what: [str(n) for n in _typed(arrays[f"unread.{what}"], "U")] for what in kinds}
     return BatchRecord(start, stop, fidelity, digests, index.astype(np.int64), images,
                        floats, unread)
 

@@ -28,7 +28,7 @@ from neaudit.data import ORIGINAL_DIR, PROTECTED_DIR, RELEASE_NPZ, SIDECAR, load
 from neaudit.dataset import ImageDataset
 from neaudit.device import chunks, resolve_device
 from neaudit.errors import NeauditError
-from neaudit.fidelity import Kept, ModelPreview, fidelity_sample, measure
+from neaudit.fidelity import Kept, ModelPreview, fidelity_sample, measure, measured_columns
 from neaudit.imageio import (
     PNG_COMPRESSIONS,
     atomic_write,
@@ -156,9 +156,10 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         os.unlink(path)
     if progress is not None:
         progress.begin()
-    done = progress.records(len(dataset), (3, *size), written, names,
-                            [trees[kind] for kind in (PROTECTED_DIR, ORIGINAL_DIR)
-                             if kind == PROTECTED_DIR or save_originals]) if progress else []
+    done = progress.records(names, (3, *size), measured_columns(method == "reference"),
+                            written, [trees[kind] for kind in (PROTECTED_DIR, ORIGINAL_DIR)
+                                      if kind == PROTECTED_DIR or save_originals]
+                            ) if progress else []
     per_image, digests, unread = _recode_all(dataset, recoding, out, names, trees, batch_size,
                                              save_originals, output_format, png_compression,
                                              progress, done)

@@ -164,7 +164,7 @@ def test_files_gone_since_the_stop_are_written_again_and_half_written_ones_remov
     assert _files(out) == _files(whole.out)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "pickled", "span"])
+@pytest.mark.parametrize("damage", ["garbage", "pickled", "span", "column", "unread_kind"])
 def test_a_damaged_checkpoint_is_one_line_naming_it(folder, tmp_path, vit_spec, monkeypatch,
                                                     capsys, damage):
     out = tmp_path / "stopped"
@@ -181,8 +181,14 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(folder, tmp_path, vit_spec, 
             arrays = {name: data[name] for name in data.files}
         if damage == "pickled":
             arrays["digests"] = np.array([object()] * BATCH, dtype=object)
-        else:
+        elif damage == "span":
             arrays["span"] = np.array([0, 99], np.int64)
+        elif damage == "column":  # a figure the run does not measure, under a known name
+            arrays["fidelity_columns"] = np.array(["psnr", "l2", "ssim", "gain", "name"])
+            arrays["fidelity.name"] = arrays["fidelity.psnr"]
+        else:  # a note the command would have no words for
+            arrays["unread_kinds"] = np.array(["sound"])
+            arrays["unread.sound"] = np.array(["b/00.png"])
         np.savez(record, **arrays)
     capsys.readouterr()
     assert main(argv) == 2
@@ -225,3 +231,19 @@ def test_batches_skip_what_is_done():
     assert batch_spans(3, 4, np.ones(3, bool)) == []
     assert list(itertools.chain(*[range(*s) for s in batch_spans(11, 2, done)])) == [
         4, 5, 7, 8, 9, 10]
+
+
+@pytest.mark.parametrize("method", ["subspace", "reference"])
+def test_a_checkpoint_expects_the_columns_measure_returns(vit_spec, method):
+    import torch
+
+    from neaudit.fidelity import measure, measured_columns
+    from neaudit.metrics import isotropic_gain
+    from neaudit.stem import first_layer
+    from neaudit.zoo import create_model
+
+    layer = first_layer(create_model(vit_spec), (64, 64))
+    clean = torch.rand(2, 3, 64, 64)
+    floats = clean + 0.01 if method == "reference" else None
+    frame = measure(layer, isotropic_gain(layer, (3, 64, 64)), clean, clean.flip(0), floats)
+    assert list(frame.columns) == measured_columns(floats is not None)
