@@ -83,6 +83,9 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     """
     started = time.time()
     entries = load_suite(suite)  # validated before any image is read
+    needs_reference = any(e.threat in REFERENCE_LEVELS for e in entries)
+    if reference is not None:
+        _check_reference(reference, suite, needs_reference)
     for name, value in (("--max-images", max_images), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise NeauditError(f"{name} {value}: must be at least 1.")
@@ -114,7 +117,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
         data if isinstance(data, ImageDataset) else str(data),
         str(originals) if originals else None, max_images, tuple(specs), authorized, str(out),
         config, str(torch_device), seed, str(reference) if reference else None,
-        any(e.threat in ("L2", "L3") for e in entries), score_metric, decode, compile_models)
+        needs_reference, score_metric, decode, compile_models)
     worker = build_worker(recipe, dataset)
     worker.names = names
     tasks = plan(worker.dataset, entries, batch_size)
@@ -186,6 +189,21 @@ def _recorded_authorized(dataset: ImageDataset) -> str:
                            "code that an input names. Fix: if you trust that file, pass "
                            f"--authorized '{recorded}' yourself.")
     return recorded
+
+
+REFERENCE_LEVELS = ("L2", "L3")
+"""The threat levels whose attacks use clean in-distribution images (``--reference``)."""
+
+
+def _check_reference(reference: str | Path, suite: str | Path, needed: bool) -> None:
+    """Refuse reference images no attack would read (recorded in the run, never used), and a
+    reference folder that cannot be read, before any model is loaded."""
+    if not needed:
+        raise NeauditError(f"--reference {reference}: no attack of the suite '{suite}' uses "
+                           f"reference images (only {' and '.join(REFERENCE_LEVELS)} attacks "
+                           "do). Fix: drop --reference, or choose a suite with L2 or L3 attacks "
+                           "(e.g. standard).")
+    load_dataset(reference)  # lists the files only; refused here, by path, if it cannot be
 
 
 def _check_inputs(dataset: ImageDataset, authorized: str | None, zoo: str | Sequence[str],

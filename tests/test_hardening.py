@@ -233,7 +233,7 @@ CASES = [
     Case("audit_out_holds_data", ("audit", "{in}/release", "--model", OTHER, "--suite", "smoke",
                                   "--out", "{in}"), ("overlaps the input",)),
     Case("audit_out_is_reference", ("audit", "{in}/release", "--model", OTHER, "--suite",
-                                    "smoke", "--reference", "{in}/images", "--out",
+                                    "reconstruction", "--reference", "{in}/images", "--out",
                                     "{in}/images/run"), ("overlaps the input",)),
     Case("out_is_a_file", _protect()[:-1] + ("{in}/a_file",), ("a_file", "is a file")),
     # silent wrong results, now refused
@@ -263,6 +263,10 @@ CASES = [
     Case("label_beyond_classes", _audit("--score", "accuracy",
                                         data="{in}/big_release/release.csv"),
          ("label 12345", "demo:")),
+    Case("reference_unused", _audit("--reference", "{in}/images"),
+         ("--reference", "smoke", "L2")),  # recorded, never read: refused, not ignored
+    Case("reference_missing", _audit("--suite", "reconstruction", "--reference", "{in}/nowhere"),
+         ("nowhere",)),
     Case("max_images_negative", _audit("--max-images", "-5"), ("--max-images -5",)),
     Case("max_images_zero", _audit("--max-images", "0"), ("--max-images 0",)),
     # errors before any work instead of tracebacks
