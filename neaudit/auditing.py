@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from neaudit import evidence, validity
+from neaudit.arguments import checked
 from neaudit.attacks import DATASET, SuiteEntry, load_suite
 from neaudit.data import load_dataset
 from neaudit.dataset import ImageDataset
@@ -57,6 +58,7 @@ class AuditResult:
         return bool(self.summary.get("complete"))
 
 
+@checked
 def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
           authorized: str | None = None, suite: str | Path = "standard",
           out: str | Path | None = None, device: str = "auto", seed: int = 0,

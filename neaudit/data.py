@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from neaudit.arguments import checked
 from neaudit.dataset import Batch, ImageDataset  # noqa: F401  (re-exported)
 from neaudit.errors import DataError
 from neaudit.imageio import (
@@ -44,6 +45,7 @@ RELEASE_NPZ = "protected.npz"
 """What ``neaudit protect --format npz`` writes beside its sidecar, instead of image folders."""
 
 
+@checked
 def load_dataset(path: str | Path, originals: str | Path | None = None,
                  resize: tuple[int, int] | None = None, allow_outside: bool = False
                  ) -> ImageDataset:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from neaudit import demo_zoo
+from neaudit.arguments import checked
 from neaudit.auditing import AuditResult, audit
 from neaudit.dataset import ImageDataset
 from neaudit.policy import Policy
@@ -41,6 +42,7 @@ class DemoResult:
     report: ReportResult
 
 
+@checked
 def demo(out: str | Path = "reports/demo", quick: bool = False, psnr: float = 20.0,
          quiet: bool = False, policy: str | Path | None = None,
          suite: str | None = None) -> DemoResult:

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from neaudit._version import __version__
+from neaudit.arguments import checked
 from neaudit.data import ORIGINAL_DIR, PROTECTED_DIR, RELEASE_NPZ, SIDECAR, load_dataset
 from neaudit.dataset import ImageDataset
 from neaudit.device import chunks, resolve_device
@@ -82,6 +83,7 @@ class ProtectResult:
     """Images an earlier run of the same command had written, kept as they were."""
 
 
+@checked
 def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
             out: str | Path, method: str = "subspace", psnr: float = 30.0,
             rank: int | None = None, threshold: float | None = None, seed: int = 0,

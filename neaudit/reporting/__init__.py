@@ -20,6 +20,7 @@ import jinja2
 import pandas as pd
 
 from neaudit._version import __version__
+from neaudit.arguments import checked
 from neaudit.errors import NeauditError, printable, utf8
 from neaudit.flags import Flag
 from neaudit.imageio import atomic_write
@@ -85,6 +86,7 @@ def _damaged(path: Path, why: str) -> NeauditError:
                         "point to another run folder.")
 
 
+@checked
 def render_report(run_dir: str | Path, policy: str | Path | Policy | None = None
                   ) -> ReportResult:
     """Render ``index.html`` and ``junit.xml`` for a finished audit folder."""

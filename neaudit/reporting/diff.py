@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from neaudit.arguments import checked
 from neaudit.errors import utf8
 from neaudit.imageio import atomic_write
 from neaudit.policy import Policy
@@ -51,6 +52,7 @@ def _path_key(run: Path) -> str:
     return hashlib.blake2b(str(run.resolve()).encode(), digest_size=4).hexdigest()
 
 
+@checked
 def diff_runs(run_a: str | Path, run_b: str | Path, policy: str | Path | None = None,
               out: str | Path | None = None) -> DiffResult:
     run_a, run_b = Path(run_a), Path(run_b)
