@@ -42,6 +42,9 @@ SIDECAR = "neaudit.json"
 PROTECTED_DIR = "protected"
 ORIGINAL_DIR = "original"
 RELEASE_NPZ = "protected.npz"
+HASHES = "hashes.sha256"
+PROGRESS_DIR = ".neaudit-progress"
+"""Where a ``protect`` run keeps its checkpoint until it ends (:mod:`neaudit.progress`)."""
 """What ``neaudit protect --format npz`` writes beside its sidecar, instead of image folders."""
 
 
@@ -67,6 +70,13 @@ def load_dataset(path: str | Path, originals: str | Path | None = None,
             return _load_manifest(path, resize, allow_outside)
         raise DataError(f"{path}: unsupported file type '{suffix}'. Fix: give a folder of "
                         "images, an .npz, or a .csv/.parquet manifest.")
+    for folder in (path, path.parent):
+        if (folder / PROGRESS_DIR).is_dir():
+            raise DataError(f"{folder}: a protect run writing here stopped before its end "
+                            f"({PROGRESS_DIR}/ is there): its images are not all written and "
+                            f"it has no {SIDECAR} yet. Fix: run the same protect command again "
+                            f"to finish it, or delete {folder / PROGRESS_DIR} to use the files "
+                            "as they are.")
     if (path / RELEASE_NPZ).is_file() and (read_sidecar(path) or {}).get("format") == "npz":
         return _load_npz(path / RELEASE_NPZ, resize)  # a release protect wrote as arrays
     return _load_folder(path, Path(originals) if originals else None, resize, allow_outside)

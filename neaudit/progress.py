@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from neaudit.data import PROGRESS_DIR
 from neaudit.errors import NeauditError
 from neaudit.imageio import UNREAD, atomic_write
 from neaudit.paths import OutputTree
 from neaudit.seeding import derive_key
 
-PROGRESS_DIR = ".neaudit-progress"
 IDENTITY = "identity.json"
 KEPT_KEY = "stored-key"
 _RECORD = re.compile(r"batch-(\d{12})\.npz")

@@ -25,7 +25,14 @@ import torch
 
 from neaudit._version import __version__
 from neaudit.arguments import checked
-from neaudit.data import ORIGINAL_DIR, PROTECTED_DIR, RELEASE_NPZ, SIDECAR, load_dataset
+from neaudit.data import (
+    HASHES,
+    ORIGINAL_DIR,
+    PROTECTED_DIR,
+    RELEASE_NPZ,
+    SIDECAR,
+    load_dataset,
+)
 from neaudit.dataset import ImageDataset
 from neaudit.device import chunks, resolve_device
 from neaudit.errors import NeauditError
@@ -156,6 +163,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
                          tau, patch_fraction, fidelity_images, isotropic_gain(layer, (3, *size)))
     for path in leftovers:  # checks passed: the work, and so the writing, starts
         os.unlink(path)
+    for stale in (out / SIDECAR, out / HASHES):  # an earlier release's: they would vouch for
+        stale.unlink(missing_ok=True)  # the files this run replaces, were it stopped
     if progress is not None:
         progress.begin()
     done = progress.records(names, (3, *size), measured_columns(method == "reference"),
@@ -488,7 +497,7 @@ def _sidecar(out: Path, dataset: ImageDataset, model: ImageClassifier, method: s
         npz = out / RELEASE_NPZ
         lines = [f"{sha256_file(npz)}  {npz.relative_to(out).as_posix()}"]
     hashes = "\n".join(lines) + "\n"
-    atomic_write(out / "hashes.sha256", lambda h: h.write(hashes.encode()))
+    atomic_write(out / HASHES, lambda h: h.write(hashes.encode()))
     sidecar = {
         "neaudit_version": __version__,
         "authorized": model.name,

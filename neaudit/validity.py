@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from neaudit.attacks import DATASET
+from neaudit.data import HASHES
 from neaudit.dataset import ImageDataset, evenly_spaced
 from neaudit.imageio import JPEG_SUFFIXES, is_lossy, sha256_file
 from neaudit.plan import Task
@@ -111,7 +112,7 @@ def file_checks(dataset: ImageDataset, limit: int = HASHED_FILES) -> dict:
     lossy = [str(f) for f in sample if is_lossy(f)]
     out = {"lossy": len(lossy), "lossy_example": lossy[0] if lossy else None}
     root = dataset.source
-    hashes = root / "hashes.sha256" if root is not None else None
+    hashes = root / HASHES if root is not None else None
     if hashes is not None and hashes.is_file():
         text = hashes.read_text(encoding="utf-8", errors="surrogateescape")  # as names are
         recorded = dict(reversed(line.split("  ", 1)) for line in text.splitlines()

@@ -18,6 +18,7 @@ import pytest
 
 from neaudit import fidelity, protection
 from neaudit.cli import main
+from neaudit.data import load_dataset
 from neaudit.imageio import sha256_file, write_png
 from neaudit.progress import PROGRESS_DIR
 from neaudit.protection import protect
@@ -247,3 +248,25 @@ def test_a_checkpoint_expects_the_columns_measure_returns(vit_spec, method):
     floats = clean + 0.01 if method == "reference" else None
     frame = measure(layer, isotropic_gain(layer, (3, 64, 64)), clean, clean.flip(0), floats)
     assert list(frame.columns) == measured_columns(floats is not None)
+
+
+def test_a_stopped_run_is_never_taken_for_a_release(folder, tmp_path, vit_spec, monkeypatch,
+                                                    capsys):
+    """Re-running over a finished release with other settings and stopping leaves no sidecar
+    that would vouch for the mixed files, and loading or auditing the folder while its
+    checkpoint is there is refused with the way to finish it."""
+    out = tmp_path / "release"
+    protect(folder, vit_spec, out, key=5, batch_size=BATCH, save_originals=True)
+    _count_batches(monkeypatch, stop_at=1)
+    with pytest.raises(KeyboardInterrupt):
+        protect(folder, vit_spec, out, key=5, batch_size=BATCH, psnr=25, save_originals=True)
+    monkeypatch.undo()
+    assert not (out / "neaudit.json").exists() and not (out / "hashes.sha256").exists()
+    for path in (out, out / "protected"):
+        assert main(["audit", str(path), "--model", "demo:small_cnn", "--suite", "smoke",
+                     "--out", str(tmp_path / "audit"), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "stopped before its end" in err
+        assert "protect command again" in err
+    protect(folder, vit_spec, out, key=5, batch_size=BATCH, psnr=25, save_originals=True)
+    assert load_dataset(out).sidecar["params"]["psnr"] == 25
