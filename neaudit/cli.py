@@ -224,7 +224,8 @@ def _add_protect(sub) -> None:
     protect = sub.add_parser("protect", help="recode a dataset into NEs for one model")
     protect.add_argument("data", help="folder, .npz, .csv/.parquet manifest, or builtin:samples")
     protect.add_argument("--authorized", required=True, help="model spec, e.g. timm:resnet50")
-    protect.add_argument("--out", required=True, help="output folder (never the input)")
+    protect.add_argument("--out", required=True, help="output folder (never the input); a "
+                         "stopped run resumes when the same command runs again")
     protect.add_argument("--method", choices=("subspace", "reference"), default="subspace")
     strength = protect.add_mutually_exclusive_group()
     strength.add_argument("--psnr", type=float, default=30.0,
