@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import math
 import os
@@ -29,7 +28,6 @@ from neaudit.data import (
     HASHES,
     ORIGINAL_DIR,
     PROTECTED_DIR,
-    RELEASE_NPZ,
     SIDECAR,
     load_dataset,
 )
@@ -39,18 +37,23 @@ from neaudit.errors import NeauditError
 from neaudit.fidelity import Kept, ModelPreview, fidelity_sample, measure, measured_columns
 from neaudit.imageio import (
     PNG_COMPRESSIONS,
-    atomic_write,
     quantize,
-    sha256_file,
     to_grid,
     to_uint8,
 )
 from neaudit.metrics import isotropic_gain
 from neaudit.models import split_name
 from neaudit.ne import METHODS, reference_recode, release_key, subspace_recode
-from neaudit.paths import OutputTree, refuse_overlap, safe_component, safe_relative
+from neaudit.paths import OutputTree, refuse_overlap
 from neaudit.pipeline import PngWriter, on_device, read_ahead
-from neaudit.progress import BatchRecord, Progress, existing_outputs, key_tag
+from neaudit.progress import BatchRecord, Progress, key_tag
+from neaudit.release import (
+    existing_outputs,
+    output_names,
+    output_trees,
+    write_npz,
+    write_sidecar,
+)
 from neaudit.seeding import NOISE_GENERATOR
 from neaudit.spectral import Subspace, low_sensitivity_subspace
 from neaudit.stem import FirstLayer, first_layer
@@ -128,8 +131,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
                else load_dataset(data, allow_outside=allow_outside))
     out = Path(out)
     refuse_overlap(out, dataset.input_roots())
-    names = _output_names(dataset) if output_format == "png" else []
-    trees = _output_trees(out, names, save_originals)
+    names = output_names(dataset) if output_format == "png" else []
+    trees = output_trees(out, names, save_originals)
     planned = {trees[kind].path(name) for kind in (PROTECTED_DIR, ORIGINAL_DIR)
                if kind == PROTECTED_DIR or save_originals for name in names}
     written, leftovers = existing_outputs(out, [PROTECTED_DIR, ORIGINAL_DIR], planned)
@@ -189,7 +192,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         "image_size": list(size), "fidelity_images": min(fidelity_images, len(dataset)),
         "png_compression": png_compression if output_format == "png" else None,
     }
-    sidecar = _sidecar(out, dataset, model, method, params, summary, names, digests, unread)
+    sidecar = write_sidecar(out, dataset, model, method, params, summary, names, digests, unread)
     if progress is not None:
         progress.finish()
     return ProtectResult(out, per_image, summary, sidecar,
@@ -383,7 +386,7 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
                           ignore_index=True).join(preview.table())
     per_image.insert(0, "name", dataset.names)
     if output_format == "npz":
-        _write_npz(out, dataset, np.concatenate(written),
+        write_npz(out, dataset, np.concatenate(written),
                    np.concatenate(originals) if save_originals else None)
     return per_image, [digests[protected_tree.path(name)] for name in names], unread
 
@@ -421,96 +424,3 @@ def _unread(tally: dict[str, dict], batch_unread: dict[str, list[str]]) -> None:
         entry = tally.setdefault(what, {"count": 0, "examples": []})
         entry["count"] += len(items)
         entry["examples"] += items[:UNREAD_EXAMPLES - len(entry["examples"])]
-
-
-def _output_names(dataset: ImageDataset) -> list[str]:
-    """Each item's PNG path under ``protected/`` (relative, POSIX), from its sanitized relative
-    name; flat inputs with labels get class folders, so labels survive. Two items mapping to
-    one file (``a.jpg`` and ``a.png``, or names differing only in case) are refused before
-    any work."""
-    labels = dataset.labels if dataset.labels is not None else [None] * len(dataset)
-    folders: dict[int, str] = {}
-    names, seen = [], {}
-    for name, label in zip(dataset.names, labels, strict=True):
-        path = _png_name(safe_relative(name, "item name"))
-        if label is not None and "/" not in path:
-            folder = folders.get(label)
-            if folder is None:
-                folder = folders[label] = safe_component(
-                    dataset.class_names[label] if dataset.class_names else str(label),
-                    "class name")
-            path = f"{folder}/{path}"
-        key = path.casefold()
-        if key in seen:
-            raise NeauditError(f"{dataset.source}: items '{seen[key]}' and '{name}' would both "
-                               f"be written as {path}. Fix: rename one of them.")
-        seen[key] = name
-        names.append(path)
-    return names
-
-
-def _png_name(relative: str) -> str:
-    """``relative`` with its file's suffix replaced by ``.png``, by ``pathlib``'s rule: the
-    suffix starts at the last dot that neither begins nor ends the name."""
-    folder, slash, file = relative.rpartition("/")
-    dot = file.rfind(".")
-    stem = file[:dot] if 0 < dot < len(file) - 1 else file
-    return f"{folder}{slash}{stem}.png"
-
-
-def _output_trees(out: Path, names: list[str], save_originals: bool
-                  ) -> dict[str, OutputTree]:
-    """The output folders, every file's folder checked for symlinks leading out of ``out``
-    before any work (:class:`neaudit.paths.OutputTree`)."""
-    trees = {kind: OutputTree(out / kind, out) for kind in (PROTECTED_DIR, ORIGINAL_DIR)}
-    for kind in (PROTECTED_DIR, ORIGINAL_DIR) if save_originals else (PROTECTED_DIR,):
-        for name in names:
-            trees[kind].path(name)
-    return trees
-
-
-def _write_npz(out: Path, dataset: ImageDataset, protected: np.ndarray,
-               original: np.ndarray | None) -> None:
-    arrays = {"protected": protected}
-    if original is not None:
-        arrays["original"] = original
-    if dataset.labels is not None:
-        arrays["labels"] = dataset.labels
-    if dataset.class_names is not None:
-        arrays["class_names"] = np.array(dataset.class_names)
-
-    def write(handle: io.BufferedWriter) -> None:
-        np.savez_compressed(handle, **arrays)
-
-    atomic_write(out / RELEASE_NPZ, write)
-
-
-def _sidecar(out: Path, dataset: ImageDataset, model: ImageClassifier, method: str,
-             params: dict, summary: dict, names: list[str], digests: list[str],
-             unread: dict[str, dict]) -> dict:
-    """``hashes.sha256`` of exactly the files this run wrote (PNGs hashed by their writers
-    as they wrote them), and ``neaudit.json``."""
-    if names:
-        lines = [f"{digest}  {PROTECTED_DIR}/{name}"
-                 for digest, name in zip(digests, names, strict=True)]
-    else:
-        npz = out / RELEASE_NPZ
-        lines = [f"{sha256_file(npz)}  {npz.relative_to(out).as_posix()}"]
-    hashes = "\n".join(lines) + "\n"
-    atomic_write(out / HASHES, lambda h: h.write(hashes.encode()))
-    sidecar = {
-        "neaudit_version": __version__,
-        "authorized": model.name,
-        "method": method,
-        "params": params,
-        "count": len(dataset),
-        "format": "png" if names else "npz",
-        "outside_files": dataset.outside_files,
-        "class_names": dataset.class_names,
-        "content_digest": hashlib.sha256(hashes.encode()).hexdigest(),
-        "fidelity": summary,
-        "unread": unread,
-    }
-    text = json.dumps(sidecar, indent=2, allow_nan=True)
-    atomic_write(out / SIDECAR, lambda h: h.write(text.encode()))
-    return sidecar

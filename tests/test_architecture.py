@@ -31,7 +31,7 @@ LAYERS = [
     {"flags", "results"},
     {"policy"},
     # the engine's parts
-    {"plan", "store", "progress"},
+    {"plan", "store", "progress", "release"},
     {"worker"},
     {"validity", "evidence", "executors"},
     # the jobs

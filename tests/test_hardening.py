@@ -695,7 +695,7 @@ def test_output_names_follow_pathlib_and_stay_under_the_folder():
 
     from neaudit.errors import NeauditError
     from neaudit.paths import safe_relative
-    from neaudit.protection import _png_name
+    from neaudit.release import _png_name
 
     for name in ["a.jpg", "d/a.JPEG", "./d//a.tar.gz", ".hidden", "a.", "a..b", "...",
                  "d.x/noext", "d/./e/f.webp", "x/.png", "é/ü.png"]:

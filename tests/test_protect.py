@@ -260,7 +260,7 @@ def test_files_left_in_out_by_another_run_are_found_at_any_depth(tmp_path):
     temporary file beside a planned one, for the run to remove; another hidden file is
     refused."""
     from neaudit.errors import NeauditError
-    from neaudit.progress import existing_outputs
+    from neaudit.release import existing_outputs
 
     out = tmp_path / "out"
     names = ["a/1.png", "b/2.png", "3.png"]
