@@ -464,13 +464,13 @@ def test_a_full_disk_is_one_line_that_says_what_a_rerun_does(command, inputs, tm
     so."""
     import errno
 
-    import neaudit.protection
+    import neaudit.release
     import neaudit.store
 
     def full(path, write):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    module = neaudit.store if command == "audit" else neaudit.protection
+    module = neaudit.store if command == "audit" else neaudit.release
     monkeypatch.setattr(module, "atomic_write", full)
     argv = (["audit", str(inputs / "release"), "--model", OTHER, "--suite", "smoke"]
             if command == "audit" else ["protect", str(inputs / "images"), "--authorized", AUTH])
