@@ -270,3 +270,17 @@ def test_a_stopped_run_is_never_taken_for_a_release(folder, tmp_path, vit_spec, 
         assert "protect command again" in err
     protect(folder, vit_spec, out, key=5, batch_size=BATCH, psnr=25, save_originals=True)
     assert load_dataset(out).sidecar["params"]["psnr"] == 25
+
+
+def test_the_command_says_what_it_resumed(folder, tmp_path, vit_spec, monkeypatch, capsys):
+    out = tmp_path / "stopped"
+    argv = ["protect", str(folder), "--authorized", vit_spec, "--out", str(out), "--key", "5",
+            "--batch-size", str(BATCH)]
+    _count_batches(monkeypatch, stop_at=2)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; re-running the same command resumes" in err
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert (f"wrote 32 NEs (subspace) to {out} ({2 * BATCH} of them written by the stopped run "
+            "it resumed)") in capsys.readouterr().out
