@@ -651,12 +651,16 @@ def test_a_symlink_in_out_leading_outside_is_refused_and_nothing_written_there(
 @pytest.mark.parametrize("command,folder", [
     (_protect(), "protected"),
     (_protect("--save-originals"), "original"),
+    (_protect(), ".neaudit-progress"),
     (_audit(), "tasks"),
-], ids=["protect_protected", "protect_original", "audit_tasks"])
+    (_audit(), ".cache"),
+], ids=["protect_protected", "protect_original", "protect_checkpoint", "audit_tasks",
+        "audit_cache"])
 def test_an_out_folder_that_is_itself_a_symlink_out_is_refused(inputs, tmp_path, capsys,
                                                                command, folder):
-    """``--out``'s own working folders (``protected/``, ``original/``, an audit's ``tasks/``)
-    replaced by links out of it: refused before any work, nothing written through them."""
+    """``--out``'s own working folders (``protected/``, ``original/``, protect's checkpoint, an
+    audit's ``tasks/`` and ``.cache/``) replaced by links out of it: refused before any work,
+    nothing written through them."""
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     out = tmp_path / "out"
