@@ -123,7 +123,7 @@ class Progress:
         its items (``names``), their ``image_shape`` (3, H, W) and the fidelity ``columns``
         (with ``psnr_float``, the preview keeps float outputs too)."""
         kept, covered = [], np.zeros(len(names), bool)
-        for file in sorted(os.listdir(self.folder)):
+        for file in sorted(os.listdir(self.folder)) if self.folder.is_dir() else []:
             if not _RECORD.fullmatch(file):
                 continue
             record = self._load(self.folder / file, len(names), image_shape, columns)

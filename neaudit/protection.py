@@ -164,16 +164,16 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
                        patch_fraction, size)
     recoding = _Recoding(model, layer, space, method, psnr, release_key(noise_key, salt), seed,
                          tau, patch_fraction, fidelity_images, isotropic_gain(layer, (3, *size)))
+    done = progress.records(names, (3, *size), measured_columns(method == "reference"),
+                            written, [trees[kind] for kind in (PROTECTED_DIR, ORIGINAL_DIR)
+                                      if kind == PROTECTED_DIR or save_originals]
+                            ) if progress else []
     for path in leftovers:  # checks passed: the work, and so the writing, starts
         os.unlink(path)
     for stale in (out / SIDECAR, out / HASHES):  # an earlier release's: they would vouch for
         stale.unlink(missing_ok=True)  # the files this run replaces, were it stopped
     if progress is not None:
         progress.begin()
-    done = progress.records(names, (3, *size), measured_columns(method == "reference"),
-                            written, [trees[kind] for kind in (PROTECTED_DIR, ORIGINAL_DIR)
-                                      if kind == PROTECTED_DIR or save_originals]
-                            ) if progress else []
     per_image, digests, unread = _recode_all(dataset, recoding, out, names, trees, batch_size,
                                              save_originals, output_format, png_compression,
                                              progress, done)
