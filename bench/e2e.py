@@ -37,7 +37,7 @@ from neaudit.attacks import AttackContext, get_attack, load_suite
 from neaudit.auditing import audit
 from neaudit.data import builtin_dataset, load_dataset
 from neaudit.device import chunks
-from neaudit.fidelity import measure
+from neaudit.fidelity import ModelPreview, measure
 from neaudit.imageio import quantize, to_float, write_png
 from neaudit.metrics import isotropic_gain
 from neaudit.ne import subspace_recode
@@ -201,7 +201,13 @@ def protect_once(tmp: Path, count: int, device: str, batch: int, compression: st
     sweep = {n: count / read_all(n) for n in (1, 2, 4, 8)
              if READER_SWEEP and n <= (os.cpu_count() or 1)}
     capacity = decode_capacity(data)
-    model = create_model(VIT_B).to(device)
+    model: torch.nn.Module | None = None
+
+    def build() -> None:
+        nonlocal model
+        model = create_model(VIT_B).to(device)
+
+    building = timed(build)
     layer = first_layer(model)
     space = low_sensitivity_subspace(layer, (224, 224))
     clean = quantize(to_float(images)).to(device)
@@ -216,6 +222,17 @@ def protect_once(tmp: Path, count: int, device: str, batch: int, compression: st
     measuring = timed(lambda: [measure(layer, gain, clean[lo:lo + batch],
                                        protected[lo:lo + batch], None)
                                for lo in range(0, count, batch)])
+    # the job's fixed costs, each alone: writer processes started and ended around a few
+    # files, and the authorized model's preview on its sampled images (three forwards each)
+    def writers_alone() -> None:
+        with PngWriter(compression=compression) as writer:
+            writer.write([tmp / "fixed" / f"{i}.png" for i in range(8)], images[:8])
+
+    writers = timed(writers_alone)
+    sampled = torch.arange(min(FIDELITY_IMAGES, count))
+    preview = ModelPreview(model, 0, sampled)
+    preview.add(clean[sampled], protected[sampled], None, sampled)
+    previewing = timed(preview.table)
     # where reading, recoding, measuring and writing share the same cores (a CPU job), they
     # cannot overlap into more than the cores give: the limit is the sum of an image's times
     bare = 1 / ((kernel + floor) / count)
@@ -234,6 +251,9 @@ def protect_once(tmp: Path, count: int, device: str, batch: int, compression: st
                                                         for n, rate in sweep.items())
           + " | imagecodecs alone, threads: " + ", ".join(f"{n}: {rate:,.0f} img/s"
                                                         for n, rate in capacity.items()))
+    print(f"  fixed costs alone: the model built and moved {building:.2f} s | writer processes "
+          f"started and ended {writers:.2f} s | the model preview on {len(sampled)} images "
+          f"{previewing:.2f} s")
     if extra < 0.05 * job:
         print(f"  per image once set up: not measurable, fixed costs dominate ({count} images "
               f"took {job:.1f} s, {shorter} took {short:.1f} s)")
