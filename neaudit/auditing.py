@@ -14,8 +14,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pandas as pd
 from neaudit import evidence, validity
 from neaudit.arguments import checked
 from neaudit.attacks import DATASET, SuiteEntry, load_suite
+from neaudit.bars import progress_bar
 from neaudit.data import load_dataset
 from neaudit.dataset import ImageDataset
 from neaudit.device import resolve_device
@@ -128,7 +128,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     if loader_workers:
         worker.prefetch(pending, loader_workers)
     phases = {"setup": time.time() - started}
-    with _progress(len(pending), quiet) as advance:
+    with progress_bar(len(pending), "audit", "task", quiet) as advance:
         (executor or LocalExecutor(worker)).run(pending, recipe, advance)
     phases["tasks"] = time.time() - started - phases["setup"]
     table, summary = _finish(worker, tasks, entries)
@@ -139,18 +139,6 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
                        outside_files=dataset.outside_files, weights=worker.weights,
                        seconds=time.time() - started, phases=phases)
     return AuditResult(out, table, summary, len(pending), len(tasks) - len(pending))
-
-
-@contextmanager
-def _progress(total: int, quiet: bool) -> Iterator[Callable[[], None] | None]:
-    """A progress bar on stderr, advanced once per task (nothing when ``quiet``)."""
-    if quiet:
-        yield None
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc="audit", unit="task", file=sys.stderr) as bar:
-        yield bar.update
 
 
 def _finish(worker, tasks, entries: Sequence[SuiteEntry]) -> tuple[pd.DataFrame, dict]:

@@ -44,7 +44,7 @@ def _protect(args: argparse.Namespace) -> int:
                      save_originals=args.save_originals, output_format=args.format,
                      batch_size=args.batch_size, patch_fraction=args.patch_fraction,
                      l2=args.l2, device=args.device, fidelity_images=args.fidelity_images,
-                     png_compression=args.png_compression)
+                     png_compression=args.png_compression, quiet=args.quiet)
     for what, entry in result.sidecar["unread"].items():  # about the release: even if quiet
         print(f"note: {entry['count']} input(s) have {UNREAD[what]} (e.g. "
               f"{', '.join(entry['examples'])})", file=sys.stderr)
@@ -262,7 +262,8 @@ def _add_protect(sub) -> None:
                          help="read input files outside the dataset's folder (manifest paths, "
                               "symlinks); recorded in neaudit.json")
     protect.add_argument("-q", "--quiet", action="store_true",
-                         help="no summary (notes about the inputs still print)")
+                         help="no progress bar and no summary (notes about the inputs "
+                              "still print)")
     protect.set_defaults(handler=_protect)
 
 

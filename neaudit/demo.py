@@ -52,7 +52,7 @@ def demo(out: str | Path = "reports/demo", quick: bool = False, psnr: float = 20
     dataset = digits_test_set(QUICK_IMAGES if quick else None)
     # a fixed key, so that the demo repeats its figures; a release draws a secret one
     protect(dataset, demo_zoo.AUTHORIZED, out / "data", psnr=psnr, save_originals=True,
-            key=DEMO_KEY)
+            key=DEMO_KEY, quiet=quiet)
     others = [f"demo:{name}" for name in demo_zoo.ARCHITECTURES
               if f"demo:{name}" != demo_zoo.AUTHORIZED]
     result = audit(out / "data", others, suite=suite or ("smoke" if quick else "standard"),

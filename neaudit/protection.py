@@ -24,6 +24,7 @@ import torch
 
 from neaudit._version import __version__
 from neaudit.arguments import checked
+from neaudit.bars import progress_bar
 from neaudit.data import (
     HASHES,
     ORIGINAL_DIR,
@@ -101,8 +102,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
             output_format: str = "png", batch_size: int | None = None, tau: float = 1e-2,
             patch_fraction: float = 1.0, l2: float | None = None,
             device: str = "auto", allow_outside: bool = False,
-            fidelity_images: int = FIDELITY_IMAGES, png_compression: str = "none"
-            ) -> ProtectResult:
+            fidelity_images: int = FIDELITY_IMAGES, png_compression: str = "none",
+            quiet: bool = False) -> ProtectResult:
     """Recode ``data`` into NEs for ``authorized`` and write them under ``out``.
 
     ``key`` seeds the noise inside the subspace. It must stay secret: anyone who has it can
@@ -121,7 +122,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     and first-layer figures on every image. ``png_compression``: ``none`` (the default: ten
     times faster to write, files a third larger) or ``deflate``
     (:data:`neaudit.imageio.PNG_COMPRESSIONS`); the pixels are the same either way, and for
-    every ``batch_size`` (by default :data:`CUDA_BATCH_SIZE` on CUDA, 32 elsewhere).
+    every ``batch_size`` (by default :data:`CUDA_BATCH_SIZE` on CUDA, 32 elsewhere). A progress
+    bar on stderr counts the images recoded, unless ``quiet``.
     """
     _check_options(method, psnr, l2, rank, threshold, patch_fraction, output_format,
                    batch_size, png_compression)
@@ -176,7 +178,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
         progress.begin()
     per_image, digests, unread = _recode_all(dataset, recoding, out, names, trees, batch_size,
                                              save_originals, output_format, png_compression,
-                                             progress, done)
+                                             progress, done, quiet)
     summary = {col: float(per_image[col].mean()) for col in per_image.columns if col != "name"}
     summary["min_gain"] = space.min_gain if space is not None else float("nan")
     params = {
@@ -331,7 +333,7 @@ class _Recoding:
 def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
                 names: list[str], trees: dict[str, OutputTree], batch_size: int,
                 save_originals: bool, output_format: str, png_compression: str,
-                progress: Progress | None, done: list[BatchRecord]
+                progress: Progress | None, done: list[BatchRecord], quiet: bool
                 ) -> tuple[pd.DataFrame, list[str], dict[str, dict]]:
     """Recode and write every batch not ``done`` by a stopped run, the next batch decoded and
     the previous ones written while the device works on the current one, each checkpointed
@@ -355,7 +357,8 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
         digests.update(zip([protected_tree.path(n) for n in names[record.start:record.stop]],
                            record.digests, strict=True))
         covered[record.start:record.stop] = True
-    with PngWriter(compression=png_compression) as writer:
+    with (PngWriter(compression=png_compression) as writer,
+          progress_bar(len(dataset), "protect", "img", quiet, int(covered.sum())) as advance):
         for batch in read_ahead(dataset, batch_size, pin_memory=device.type == "cuda",
                                 on_grid=True, done=covered):
             _unread(unread, batch.unread)
@@ -365,6 +368,8 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
             rows = fidelity[start] = measure(recoding.layer, recoding.noise_gain, clean,
                                              protected, floats)
             kept = preview.add(clean, protected, floats, batch.index)
+            if advance is not None:
+                advance(stop - start)
             images = to_uint8(protected)
             # the originals as read, already uint8 on the host: nothing copied back
             clean_images = batch.protected.permute(0, 2, 3, 1).numpy() if save_originals else None

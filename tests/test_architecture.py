@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "neaudit"
 
 LAYERS = [
     # the foundation: no neaudit imports but each other
-    {"_version", "errors", "seeding", "vocabulary", "presets", "arguments"},
+    {"_version", "errors", "seeding", "vocabulary", "presets", "arguments", "bars"},
     {"imageio", "device", "patches", "paths", "demo_zoo"},
     {"dataset", "models"},
     {"data", "builders", "pipeline"},

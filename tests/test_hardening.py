@@ -491,7 +491,7 @@ def test_an_unreadable_file_met_by_a_reader_process_is_one_line(command, inputs,
         data = tmp_path / "images"
         shutil.copytree(inputs / "images", data)
         bad = data / "b" / "zz.png"  # read last, by a reader process
-        argv = ["protect", str(data), "--authorized", AUTH, "--batch-size", "2"]
+        argv = ["protect", str(data), "--authorized", AUTH, "--quiet", "--batch-size", "2"]
     else:
         data = tmp_path / "release"
         shutil.copytree(inputs / "release", data)

@@ -262,6 +262,7 @@ def test_a_stopped_run_is_never_taken_for_a_release(folder, tmp_path, vit_spec, 
         protect(folder, vit_spec, out, key=5, batch_size=BATCH, psnr=25, save_originals=True)
     monkeypatch.undo()
     assert not (out / "neaudit.json").exists() and not (out / "hashes.sha256").exists()
+    capsys.readouterr()  # the runs' progress bars
     for path in (out, out / "protected"):
         assert main(["audit", str(path), "--model", "demo:small_cnn", "--suite", "smoke",
                      "--out", str(tmp_path / "audit"), "-q"]) == 2
@@ -282,5 +283,11 @@ def test_the_command_says_what_it_resumed(folder, tmp_path, vit_spec, monkeypatc
     assert "interrupted; re-running the same command resumes" in err
     monkeypatch.undo()
     assert main(argv) == 0
+    said = capsys.readouterr()
     assert (f"wrote 32 NEs (subspace) to {out} ({2 * BATCH} of them written by the stopped run "
-            "it resumed)") in capsys.readouterr().out
+            "it resumed)") in said.out
+    # the progress bar starts where the stopped run ended, and ends at the whole dataset
+    assert "protect:  25%" in said.err and f"{2 * BATCH}/32" in said.err and "32/32" in said.err
+    (out / "protected").rename(tmp_path / "moved")  # a fresh run, quiet: no bar
+    assert main([*argv, "-q"]) == 0
+    assert "protect:" not in capsys.readouterr().err
