@@ -409,10 +409,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _rerun(args: argparse.Namespace) -> str:
     """What running the stopped command again does: an audit resumes from its task records,
-    ``protect`` from its checkpoint (:mod:`neaudit.progress`), except into one ``.npz``."""
+    ``protect`` from its checkpoint (:mod:`neaudit.progress`), except into one ``.npz``; a
+    report or a diff is written again from the stored run."""
     if args.handler is _protect and args.format == "npz":
         return ("re-running the same command writes the whole .npz again (no sidecar marks "
                 "this one complete)")
+    if args.handler in (_report, _diff):
+        return "re-running the same command writes it again from the stored results"
     return "re-running the same command resumes"
 
 

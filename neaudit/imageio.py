@@ -267,6 +267,12 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
         with os.fdopen(fd, "wb") as handle:
             write(handle)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename != tmp:
+            raise
+        # named as what was to be written (a folder in its place, say), not its temporary file
+        raise type(exc)(exc.errno, exc.strerror, os.fspath(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

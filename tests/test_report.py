@@ -358,3 +358,16 @@ def test_every_plot_panel_has_axis_labels_and_a_legend_for_several_series(monkey
     assert figures["damage_scatter"].axes[0].get_legend() is not None
     assert figures["strength_curves"].legends, "several models, one legend for the panels"
     assert figures["strength_curves"].axes[0].get_xlabel() == "quality"
+
+
+def test_an_output_that_cannot_be_replaced_is_named_itself(tmp_path, capsys):
+    """A folder where ``index.html`` goes: the one line names ``index.html``, not the
+    temporary file it was written through, and no temporary file is left."""
+    run = make_run(tmp_path / "run", leak=30)
+    (run / "index.html").unlink(missing_ok=True)
+    (run / "index.html").mkdir()
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{run / 'index.html'}: Is a directory" in err, err
+    assert ".tmp" not in err and not list(run.glob(".index.html.*"))
+    assert "re-running the same command writes it again from the stored results" in err
