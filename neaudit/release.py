@@ -60,12 +60,18 @@ def _png_name(relative: str) -> str:
 
 def output_trees(out: Path, names: list[str], save_originals: bool
                   ) -> dict[str, OutputTree]:
-    """The output folders, every file's folder checked for symlinks leading out of ``out``
-    before any work (:class:`neaudit.paths.OutputTree`)."""
+    """The output folders, every file's folder checked before any work: for symlinks leading
+    out of ``out`` (:class:`neaudit.paths.OutputTree`), and for a file where a folder goes."""
     trees = {kind: OutputTree(out / kind, out) for kind in (PROTECTED_DIR, ORIGINAL_DIR)}
+    seen: set[str] = {os.fspath(out)}
     for kind in (PROTECTED_DIR, ORIGINAL_DIR) if save_originals else (PROTECTED_DIR,):
-        for name in names:
-            trees[kind].path(name)
+        for folder in sorted({os.path.dirname(trees[kind].path(name)) for name in names}):
+            while folder not in seen:  # the folder and its parents up to out, each once
+                seen.add(folder)
+                if os.path.lexists(folder) and not os.path.isdir(folder):
+                    raise NeauditError(f"{folder} is a file where protect writes a folder of "
+                                       "images. Fix: move it, or choose another --out.")
+                folder = os.path.dirname(folder)
     return trees
 
 

@@ -98,6 +98,8 @@ def inputs(tmp_path_factory) -> Path:
     (root / "policies").mkdir()
     (root / "models.py").write_text(FACTORIES)
     (root / "a_file").write_text("not a folder")
+    (root / "file_out").mkdir()
+    (root / "file_out" / "protected").write_text("not a folder")
     (root / "code.pt").write_bytes(pickle.dumps(_Payload(root / "ran"), protocol=4))
     (root / "bomb").mkdir()
     _bomb_png(root / "bomb" / "huge.png")
@@ -236,6 +238,8 @@ CASES = [
                                     "reconstruction", "--reference", "{in}/images", "--out",
                                     "{in}/images/run"), ("overlaps the input",)),
     Case("out_is_a_file", _protect()[:-1] + ("{in}/a_file",), ("a_file", "is a file")),
+    Case("out_folder_is_a_file", _protect()[:-1] + ("{in}/file_out",),
+         ("file_out/protected is a file", "another --out")),
     # silent wrong results, now refused
     Case("psnr_nan", _protect("--psnr", "nan"), ("--psnr nan",)),
     Case("psnr_inf", _protect("--psnr", "inf"), ("--psnr inf",)),
