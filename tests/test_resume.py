@@ -59,6 +59,18 @@ def _records(out: Path) -> list[Path]:
     return sorted((out / PROGRESS_DIR).glob("batch-*.npz"))
 
 
+def _stopped_command(folder: Path, out: Path, spec: str, monkeypatch, *extra: str
+                     ) -> list[str]:
+    """``neaudit protect`` with key 5, run and stopped as at Ctrl-C after two batches (exit
+    130), the stop undone; returns its arguments, to run it again."""
+    argv = ["protect", str(folder), "--authorized", spec, "--out", str(out), "--key", "5",
+            "--batch-size", str(BATCH), *extra]
+    _count_batches(monkeypatch, stop_at=2)
+    assert main(argv) == 130
+    monkeypatch.undo()
+    return argv
+
+
 @pytest.mark.parametrize("method", ["subspace", "reference"])
 def test_a_stopped_run_resumes_to_the_bytes_and_figures_of_an_uninterrupted_one(
         folder, tmp_path, vit_spec, monkeypatch, method):
@@ -134,17 +146,14 @@ def test_a_drawn_key_to_be_stored_is_kept_so_the_release_holds_one_keys_noise(
 def test_another_runs_checkpoint_is_refused_and_left_alone(folder, tmp_path, vit_spec,
                                                            monkeypatch, capsys, change, named):
     out = tmp_path / "stopped"
-    argv = ["protect", str(folder), "--authorized", vit_spec, "--out", str(out), "--key", "5",
-            "--batch-size", str(BATCH), "-q"]
-    _count_batches(monkeypatch, stop_at=2)
-    assert main(argv) == 130
+    argv = _stopped_command(folder, out, vit_spec, monkeypatch, "-q")
     capsys.readouterr()
-    before = _files(out)
-    monkeypatch.undo()
+    before, inputs = _files(out), _files(folder)
     assert main([*argv, *change]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err and "resume" in err
     assert str(out / PROGRESS_DIR) in err and _files(out) == before
+    assert _files(folder) == inputs
 
 
 def test_files_gone_since_the_stop_are_written_again_and_half_written_ones_removed(
@@ -169,11 +178,8 @@ def test_files_gone_since_the_stop_are_written_again_and_half_written_ones_remov
 def test_a_damaged_checkpoint_is_one_line_naming_it(folder, tmp_path, vit_spec, monkeypatch,
                                                     capsys, damage):
     out = tmp_path / "stopped"
-    argv = ["protect", str(folder), "--authorized", vit_spec, "--out", str(out), "--key", "5",
-            "--batch-size", str(BATCH), "-q"]
-    _count_batches(monkeypatch, stop_at=2)
-    assert main(argv) == 130
-    monkeypatch.undo()
+    argv = _stopped_command(folder, out, vit_spec, monkeypatch, "-q")
+    inputs = _files(folder)
     record = _records(out)[0]
     if damage == "garbage":
         record.write_bytes(b"not an npz")
@@ -195,6 +201,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(folder, tmp_path, vit_spec, 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(record) in err and "delete" in err
+    assert _files(folder) == inputs
 
 
 def test_a_run_killed_outright_resumes_to_the_uninterrupted_release(tmp_path, photos):
@@ -275,13 +282,8 @@ def test_a_stopped_run_is_never_taken_for_a_release(folder, tmp_path, vit_spec, 
 
 def test_the_command_says_what_it_resumed(folder, tmp_path, vit_spec, monkeypatch, capsys):
     out = tmp_path / "stopped"
-    argv = ["protect", str(folder), "--authorized", vit_spec, "--out", str(out), "--key", "5",
-            "--batch-size", str(BATCH)]
-    _count_batches(monkeypatch, stop_at=2)
-    assert main(argv) == 130
-    err = capsys.readouterr().err
-    assert "interrupted; re-running the same command resumes" in err
-    monkeypatch.undo()
+    argv = _stopped_command(folder, out, vit_spec, monkeypatch)
+    assert "interrupted; re-running the same command resumes" in capsys.readouterr().err
     assert main(argv) == 0
     said = capsys.readouterr()
     assert (f"wrote 32 NEs (subspace) to {out} ({2 * BATCH} of them written by the stopped run "
