@@ -135,8 +135,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     refuse_overlap(out, dataset.input_roots())
     names = output_names(dataset) if output_format == "png" else []
     trees = output_trees(out, names, save_originals)
-    planned = {trees[kind].path(name) for kind in (PROTECTED_DIR, ORIGINAL_DIR)
-               if kind == PROTECTED_DIR or save_originals for name in names}
+    planned = {tree.path(name) for tree in trees.values() for name in names}
     written, leftovers = existing_outputs(out, [PROTECTED_DIR, ORIGINAL_DIR], planned)
     if isinstance(authorized, str):
         authorized = split_name(authorized)[1]  # a display name does not name the weights
@@ -167,9 +166,7 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     recoding = _Recoding(model, layer, space, method, psnr, release_key(noise_key, salt), seed,
                          tau, patch_fraction, fidelity_images, isotropic_gain(layer, (3, *size)))
     done = progress.records(names, (3, *size), measured_columns(method == "reference"),
-                            written, [trees[kind] for kind in (PROTECTED_DIR, ORIGINAL_DIR)
-                                      if kind == PROTECTED_DIR or save_originals]
-                            ) if progress else []
+                            written, list(trees.values())) if progress else []
     for path in leftovers:  # checks passed: the work, and so the writing, starts
         os.unlink(path)
     for stale in (out / SIDECAR, out / HASHES):  # an earlier release's: they would vouch for
@@ -346,7 +343,7 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
     fidelity: dict[int, pd.DataFrame] = {}
     written, originals = [], []
     unread: dict[str, dict] = {}
-    protected_tree, original_tree = trees[PROTECTED_DIR], trees[ORIGINAL_DIR]
+    protected_tree, original_tree = trees[PROTECTED_DIR], trees.get(ORIGINAL_DIR)
     digests: dict[str, str] = {}
     covered = np.zeros(len(dataset), bool)
     for record in done:  # in item order, as the stopped run added them

@@ -60,12 +60,14 @@ def _png_name(relative: str) -> str:
 
 def output_trees(out: Path, names: list[str], save_originals: bool
                   ) -> dict[str, OutputTree]:
-    """The output folders, every file's folder checked before any work: for symlinks leading
-    out of ``out`` (:class:`neaudit.paths.OutputTree`), and for a file where a folder goes."""
-    trees = {kind: OutputTree(out / kind, out) for kind in (PROTECTED_DIR, ORIGINAL_DIR)}
+    """The folders this run writes (``original/`` only with ``save_originals``), every file's
+    folder checked before any work: for symlinks leading out of ``out``
+    (:class:`neaudit.paths.OutputTree`), and for a file where a folder goes."""
+    kinds = (PROTECTED_DIR, ORIGINAL_DIR) if save_originals else (PROTECTED_DIR,)
+    trees = {kind: OutputTree(out / kind, out) for kind in kinds}
     seen: set[str] = {os.fspath(out)}
-    for kind in (PROTECTED_DIR, ORIGINAL_DIR) if save_originals else (PROTECTED_DIR,):
-        for folder in sorted({os.path.dirname(trees[kind].path(name)) for name in names}):
+    for tree in trees.values():
+        for folder in sorted({os.path.dirname(tree.path(name)) for name in names}):
             while folder not in seen:  # the folder and its parents up to out, each once
                 seen.add(folder)
                 if os.path.lexists(folder) and not os.path.isdir(folder):
