@@ -67,8 +67,9 @@ def measure(layer: FirstLayer, noise_gain: float, clean: torch.Tensor,
     }
     if floats is not None:
         frame["psnr_float"] = measured_psnr(floats, clean)
-    values = torch.stack([v.detach().float() for v in frame.values()]).cpu().numpy()
-    return pd.DataFrame(dict(zip(frame, values, strict=True)))  # one copy back, not one a column
+    columns = measured_columns(floats is not None)  # the order a checkpoint expects
+    values = torch.stack([frame[c].detach().float() for c in columns]).cpu().numpy()
+    return pd.DataFrame(dict(zip(columns, values, strict=True)))  # one copy back, not one a column
 
 
 PREVIEW_BATCH = 256
