@@ -117,16 +117,18 @@ class Progress:
         atomic_write(path, lambda h: h.write(self._text.encode()))  # last: the run's start
 
     def records(self, names: list[str], image_shape: tuple[int, ...], columns: list[str],
-                written: set[str], folders: list[OutputTree]) -> list[BatchRecord]:
+                sampled: np.ndarray, written: set[str], folders: list[OutputTree]
+                ) -> list[BatchRecord]:
         """The recorded batches, in item order, whose files are all still in ``written``
         (``out/folder/relative`` paths), each checked against the run it claims to be of:
-        its items (``names``), their ``image_shape`` (3, H, W) and the fidelity ``columns``
-        (with ``psnr_float``, the preview keeps float outputs too)."""
+        its items (``names``), their ``image_shape`` (3, H, W), the fidelity ``columns``
+        (with ``psnr_float``, the preview keeps float outputs too) and the items the preview
+        samples (``sampled``, ascending)."""
         kept, covered = [], np.zeros(len(names), bool)
         for file in sorted(os.listdir(self.folder)) if self.folder.is_dir() else []:
             if not _RECORD.fullmatch(file):
                 continue
-            record = self._load(self.folder / file, len(names), image_shape, columns)
+            record = self._load(self.folder / file, len(names), image_shape, columns, sampled)
             files = [tree.path(name) for tree in folders
                      for name in names[record.start:record.stop]]
             if covered[record.start:record.stop].any() or not written.issuperset(files):
@@ -144,12 +146,12 @@ class Progress:
         """Remove the checkpoint: the run's own outputs now say it is complete."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _load(self, path: Path, count: int, image_shape: tuple[int, ...], columns: list[str]
-              ) -> BatchRecord:
+    def _load(self, path: Path, count: int, image_shape: tuple[int, ...], columns: list[str],
+              sampled: np.ndarray) -> BatchRecord:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
-            return _record(arrays, count, image_shape, columns)
+            return _record(arrays, count, image_shape, columns, sampled)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise self._damaged(path, str(exc).split("\n")[0]) from None
 
@@ -159,7 +161,7 @@ class Progress:
 
 
 def _record(arrays: dict[str, np.ndarray], count: int, image_shape: tuple[int, ...],
-            columns: list[str]) -> BatchRecord:
+            columns: list[str], sampled: np.ndarray) -> BatchRecord:
     """A record from its arrays, refused (``ValueError``) unless each has the shape, type and
     names this run's would."""
     start, stop = (int(v) for v in _typed(arrays["span"], "i", (2,)))
@@ -173,8 +175,8 @@ def _record(arrays: dict[str, np.ndarray], count: int, image_shape: tuple[int, .
     if not all(_DIGEST.fullmatch(d) for d in digests):
         raise ValueError("a digest is not SHA-256 hex")
     index = _typed(arrays["preview_index"], "i")
-    if ((index < start) | (index >= stop)).any():
-        raise ValueError("a preview item outside the batch")
+    if not np.array_equal(index, sampled[(sampled >= start) & (sampled < stop)]):
+        raise ValueError("other preview items than this run samples in the batch")
     images = _typed(arrays["preview_images"], "u")
     if images.dtype != np.uint8 or images.shape != (len(index), 3, *image_shape):
         raise ValueError(f"preview images of shape {images.shape}")

@@ -164,9 +164,11 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     salt = _noise_salt(dataset, model.name, method, psnr, space, threshold, tau,
                        patch_fraction, size)
     recoding = _Recoding(model, layer, space, method, psnr, release_key(noise_key, salt), seed,
-                         tau, patch_fraction, fidelity_images, isotropic_gain(layer, (3, *size)))
+                         tau, patch_fraction, fidelity_sample(len(dataset), fidelity_images),
+                         isotropic_gain(layer, (3, *size)))
     done = progress.records(names, (3, *size), measured_columns(method == "reference"),
-                            written, list(trees.values())) if progress else []
+                            recoding.sampled.numpy(), written,
+                            list(trees.values())) if progress else []
     for path in leftovers:  # checks passed: the work, and so the writing, starts
         os.unlink(path)
     for stale in (out / SIDECAR, out / HASHES):  # an earlier release's: they would vouch for
@@ -305,7 +307,7 @@ class _Recoding:
     seed: int
     tau: float
     patch_fraction: float
-    fidelity_images: int
+    sampled: torch.Tensor  # the items the model preview runs on (:func:`fidelity_sample`)
     noise_gain: float  # the gain of isotropic noise, the fidelity table's control
 
     def __call__(self, clean: torch.Tensor, index: torch.Tensor
@@ -338,8 +340,7 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
     SHA-256 of each protected PNG, in the order of ``names``, and what the inputs show that
     the NEs do not (:func:`_unread`)."""
     device = recoding.model.mean.device
-    preview = ModelPreview(recoding.model, recoding.seed,
-                           fidelity_sample(len(dataset), recoding.fidelity_images))
+    preview = ModelPreview(recoding.model, recoding.seed, recoding.sampled)
     fidelity: dict[int, pd.DataFrame] = {}
     written, originals = [], []
     unread: dict[str, dict] = {}

@@ -174,7 +174,8 @@ def test_files_gone_since_the_stop_are_written_again_and_half_written_ones_remov
     assert _files(out) == _files(whole.out)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "pickled", "span", "column", "unread_kind"])
+@pytest.mark.parametrize("damage", ["garbage", "pickled", "span", "column", "preview",
+                                    "unread_kind"])
 def test_a_damaged_checkpoint_is_one_line_naming_it(folder, tmp_path, vit_spec, monkeypatch,
                                                     capsys, damage):
     out = tmp_path / "stopped"
@@ -193,6 +194,9 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(folder, tmp_path, vit_spec, 
         elif damage == "column":  # a figure the run does not measure, under a known name
             arrays["fidelity_columns"] = np.array(["psnr", "l2", "ssim", "gain", "name"])
             arrays["fidelity.name"] = arrays["fidelity.psnr"]
+        elif damage == "preview":  # one sampled item fewer: its row would lose its figures
+            arrays["preview_index"] = arrays["preview_index"][1:]
+            arrays["preview_images"] = arrays["preview_images"][1:]
         else:  # a note the command would have no words for
             arrays["unread_kinds"] = np.array(["sound"])
             arrays["unread.sound"] = np.array(["b/00.png"])
