@@ -384,9 +384,11 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
                 writer.then(functools.partial(_checkpoint, progress, writer.digests, paths,
                                               start, rows, kept, batch.unread,
                                               tuple(clean.shape[1:])))
-    digests.update(writer.digests)  # every file's, once the writers are done
+        writer.close()  # the last files are written, and the writers end, while the preview runs
+        previewed = preview.table()
+    digests.update(writer.digests)
     per_image = pd.concat([fidelity[start] for start in sorted(fidelity)],
-                          ignore_index=True).join(preview.table())
+                          ignore_index=True).join(previewed)
     per_image.insert(0, "name", dataset.names)
     if output_format == "npz":
         write_npz(out, dataset, np.concatenate(written),

@@ -1,6 +1,9 @@
 """The files-to-files pipeline's writer: every image lands in its file, whichever way its
 pixels travel to the writer processes."""
 
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,31 @@ def test_a_failed_write_is_raised_when_the_writer_closes(tmp_path: Path):
         writer.write([tmp_path / f"{i}.png" for i in range(3)] + [tmp_path / "taken.png"],
                      images)
     assert not _RINGS
+
+
+def test_after_close_the_caller_works_while_the_writers_end(tmp_path: Path, monkeypatch):
+    """``close`` hands the pool's shutdown to a thread and returns (here, while that shutdown
+    is held); leaving the ``with`` block waits for it: every file is written and hashed, and
+    no writer process is left."""
+    release, ended = threading.Event(), threading.Event()
+    shutdown = ProcessPoolExecutor.shutdown
+
+    def held(pool, *args, **kwargs):
+        release.wait(30)
+        shutdown(pool, *args, **kwargs)
+        ended.set()
+
+    monkeypatch.setattr(ProcessPoolExecutor, "shutdown", held)
+    images = np.random.default_rng(1).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    paths = [tmp_path / f"{i}.png" for i in range(6)]
+    with PngWriter(workers=2, chunk=2, processes=True) as writer:
+        writer.write(paths, images)
+        writer.close()
+        returned_while_held = not release.is_set()
+        release.set()
+    assert returned_while_held and ended.is_set()
+    assert not multiprocessing.active_children()
+    assert [writer.digests[path] for path in paths] == [sha256_file(path) for path in paths]
 
 
 def test_batches_pin_every_tensor_and_keep_the_rest(monkeypatch):
