@@ -32,7 +32,7 @@ import imagecodecs
 import numpy as np
 import torch
 
-from neaudit import pipeline
+from neaudit import pipeline, protection
 from neaudit.attacks import AttackContext, get_attack, load_suite
 from neaudit.auditing import audit
 from neaudit.data import builtin_dataset, load_dataset
@@ -156,6 +156,26 @@ def profiled(fn) -> None:
     stats.sort_stats("cumulative").print_stats(r"neaudit|threading|concurrent", 18)
 
 
+def batch_times(fn) -> tuple[float, list[float]]:
+    """Seconds ``fn`` takes, and when (seconds from its start) the ``protect`` it runs handed
+    each batch to the fidelity measurement, right after recoding it: the job's start-up, its
+    pace and its end, apart."""
+    stamps: list[float] = []
+    measure_batch = protection.measure
+
+    def stamped(*args, **kwargs):
+        stamps.append(time.perf_counter())
+        return measure_batch(*args, **kwargs)
+
+    protection.measure = stamped
+    try:
+        start = time.perf_counter()
+        seconds = timed(fn)
+    finally:
+        protection.measure = measure_batch
+    return seconds, [stamp - start for stamp in stamps]
+
+
 def protect_bench(tmp: Path, count: int, device: str, batch: int, writers: str,
                   compressions: list[str], inputs: str) -> None:
     for processes in {"both": (True, False), "processes": (True,), "threads": (False,)}[writers]:
@@ -177,7 +197,7 @@ def protect_once(tmp: Path, count: int, device: str, batch: int, compression: st
     small = photos(tmp / "small", shorter, inputs)
     options = {"device": device, "batch_size": batch, "png_compression": compression}
     protect(photos(tmp / "warm", 8, inputs), VIT_B, tmp / "warm-out", **options)
-    job = timed(lambda: protect(data, VIT_B, tmp / "ne", **options))
+    job, stamps = batch_times(lambda: protect(data, VIT_B, tmp / "ne", **options))
     profiled(lambda: protect(data, VIT_B, tmp / "ne-profiled", **options))
     # the same job on fewer images: the difference is the per-image rate once set up
     # (model, subspace, fidelity sample and worker start-up are paid once per job)
@@ -254,6 +274,11 @@ def protect_once(tmp: Path, count: int, device: str, batch: int, compression: st
     print(f"  fixed costs alone: the model built and moved {building:.2f} s | writer processes "
           f"started and ended {writers:.2f} s | the model preview on {len(sampled)} images "
           f"{previewing:.2f} s")
+    if len(stamps) > 2:
+        pace = float(np.median(np.diff(stamps)))
+        print(f"  the job's batches: the first recoded {stamps[0]:.2f} s after it started, then "
+              f"one every {pace * 1e3:.0f} ms (median: {batch / pace:,.0f} img/s), the last "
+              f"{job - stamps[-1]:.2f} s before it returned")
     if extra < 0.05 * job:
         print(f"  per image once set up: not measurable, fixed costs dominate ({count} images "
               f"took {job:.1f} s, {shorter} took {short:.1f} s)")
