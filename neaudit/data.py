@@ -197,7 +197,7 @@ def _list_images(folder: Path, exclude: set[str] = frozenset()) -> tuple[list[st
                                 f"({os.readlink(entry.path)}). Fix: restore its target or "
                                 "remove the link.")
             if not entry.is_file():
-                continue
+                raise _not_regular(entry.path, link)
             if real_outside or (link and not inside(entry.path, root)):
                 outside += 1
             found.append(entry.path)
@@ -206,6 +206,13 @@ def _list_images(folder: Path, exclude: set[str] = frozenset()) -> tuple[list[st
     # name can hold)
     found.sort(key=lambda path: path.replace(os.sep, "\0"))
     return found, outside
+
+
+def _not_regular(path: str, link: bool) -> DataError:
+    """An image name on a pipe, socket or device: reading it could block, or never end."""
+    return DataError(f"{path}: {'a link to ' if link else ''}a pipe, socket or device, not an "
+                     "image file; reading it could wait or read forever. Fix: remove it from "
+                     "the dataset, or put the image file in its place.")
 
 
 def _outside_refused(where: Path, count: int, example: str) -> DataError:
@@ -239,6 +246,9 @@ def _load_folder(path: Path, originals: Path | None, resize, allow_outside: bool
     if originals is not None:
         listed = [os.path.join(str(originals), r) for r in rel]
         missing = [p for p in listed if not os.path.isfile(p)]
+        special = next((p for p in missing if os.path.exists(p) and not os.path.isdir(p)), None)
+        if special is not None:
+            raise _not_regular(special, os.path.islink(special))
         if missing:
             raise DataError(
                 f"{originals}: {len(missing)} protected image(s) have no original under the "
@@ -349,7 +359,9 @@ def _manifest_files(manifest: Path, column: pd.Series, name: str
     for row, text in enumerate(column.astype(str)):
         file = os.path.join(base, text)  # strings: pathlib cost more than the system calls
         if not os.path.isfile(file):
-            raise DataError(f"{manifest}: row {row} '{name}' {text} does not exist. Fix: paths "
+            if os.path.exists(file) and not os.path.isdir(file):
+                raise _not_regular(file, os.path.islink(file))
+            raise DataError(f"{manifest}: row {row} '{name}' {text} is not a file. Fix: paths "
                             "are relative to the manifest's folder.")
         if resolve.inside(file, base):
             names.append(os.path.relpath(resolve.real(file), real_base).replace(os.sep, "/"))

@@ -4,6 +4,7 @@ Every case must end with its exit code, one line on stderr that names the offend
 no traceback, and every input file byte-identical afterwards."""
 
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -114,7 +115,9 @@ def inputs(tmp_path_factory) -> Path:
         "negative": {"path": ["imgs/0.png", "imgs/1.png"], "label": [-1, 0]},
         "evil_label": {"path": ["0.png", "1.png"], "label": ["../../x", "ok"]},
         "big_label": {"path": ["0.png", "1.png"], "label": [12345, 0]},
+        "pipe": {"path": ["imgs/0.png", "wait.png"]},
     }
+    os.mkfifo(manifests / "wait.png")  # a reader would wait on it for ever
     for name, columns in rows.items():
         pd.DataFrame(columns).to_csv(manifests / f"{name}.csv", index=False)
     big = root / "big_release"
@@ -129,6 +132,13 @@ def inputs(tmp_path_factory) -> Path:
     (root / "dangling").mkdir()
     write_png(root / "dangling" / "inside.png", images[0])
     (root / "dangling" / "gone.png").symlink_to(root / "nowhere.png")
+    for name in ("pipes", "devices"):
+        write_png(root / name / "inside.png", images[0])
+    os.mkfifo(root / "pipes" / "wait.png")
+    shutil.copytree(root / "release", root / "pipe_original")
+    (root / "pipe_original" / "original" / "a" / "1.png").unlink()
+    os.mkfifo(root / "pipe_original" / "original" / "a" / "1.png")
+    (root / "devices" / "zero.png").symlink_to("/dev/zero")  # endless bytes
     for name, edit in SIDECARS.items():
         copy = root / "sidecars" / name
         shutil.copytree(root / "release", copy)
@@ -254,6 +264,14 @@ CASES = [
     Case("l2_beyond_the_range", _protect("--l2", "1000"), ("--l2 1000", "between")),
     Case("dangling_image_link", _protect(data="{in}/dangling"),
          ("gone.png", "does not exist")),
+    Case("pipe_named_as_an_image", _protect(data="{in}/pipes"),
+         ("pipes/wait.png: a pipe, socket or device",)),
+    Case("link_to_a_device", _protect(data="{in}/devices"),
+         ("devices/zero.png: a link to a pipe, socket or device",)),
+    Case("original_is_a_pipe", _audit(data="{in}/pipe_original"),
+         ("original/a/1.png: a pipe, socket or device",)),
+    Case("manifest_lists_a_pipe", _protect(data="{in}/manifests/pipe.csv"),
+         ("manifests/wait.png: a pipe, socket or device",)),
     Case("policy_is_a_folder", _audit("--policy", "{in}/images"),
          ("images", "not a regular file")),
     Case("patch_fraction_0", _protect("--patch-fraction", "0"), ("--patch-fraction 0",)),
