@@ -35,6 +35,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def available_memory() -> int | None:
+    """Bytes of host memory free for a new allocation (Linux's ``MemAvailable``); None where
+    the system does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def chunks(images: torch.Tensor) -> list[slice]:
     """Slices covering a batch: :data:`CPU_CHUNK_VALUES` at a time on a CPU, the whole batch
     on an accelerator (where a larger batch is what keeps it busy); one slice at least."""

@@ -33,7 +33,7 @@ from neaudit.data import (
     load_dataset,
 )
 from neaudit.dataset import ImageDataset
-from neaudit.device import chunks, resolve_device
+from neaudit.device import available_memory, chunks, resolve_device
 from neaudit.errors import NeauditError
 from neaudit.fidelity import Kept, ModelPreview, fidelity_sample, measure, measured_columns
 from neaudit.imageio import (
@@ -153,6 +153,8 @@ def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
     size = tuple(model.input_size or dataset.image_shape)
     if tuple(dataset.image_shape) != size:  # recode at the resolution the stem sees
         dataset = replace(dataset, resize=size)
+    if output_format == "npz":
+        _check_npz_memory(len(dataset), size, save_originals)
     check_model(model, next(dataset.batches(min(4, len(dataset)))).protected)
     layer = first_layer(model, size)
     if l2 is not None:  # the PSNR of a perturbation with this norm: one target for every image
@@ -279,6 +281,19 @@ def _check_options(method: str, psnr: float, l2: float | None, rank: int | None,
                            f"{' or '.join(PNG_COMPRESSIONS)}.")
 
 
+def _check_npz_memory(count: int, size: tuple[int, int], save_originals: bool) -> None:
+    """Refuse ``--format npz`` for a release larger than the host's free memory, which holds
+    it whole until the one file is written (a process killed for memory says nothing)."""
+    need = count * 3 * size[0] * size[1] * (2 if save_originals else 1)
+    free = available_memory()
+    if free is not None and need > free:
+        what = "images and their originals" if save_originals else "images"
+        raise NeauditError(f"--format npz: the release is held in memory until its one file is "
+                           f"written, {need / 2**30:.1f} GiB for {count} {what} of "
+                           f"{size[0]}×{size[1]}, and this machine has {free / 2**30:.1f} GiB "
+                           "free. Fix: write PNGs (--format png, the default), which stream.")
+
+
 def _l2_psnr(l2: float, size: tuple[int, int]) -> float:
     """The measured PSNR of an RGB perturbation with L2 norm ``l2`` on ``size`` images;
     refused outside (0, MAX_PSNR] like ``--psnr`` (a smaller norm than uint8 rounding allows
@@ -342,7 +357,8 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
     device = recoding.model.mean.device
     preview = ModelPreview(recoding.model, recoding.seed, recoding.sampled)
     fidelity: dict[int, pd.DataFrame] = {}
-    written, originals = [], []
+    written: np.ndarray | None = None  # with --format npz: the release, and its originals
+    originals: np.ndarray | None = None
     unread: dict[str, dict] = {}
     protected_tree, original_tree = trees[PROTECTED_DIR], trees.get(ORIGINAL_DIR)
     digests: dict[str, str] = {}
@@ -371,9 +387,13 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
             images = to_uint8(protected)
             # the originals as read, already uint8 on the host: nothing copied back
             clean_images = batch.protected.permute(0, 2, 3, 1).numpy() if save_originals else None
-            if output_format == "npz":
-                written.append(images.copy())  # kept to the end: out of pinned memory
-                originals.append(clean_images)
+            if output_format == "npz":  # kept to the end, each image copied once
+                if written is None:
+                    written = np.empty((len(dataset), *images.shape[1:]), np.uint8)
+                    originals = np.empty_like(written) if save_originals else None
+                written[start:stop] = images
+                if originals is not None:
+                    originals[start:stop] = clean_images
                 continue
             paths = [protected_tree.path(name) for name in names[start:stop]]
             writer.write(paths, images)
@@ -391,8 +411,7 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
                           ignore_index=True).join(previewed)
     per_image.insert(0, "name", dataset.names)
     if output_format == "npz":
-        write_npz(out, dataset, np.concatenate(written),
-                   np.concatenate(originals) if save_originals else None)
+        write_npz(out, dataset, written, originals)
     return per_image, [digests[protected_tree.path(name)] for name in names], unread
 
 

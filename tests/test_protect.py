@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from neaudit import protection
 from neaudit.cli import main
 from neaudit.data import load_dataset
 from neaudit.errors import NeauditError
@@ -128,6 +129,30 @@ def test_npz_output_and_reference_method(tmp_path, vit_spec):
     assert release.sidecar["format"] == "npz" and release.has_originals
     assert np.array_equal(release.protected, archive.protected)
     assert release.sidecar == archive.sidecar
+
+
+def test_npz_holds_the_png_release_and_is_refused_beyond_free_memory(tmp_path, vit_spec,
+                                                                    monkeypatch, capsys):
+    """Batch by batch into one array, the .npz holds the pixels a PNG release of the same key
+    writes, originals too; a release larger than the free memory is refused before any work."""
+    options = {"key": 3, "batch_size": 5, "save_originals": True}
+    protect("builtin:samples", vit_spec, tmp_path / "png", **options)
+    protect("builtin:samples", vit_spec, tmp_path / "npz", output_format="npz", **options)
+    with np.load(tmp_path / "npz" / "protected.npz", allow_pickle=False) as arrays:
+        held = {kind: arrays[kind] for kind in ("protected", "original")}
+    folders = load_dataset(tmp_path / "png")  # class folders: another order than the items'
+    order = np.argsort([Path(name).stem for name in folders.names])
+    release = next(folders.batches(32, on_grid=True))
+    for kind, pixels in (("protected", release.protected), ("original", release.original)):
+        assert np.array_equal(held[kind], pixels[order].permute(0, 2, 3, 1).numpy()), kind
+    monkeypatch.setattr(protection, "available_memory", lambda: 700_000)  # 32 × 64² × 3 × 2
+    argv = ["protect", "builtin:samples", "--authorized", vit_spec, "--out",
+            str(tmp_path / "big"), "--format", "npz", "--save-originals", "-q"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "0.0 GiB free" in err and "--format png" in err
+    assert not (tmp_path / "big").exists() or not any((tmp_path / "big").iterdir())
 
 
 def test_protect_refuses_to_write_into_its_input(image_folder: Path, vit_spec):
