@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from neaudit.arguments import checked
 from neaudit.dataset import Batch, ImageDataset  # noqa: F401  (re-exported)
+from neaudit.device import available_memory
 from neaudit.errors import DataError
 from neaudit.imageio import (
     IMAGE_SUFFIXES,
@@ -283,6 +284,13 @@ def _labels_from_layout(rel: list[str]) -> tuple[np.ndarray | None, list[str] | 
 
 def _load_npz(path: Path, resize) -> ImageDataset:
     try:
+        with zipfile.ZipFile(path) as archive:  # the sizes its directory declares, unread
+            stored = sum(member.file_size for member in archive.infolist())
+        free = available_memory()
+        if free is not None and stored > free:  # a few MB of zeros can unpack to gigabytes
+            raise DataError(f"{path}: its arrays unpack to {stored / 2**30:.1f} GiB, read whole, "
+                            f"and this machine has {free / 2**30:.1f} GiB free. Fix: give the "
+                            "images as files (a folder or a manifest), which stream.")
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:

@@ -112,6 +112,22 @@ def test_npz_layouts_and_types(tmp_path: Path, photos):
             load_dataset(tmp_path / "ints.npz")
 
 
+def test_an_npz_that_unpacks_beyond_free_memory_is_refused_unread(tmp_path: Path, photos,
+                                                                 monkeypatch):
+    """Sized from the archive's directory, before any array is read: a few MB of zeros can
+    declare gigabytes."""
+    import neaudit.data
+
+    np.savez_compressed(tmp_path / "d.npz", protected=photos[:4])
+    declared = 4 * photos[0].nbytes
+    reads = []
+    monkeypatch.setattr(np, "load", lambda *a, **k: reads.append(a))
+    monkeypatch.setattr(neaudit.data, "available_memory", lambda: declared // 2)
+    with pytest.raises(DataError, match=r"d\.npz: its arrays unpack to .* GiB free\. Fix"):
+        load_dataset(tmp_path / "d.npz")
+    assert not reads
+
+
 def test_npz_labels_are_indices_or_names_never_rounded(tmp_path: Path, photos):
     cases = {"whole floats": ([0.0, 1.0, 1.0], [0, 1, 1], None),
              "names": (["cat", "dog", "cat"], [0, 1, 0], ["cat", "dog"]),
