@@ -404,7 +404,7 @@ def _recode_all(dataset: ImageDataset, recoding: _Recoding, out: Path,
                 writer.then(functools.partial(_checkpoint, progress, writer.digests, paths,
                                               start, rows, kept, batch.unread,
                                               tuple(clean.shape[1:])))
-        writer.close()  # the last files are written, and the writers end, while the preview runs
+        writer.close()  # every file written and recorded; the writers end while the preview runs
         previewed = preview.table()
     digests.update(writer.digests)
     per_image = pd.concat([fidelity[start] for start in sorted(fidelity)],

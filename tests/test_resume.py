@@ -174,6 +174,21 @@ def test_files_gone_since_the_stop_are_written_again_and_half_written_ones_remov
     assert _files(out) == _files(whole.out)
 
 
+def test_every_batch_is_recorded_before_the_model_preview_runs(folder, tmp_path, vit_spec,
+                                                               monkeypatch):
+    """The preview runs last, for as long as 64 × 3 forwards take (half a minute on a CPU):
+    a run killed then resumes with nothing to write again."""
+    out, seen, table = tmp_path / "out", [], fidelity.ModelPreview.table
+
+    def counted(preview):
+        seen.append(len(_records(out)))
+        return table(preview)
+
+    monkeypatch.setattr(fidelity.ModelPreview, "table", counted)
+    protect(folder, vit_spec, out, key=5, batch_size=BATCH)
+    assert seen == [32 // BATCH]
+
+
 @pytest.mark.parametrize("damage", ["garbage", "pickled", "span", "column", "preview",
                                     "unread_kind"])
 def test_a_damaged_checkpoint_is_one_line_naming_it(folder, tmp_path, vit_spec, monkeypatch,
