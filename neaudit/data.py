@@ -282,20 +282,27 @@ def _labels_from_layout(rel: list[str]) -> tuple[np.ndarray | None, list[str] | 
     return np.array([lookup[p[0]] for p in parts], dtype=np.int64), class_names
 
 
+def _unreadable_npz(path: Path, exc: Exception) -> DataError:
+    return DataError(f"{path}: cannot read this .npz ({exc}). Fix: save it with numpy.savez "
+                     "without object arrays.")
+
+
 def _load_npz(path: Path, resize) -> ImageDataset:
     try:
         with zipfile.ZipFile(path) as archive:  # the sizes its directory declares, unread
             stored = sum(member.file_size for member in archive.infolist())
-        free = available_memory()
-        if free is not None and stored > free:  # a few MB of zeros can unpack to gigabytes
-            raise DataError(f"{path}: its arrays unpack to {stored / 2**30:.1f} GiB, read whole, "
-                            f"and this machine has {free / 2**30:.1f} GiB free. Fix: give the "
-                            "images as files (a folder or a manifest), which stream.")
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise _unreadable_npz(path, exc) from exc
+    free = available_memory()
+    if free is not None and stored > free:  # a few MB of zeros can unpack to gigabytes
+        raise DataError(f"{path}: its arrays unpack to {stored / 2**30:.1f} GiB, read whole, "
+                        f"and this machine has {free / 2**30:.1f} GiB free. Fix: give the "
+                        "images as files (a folder or a manifest), which stream.")
+    try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: cannot read this .npz ({exc}). Fix: save it with "
-                        "numpy.savez without object arrays.") from exc
+        raise _unreadable_npz(path, exc) from exc
     if "protected" not in arrays:
         raise DataError(f"{path}: no 'protected' array (found {sorted(arrays)}). "
                         "Fix: name the protected images array 'protected'.")
