@@ -68,6 +68,8 @@ def read_pixels(path: str | Path) -> tuple[torch.Tensor, tuple[str, ...]]:
                 if _transparent(img):
                     unread = ("alpha", *unread)
                 rgb = np.array(img.convert("RGB"))
+    except DataError:  # its own line already (a ValueError too): not wrapped in another
+        raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(
             f"{path}: cannot read this image ({exc}). Fix: replace or remove the file, "

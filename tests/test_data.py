@@ -353,3 +353,24 @@ def test_a_spread_subset_covers_every_class(tmp_path: Path, photos):
     arrays = tmp_path / "set.npz"
     np.savez(arrays, protected=photos[:10], labels=np.arange(10) // 5)
     assert load_dataset(arrays).spread(4).labels.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("mode, value, says", [("F", 2.0, "floating-point pixels outside [0, 1]"),
+                                               ("F", float("nan"), "not finite"),
+                                               ("I", 70000, "integer pixel values outside")])
+def test_high_depth_values_out_of_range_are_refused_in_their_own_words(tmp_path, mode, value,
+                                                                        says):
+    """Nothing is clipped silently; the refusal is one sentence with one fix, not wrapped in
+    'cannot read this image'."""
+    from PIL import Image
+
+    from neaudit.imageio import read_image
+
+    path = tmp_path / "deep.tif"
+    dtype = np.float32 if mode == "F" else np.int32
+    Image.fromarray(np.full((4, 5), value, dtype), mode=mode).save(path)
+    with pytest.raises(DataError) as refused:
+        read_image(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: ") and says in message
+    assert message.count("Fix:") == 1 and "cannot read" not in message
