@@ -72,7 +72,9 @@ def _apply_weights(net: nn.Module, spec: ModelSpec) -> None:
             net.load_state_dict(load_state_dict(spec.options["weights"]))
         except RuntimeError as exc:
             raise ModelSpecError(f"{spec.options['weights']}: weights do not fit "
-                                 f"'{spec.text}' ({str(exc)[:300]}).") from exc
+                                 f"'{spec.text}' ({' '.join(str(exc).split())[:300]}). Fix: "
+                                 "give the architecture and options (num_classes, img_size) "
+                                 "the weights were trained with.") from exc
 
 
 def cached_weights(hub_id: str | None, url: str | None, filenames: Sequence[str]) -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from neaudit.cli import main
@@ -102,6 +103,7 @@ def inputs(tmp_path_factory) -> Path:
     (root / "file_out").mkdir()
     (root / "file_out" / "protected").write_text("not a folder")
     (root / "code.pt").write_bytes(pickle.dumps(_Payload(root / "ran"), protocol=4))
+    torch.save({"fc.weight": torch.zeros(2, 2)}, root / "other_net.pt")
     (root / "bomb").mkdir()
     _bomb_png(root / "bomb" / "huge.png")
     np.savez(root / "objects.npz", protected=np.array([object(), object()], dtype=object))
@@ -298,6 +300,8 @@ CASES = [
            (f"{name}.toml",)) for name in POLICIES],
     Case("weights_that_run_code", _protect(auth="timm:resnet18?weights={in}/code.pt"),
          ("code.pt: holds Python objects besides tensors", "state dict")),
+    Case("weights_of_another_net", _protect(auth="timm:resnet18?weights={in}/other_net.pt"),
+         ("other_net.pt: weights do not fit", "Missing key(s)", "Fix: give the architecture")),
     Case("spec_num_classes_text", _protect(auth="timm:resnet18?num_classes=abc"),
          ("num_classes=abc",)),
     Case("spec_negative_size", _protect(auth="timm:resnet18?input_size=-32"),
