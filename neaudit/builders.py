@@ -187,7 +187,8 @@ def _build_open_clip(spec: ModelSpec, class_names: Sequence[str] | None) -> Imag
 def _build_torchscript(spec: ModelSpec, class_names: Sequence[str] | None) -> ImageClassifier:
     path = Path(spec.target)
     if not path.is_file():
-        raise ModelSpecError(f"TorchScript file {path} does not exist.")
+        raise ModelSpecError(f"TorchScript file {path} does not exist. Fix: give the path of a "
+                             "file saved with torch.jit.save.")
     net = torch.jit.load(str(path), map_location="cpu")
     return ImageClassifier(net, floats_option(spec, "mean", IMAGENET_MEAN),
                            floats_option(spec, "std", IMAGENET_STD), size_option(spec),
@@ -200,13 +201,15 @@ def _build_python(spec: ModelSpec, class_names: Sequence[str] | None) -> ImageCl
         raise ModelSpecError(f"'{spec.text}': expected python:<file.py>:<factory>.")
     path = Path(file)
     if not path.is_file():
-        raise ModelSpecError(f"Python model file {path} does not exist.")
+        raise ModelSpecError(f"Python model file {path} does not exist. Fix: give the path of "
+                             "the .py file that defines the factory.")
     module_spec = importlib.util.spec_from_file_location(f"neaudit_user_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     make: Callable[[], nn.Module] | None = getattr(module, factory, None)
     if not callable(make):
-        raise ModelSpecError(f"{path} defines no function '{factory}'.")
+        raise ModelSpecError(f"{path} defines no function '{factory}'. Fix: name a function "
+                             "the file defines, after the last ':'.")
     try:
         net = make()
     except TypeError as exc:
@@ -214,7 +217,7 @@ def _build_python(spec: ModelSpec, class_names: Sequence[str] | None) -> ImageCl
                              f"({exc}). Fix: give a factory that takes none.") from exc
     if not isinstance(net, nn.Module):
         raise ModelSpecError(f"'{spec.text}': {factory}() returned a {type(net).__name__}, not "
-                             "a torch.nn.Module.")
+                             "a torch.nn.Module. Fix: return the model itself.")
     _apply_weights(net, spec)
     return ImageClassifier(net, floats_option(spec, "mean", IMAGENET_MEAN),
                            floats_option(spec, "std", IMAGENET_STD), size_option(spec),

@@ -341,7 +341,8 @@ def _load_manifest(path: Path, resize, allow_outside: bool) -> ImageDataset:
     try:
         table = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
     except Exception as exc:  # pandas raises many types for a malformed file
-        raise DataError(f"{path}: cannot read this manifest ({exc}).") from exc
+        raise DataError(f"{path}: cannot read this manifest ({exc}). Fix: give a CSV or "
+                        "Parquet table with a 'path' column.") from exc
     if "path" not in table.columns:
         raise DataError(f"{path}: no 'path' column (found {list(table.columns)}). Fix: add a "
                         "'path' column, with optional 'original_path' and 'label'.")

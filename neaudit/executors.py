@@ -89,7 +89,8 @@ class RayExecutor:
                                ) from exc
         if not isinstance(recipe.data, str):
             raise NeauditError("the Ray executor needs the dataset as a path that every worker "
-                               "can read (shared storage), not an in-memory dataset.")
+                               "can read (shared storage), not an in-memory dataset. Fix: save "
+                               "it to shared storage and pass its path.")
         started = not ray.is_initialized()
         if started:
             ray.init(address=self.address, num_cpus=None if self.address else self.num_cpus,

@@ -85,7 +85,8 @@ def check_model(model: ImageClassifier, images: torch.Tensor) -> int:
             logits = model(images.to(model.mean.device))
     except Exception as exc:  # the user's model code
         raise ModelSpecError(f"'{model.name}': the forward pass on {tuple(images.shape)} images "
-                             f"fails ({type(exc).__name__}: {str(exc)[:300]}).") from exc
+                             f"fails ({type(exc).__name__}: {str(exc)[:300]}). Fix: check the "
+                             "spec's input_size and the model's code.") from exc
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != len(
             images) or logits.shape[1] < 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)

@@ -86,7 +86,7 @@ class Policy:
         try:
             raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise NeauditError(f"{path}: not valid TOML ({exc}).") from exc
+            raise NeauditError(f"{path}: not valid TOML ({exc}). Fix: correct it there.") from exc
         families = raw.pop("family", {})
         raw.pop("description", None)
         name = raw.pop("name", path.stem)

@@ -22,6 +22,9 @@ from neaudit.errors import ModelSpecError
 from neaudit.models import ImageClassifier
 from neaudit.seeding import generator
 
+_STEM_FIX = ("Fix: authorize a model whose first layer is a plain Conv2d or a patch embedding "
+             "(timm's CNNs and ViTs have one).")
+
 
 @dataclass(frozen=True)
 class FirstLayer:
@@ -96,15 +99,16 @@ def first_layer(model: ImageClassifier, image_size: tuple[int, int] | None = Non
         for handle in handles:
             handle.remove()
     if not seen:
-        raise ModelSpecError(f"{model.name}: no Conv2d or Linear layer runs in the forward pass.")
+        raise ModelSpecError(f"{model.name}: no Conv2d or Linear layer runs in the forward pass. "
+                             f"{_STEM_FIX}")
     name, module, seen_input = seen[0]
     if not isinstance(module, nn.Conv2d) or "Same" in type(module).__name__:
         raise ModelSpecError(
             f"{model.name}: the first pixel-facing layer '{name}' is a {type(module).__name__}; "
-            "neaudit supports a plain Conv2d stem or patch embedding.")
+            f"neaudit supports a plain Conv2d stem or patch embedding. {_STEM_FIX}")
     if module.groups != 1 or module.dilation not in ((1, 1), 1) or module.padding_mode != "zeros":
         raise ModelSpecError(f"{model.name}: stem '{name}' uses groups, dilation or non-zero "
-                             "padding, which neaudit does not model.")
+                             f"padding, which neaudit does not model. {_STEM_FIX}")
     expected = model.preprocess(images)
     if seen_input.shape != expected.shape or not torch.allclose(seen_input, expected, atol=1e-5):
         raise ModelSpecError(

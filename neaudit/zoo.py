@@ -86,9 +86,10 @@ def load_zoo_file(path: str | Path) -> list[dict[str, str]]:
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ModelSpecError(f"zoo file {path} does not exist.") from None
+        raise ModelSpecError(f"zoo file {path} does not exist. Fix: check the path, or name a "
+                             "preset (neaudit zoo list).") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ModelSpecError(f"{path}: not valid TOML ({exc}).") from exc
+        raise ModelSpecError(f"{path}: not valid TOML ({exc}). Fix: correct it there.") from exc
     models = raw.get("model")
     if not isinstance(models, list) or not models or set(raw) - {"model", "description"}:
         raise ModelSpecError(f"{path}: a zoo file holds [[model]] tables (name, spec, role). "

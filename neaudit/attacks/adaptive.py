@@ -123,7 +123,8 @@ def clean_patch_prior(images: torch.Tensor, ctx: AttackContext, patch: int, ener
     """Project protected patches onto the principal subspace of clean reference patches that
     holds ``energy`` of their energy (a natural-image prior)."""
     if ctx.reference is None:
-        raise NeauditError("clean_patch_prior needs clean reference images (threat level L2).")
+        raise NeauditError("clean_patch_prior needs clean reference images (threat level L2). "
+                           "Fix: give the audit originals or --reference DIR.")
     key = ("clean_prior", int(patch), float(energy))
     if key not in ctx.extras:
         clean = _patches(ctx.reference.to(images.device), int(patch))
@@ -158,7 +159,8 @@ def rank_surrogates(images: torch.Tensor, ctx: AttackContext, sigma: float = 1.0
     over that outside it (1 for a subspace unrelated to the perturbation)."""
     surrogates = ctx.extras.get("surrogates")
     if not surrogates:
-        raise NeauditError("surrogate attacks need a zoo of candidate models (threat level L3).")
+        raise NeauditError("surrogate attacks need a zoo of candidate models (threat level L3). "
+                           "Fix: audit with --authorized and models (--model or --zoo).")
     residual = images - _denoise(images, ctx, sigma)
     size = tuple(images.shape[-2:])
     scores = []
@@ -187,7 +189,9 @@ def identified_subspace(images: torch.Tensor, ctx: AttackContext, sigma: float =
     the ranking kept in ``ctx.extras["ranking"]``) and its low-sensitivity subspace."""
     ranking = rank_surrogates(images, ctx, sigma)
     if not ranking:
-        raise NeauditError("no candidate model has a pixel-space subspace at this image size.")
+        raise NeauditError("no candidate model has a pixel-space subspace at this image size. "
+                           "Fix: add candidates whose stem is a plain Conv2d or patch embedding "
+                           "at this size, or drop the surrogate attacks from the suite.")
     ctx.extras["ranking"] = ranking
     best = ranking[0][0]
     return best, _subspace(best, ctx.extras["surrogates"][best], tuple(images.shape[-2:]), ctx)
@@ -200,10 +204,12 @@ def known_subspace(images: torch.Tensor, ctx: AttackContext, attack: str
     spec = ctx.extras.get("authorized")
     surrogates = ctx.extras.get("surrogates") or {}
     if spec not in surrogates:
-        raise NeauditError(f"{attack} needs the authorized model (threat L3).")
+        raise NeauditError(f"{attack} needs the authorized model (threat L3). Fix: name it "
+                           "with --authorized.")
     space = _subspace(spec, surrogates[spec], tuple(images.shape[-2:]), ctx)
     if space is None:
-        raise NeauditError(f"{spec}: no pixel-space subspace at this image size.")
+        raise NeauditError(f"{spec}: no pixel-space subspace at this image size. Fix: drop "
+                           "the attacks that need it from the suite.")
     return spec, space
 
 

@@ -113,8 +113,8 @@ def learned_denoiser(images: torch.Tensor, ctx: AttackContext, sigma: float, ste
                      ) -> torch.Tensor:
     """A small denoiser trained on the attacker's clean in-distribution images (L2)."""
     if ctx.reference is None:
-        raise NeauditError("learned_denoiser needs clean reference images (threat level L2); "
-                           "give the audit originals or --reference DIR.")
+        raise NeauditError("learned_denoiser needs clean reference images (threat level L2). "
+                           "Fix: give the audit originals or --reference DIR.")
     with torch.no_grad():
         return denoiser(ctx, sigma, steps)(images)
 
@@ -131,5 +131,6 @@ def denoiser(ctx: AttackContext, sigma: float, steps: int = 150) -> SmallDenoise
 def oracle_originals(images: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
     """Returns the clean originals: an upper bound that checks the leakage plumbing."""
     if ctx.originals is None:
-        raise NeauditError("oracle_originals needs the clean originals of the dataset.")
+        raise NeauditError("oracle_originals needs the clean originals of the dataset. Fix: "
+                           "give them (--originals DIR, or a release with original/).")
     return ctx.originals

@@ -63,8 +63,8 @@ WIDTH = Param(32, 4, 256)
 def _reference(ctx: AttackContext, attack: str, like: torch.Tensor) -> torch.Tensor:
     """The attacker's clean images on the device, at the release's size."""
     if ctx.reference is None:
-        raise NeauditError(f"{attack} needs clean reference images (threat level L2 and up); "
-                           "give the audit originals or --reference DIR.")
+        raise NeauditError(f"{attack} needs clean reference images (threat level L2 and up). "
+                           "Fix: give the audit originals or --reference DIR.")
     reference = ctx.reference.to(like.device, torch.float32)
     if reference.shape[-2:] != like.shape[-2:]:
         reference = F.interpolate(reference, size=like.shape[-2:], mode="bilinear",

@@ -90,9 +90,11 @@ def load_suite(suite: str | Path) -> list[SuiteEntry]:
     try:
         spec = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise NeauditError(f"{path}: not valid TOML ({exc}).") from exc
+        raise NeauditError(f"{path}: not valid TOML ({exc}). Fix: correct it there.") from exc
     except OSError as exc:
-        raise NeauditError(f"{path}: cannot read this suite ({exc.strerror}).") from exc
+        raise NeauditError(f"{path}: cannot read this suite ({exc.strerror}). Fix: check the "
+                           f"path, or name a shipped suite ({', '.join(builtin_suites())})."
+                           ) from exc
     unknown = sorted(set(spec) - {"attack", "description"})
     if unknown:
         raise NeauditError(f"{path}: unknown key(s) {', '.join(unknown)}. Fix: a suite holds "
