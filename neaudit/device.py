@@ -35,16 +35,53 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+MEMINFO = "/proc/meminfo"
+CGROUP_MEMORY = (
+    # cgroup v2: limit, usage, statistics, and the reclaimable page cache's key in them
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current",
+     "/sys/fs/cgroup/memory.stat", "inactive_file"),
+    # cgroup v1
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
+)
+"""Where a container's memory limit shows (Linux): a pod or job with a limit sees the whole
+node's memory in ``/proc/meminfo``, and is killed at its limit."""
+
+
 def available_memory() -> int | None:
-    """Bytes of host memory free for a new allocation (Linux's ``MemAvailable``); None where
-    the system does not say."""
+    """Bytes of host memory free for a new allocation: Linux's ``MemAvailable``, or less
+    where the process's cgroup sets a lower limit (its limit less its usage, the page cache it
+    could reclaim counted free); None where the system says neither."""
+    free = [room for room in (_meminfo_available(), _cgroup_room()) if room is not None]
+    return min(free) if free else None
+
+
+def _meminfo_available() -> int | None:
     try:
-        with open("/proc/meminfo") as meminfo:
+        with open(MEMINFO) as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def _cgroup_room() -> int | None:
+    for limit_file, usage_file, stat_file, reclaimable in CGROUP_MEMORY:
+        try:
+            with open(limit_file) as handle:
+                limit = handle.read().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # no limit set
+                return None
+            with open(usage_file) as handle:
+                usage = int(handle.read())
+            with open(stat_file) as handle:
+                cache = next((int(line.split()[1]) for line in handle
+                              if line.split()[0] == reclaimable), 0)
+        except (OSError, ValueError, IndexError):
+            continue
+        return max(0, int(limit) - usage + cache)
     return None
 
 

@@ -374,3 +374,30 @@ def test_high_depth_values_out_of_range_are_refused_in_their_own_words(tmp_path,
     message = str(refused.value)
     assert message.startswith(f"{path}: ") and says in message
     assert message.count("Fix:") == 1 and "cannot read" not in message
+
+
+def test_free_memory_is_the_host_s_or_the_container_limit_s_whichever_is_lower(tmp_path,
+                                                                               monkeypatch):
+    """A pod with a memory limit sees the node's memory in /proc/meminfo and is killed at its
+    limit: the cgroup's limit less its usage (reclaimable page cache counted free) bounds what
+    the .npz checks take as free."""
+    from neaudit import device
+
+    def write(name: str, text: str) -> str:
+        (tmp_path / name).write_text(text)
+        return str(tmp_path / name)
+
+    gib = 1 << 30
+    meminfo = write("meminfo", f"MemTotal: 1 kB\nMemAvailable: {8 * gib // 1024} kB\n")
+    monkeypatch.setattr(device, "MEMINFO", meminfo)
+    v2 = (write("v2.max", f"{2 * gib}\n"), write("v2.current", f"{3 * gib // 2}\n"),
+          write("v2.stat", f"anon 5\ninactive_file {gib // 4}\n"), "inactive_file")
+    v1 = (write("v1.limit", f"{4 * gib}\n"), write("v1.usage", f"{gib}\n"),
+          write("v1.stat", "total_inactive_file 0\n"), "total_inactive_file")
+    monkeypatch.setattr(device, "CGROUP_MEMORY", (v2, v1))
+    assert device.available_memory() == 3 * gib // 4
+    monkeypatch.setattr(device, "CGROUP_MEMORY", ((str(tmp_path / "absent"), *v2[1:]), v1))
+    assert device.available_memory() == 3 * gib  # cgroup v1's limit, where v2 has none
+    write("v2.max", "max\n")
+    monkeypatch.setattr(device, "CGROUP_MEMORY", (v2, v1))
+    assert device.available_memory() == 8 * gib  # no limit: the host's figure
