@@ -21,9 +21,11 @@ step python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore
 step python3 bench/protect.py --device cuda --images 4096 --batch 256 --skip-writing
 step python3 bench/e2e.py --device cuda --images 4096 --audit-images 512 --suite standard --batch 256 \
   --writers processes --png-compression none --profile
-# protect on a longer job (fixed costs amortized as on a release): 16,384 images, stored PNGs
+# protect on a longer job (fixed costs amortized as on a release): 16,384 images, stored PNGs;
+# its timeline line and the profile's own-time lines say whether the thread feeding the device
+# or the readers bind it
 step python3 bench/e2e.py --device cuda --images 16384 --batch 256 --skip audit \
-  --writers processes --png-compression none --no-reader-sweep
+  --writers processes --png-compression none --no-reader-sweep --profile
 # protect on photos of ImageNet's sizes as JPEGs, decoded and resized by the readers
 step python3 bench/e2e.py --device cuda --images 4096 --batch 256 --skip audit \
   --writers processes --png-compression none --inputs jpeg
