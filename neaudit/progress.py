@@ -193,6 +193,8 @@ def _record(arrays: dict[str, np.ndarray], count: int, image_shape: tuple[int, .
 
 
 def _kept_key(path: Path) -> int | None:
+    if not path.is_file():  # missing, or a pipe that would be waited on
+        return None
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError):

@@ -83,11 +83,12 @@ def load_zoo_file(path: str | Path) -> list[dict[str, str]]:
         role = "authorized"          # optional: the audit's default authorized model
     """
     path = Path(path)
+    if not path.is_file():  # a pipe would be waited on for ever
+        problem = "is not a regular file" if path.exists() else "does not exist"
+        raise ModelSpecError(f"zoo file {path} {problem}. Fix: check the path, or name a "
+                             "preset (neaudit zoo list).")
     try:
         raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelSpecError(f"zoo file {path} does not exist. Fix: check the path, or name a "
-                             "preset (neaudit zoo list).") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ModelSpecError(f"{path}: not valid TOML ({exc}). Fix: correct it there.") from exc
     models = raw.get("model")

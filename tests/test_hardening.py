@@ -137,6 +137,7 @@ def inputs(tmp_path_factory) -> Path:
     for name in ("pipes", "devices"):
         write_png(root / name / "inside.png", images[0])
     os.mkfifo(root / "pipes" / "wait.png")
+    os.mkfifo(root / "zoo_pipe.toml")
     shutil.copytree(root / "release", root / "pipe_original")
     (root / "pipe_original" / "original" / "a" / "1.png").unlink()
     os.mkfifo(root / "pipe_original" / "original" / "a" / "1.png")
@@ -272,6 +273,9 @@ CASES = [
          ("devices/zero.png: a link to a pipe, socket or device",)),
     Case("original_is_a_pipe", _audit(data="{in}/pipe_original"),
          ("original/a/1.png: a pipe, socket or device",)),
+    Case("zoo_file_is_a_pipe", ("audit", "{in}/release", "--zoo", "{in}/zoo_pipe.toml",
+                                "--suite", "smoke", "--out", "{out}", "--quiet"),
+         ("zoo_pipe.toml is not a regular file",)),
     Case("manifest_lists_a_pipe", _protect(data="{in}/manifests/pipe.csv"),
          ("manifests/wait.png: a pipe, socket or device",)),
     Case("policy_is_a_folder", _audit("--policy", "{in}/images"),
