@@ -75,6 +75,8 @@ def read_pixels(path: str | Path) -> tuple[torch.Tensor, tuple[str, ...]]:
             f"{path}: cannot read this image ({exc}). Fix: replace or remove the file, "
             "or list only readable files in a manifest."
         ) from exc
+    if rgb.dtype == np.uint16:  # every level kept, scaled as 16-bit grey is
+        return torch.from_numpy((rgb / 65535.0).astype(np.float32)).permute(2, 0, 1), unread
     return torch.from_numpy(rgb).permute(2, 0, 1), unread
 
 
@@ -135,9 +137,10 @@ One thread on 2 cores: 224×224 PNG photos 1.36× Pillow's rate; 500×375 JPEG p
 
 
 def _rgb_decoded(path: str | Path, image_format: str | None) -> np.ndarray | None:
-    """An 8-bit RGB PNG or JPEG decoded by imagecodecs (:data:`_DECODERS`); None for other
-    formats, and where it refuses or gives anything but H×W×3 uint8 (transparency, CMYK, 12
-    bits), for Pillow to decode."""
+    """An RGB PNG or JPEG decoded by imagecodecs (:data:`_DECODERS`): H×W×3 uint8, or uint16
+    for a 16-bit PNG (Pillow would keep only each value's high byte); None for other formats,
+    and where it refuses or gives anything else (transparency, CMYK, 12-bit JPEG), for Pillow
+    to decode."""
     decoder = _DECODERS.get(image_format or "")
     if decoder is None:
         return None
@@ -147,7 +150,8 @@ def _rgb_decoded(path: str | Path, image_format: str | None) -> np.ndarray | Non
             array = decode(handle.read())
     except error:
         return None
-    return array if array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3 else None
+    depths = (np.uint8, np.uint16) if image_format == "PNG" else (np.uint8,)
+    return array if array.dtype in depths and array.ndim == 3 and array.shape[2] == 3 else None
 
 
 def _levels(images: torch.Tensor) -> torch.Tensor:

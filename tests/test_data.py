@@ -401,3 +401,20 @@ def test_free_memory_is_the_host_s_or_the_container_limit_s_whichever_is_lower(t
     write("v2.max", "max\n")
     monkeypatch.setattr(device, "CGROUP_MEMORY", (v2, v1))
     assert device.available_memory() == 8 * gib  # no limit: the host's figure
+
+
+def test_16_bit_rgb_pngs_keep_every_level(tmp_path):
+    """As 16-bit grey PNGs are: scaled by 1/65535, not cut to each value's high byte (what
+    Pillow reads), in a file read alone and through a dataset."""
+    import imagecodecs
+
+    from neaudit.imageio import quantize, read_image
+
+    values = np.random.default_rng(2).integers(0, 65536, (6, 7, 3), dtype=np.uint16)
+    path = tmp_path / "deep" / "rgb48.png"
+    path.parent.mkdir()
+    path.write_bytes(imagecodecs.png_encode(values))
+    expected = torch.from_numpy((values / 65535.0).astype(np.float32)).permute(2, 0, 1)
+    assert torch.equal(read_image(path), expected)
+    assert torch.equal(read_image(path, on_grid=True).float() / 255, quantize(expected))
+    assert torch.equal(next(load_dataset(path.parent).batches(1)).protected[0], expected)
