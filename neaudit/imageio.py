@@ -7,6 +7,7 @@ half-written file under its final name.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -46,6 +47,9 @@ UNREAD = {
     "orientation": "an EXIF orientation tag, not applied: the pixels are read as stored",
     "frames": "more than one frame (an animation or pages), of which only the first is read "
               "(and protected)",
+    "colour_profile": "a colour profile other than sRGB, not applied: the pixels are read (and "
+                      "PNG NEs written) as stored, so colour-managed viewers show the NEs in "
+                      "other colours than the originals",
 }
 """What a file can show in an image viewer that its pixels as read (RGB, as stored: what
 ecosystem loaders such as timm's and torchvision's give a model) do not, by name."""
@@ -58,7 +62,8 @@ def read_pixels(path: str | Path) -> tuple[torch.Tensor, tuple[str, ...]]:
     try:
         with Image.open(path) as img:  # the header only: size and decompression-bomb checks
             unread = (("orientation",) if _orientation(img) != 1 else ()) + (
-                ("frames",) if _frames(img) > 1 else ())
+                ("frames",) if _frames(img) > 1 else ()) + (
+                ("colour_profile",) if not _srgb(img.info.get("icc_profile")) else ())
             rgb = (_rgb_decoded(path, img.format)
                    if img.mode == "RGB" and "transparency" not in img.info else None)
             if rgb is None:
@@ -92,6 +97,22 @@ def _orientation(img: Image.Image) -> int:
         return int(img.getexif().get(_ORIENTATION, 1))
     except Exception:  # Pillow's EXIF parser on hostile bytes; the note is advisory
         return 1
+
+
+@functools.lru_cache(maxsize=64)
+def _srgb(profile: bytes | None) -> bool:
+    """Whether an embedded ICC profile (None: none) is sRGB, as most cameras' and editors'
+    are, by its description; where it cannot be parsed, as for :func:`_orientation`."""
+    if not profile:
+        return True
+    try:
+        from PIL import ImageCms
+
+        description = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(
+            io.BytesIO(profile)))
+    except Exception:  # littlecms on hostile bytes, or Pillow built without it; advisory
+        return True
+    return "srgb" in description.lower()
 
 
 def _frames(img: Image.Image) -> int:

@@ -341,6 +341,11 @@ def test_transparency_and_exif_orientation_are_noted_not_silently_dropped(tmp_pa
     first.save(folder / "g-animated.webp", save_all=True, append_images=more, lossless=True)
     first.save(folder / "h-pages.tif", save_all=True, append_images=more)
     first.save(folder / "i-one-page.tif")
+    from PIL import ImageCms
+
+    for name, space in (("j-srgb", "sRGB"), ("k-other-space", "XYZ")):  # only the second noted
+        profile = ImageCms.ImageCmsProfile(ImageCms.createProfile(space)).tobytes()
+        Image.fromarray(photos[0]).save(folder / f"{name}.png", icc_profile=profile)
 
     before = snapshot(folder)
     assert main(["protect", str(folder), "--authorized", vit_spec, "--out",
@@ -353,11 +358,16 @@ def test_transparency_and_exif_orientation_are_noted_not_silently_dropped(tmp_pa
                      "are read as stored (e.g. f-turned.jpg)",
                      "note: 2 input(s) have more than one frame (an animation or pages), of "
                      "which only the first is read (and protected) (e.g. g-animated.webp, "
-                     "h-pages.tif)"]
+                     "h-pages.tif)",
+                     "note: 1 input(s) have a colour profile other than sRGB, not applied: the "
+                     "pixels are read (and PNG NEs written) as stored, so colour-managed "
+                     "viewers show the NEs in other colours than the originals (e.g. "
+                     "k-other-space.png)"]
     unread = json.loads((tmp_path / "out" / "neaudit.json").read_text())["unread"]
     assert unread == {"alpha": {"count": 2, "examples": ["c-transparent.png", "d-keyed.png"]},
                       "orientation": {"count": 1, "examples": ["f-turned.jpg"]},
-                      "frames": {"count": 2, "examples": ["g-animated.webp", "h-pages.tif"]}}
+                      "frames": {"count": 2, "examples": ["g-animated.webp", "h-pages.tif"]},
+                      "colour_profile": {"count": 1, "examples": ["k-other-space.png"]}}
     # the pixels read are Pillow's RGB, as stored
     for path in sorted(folder.iterdir()):
         assert np.array_equal(read_image(path, on_grid=True).permute(1, 2, 0).numpy(),
