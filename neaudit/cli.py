@@ -246,7 +246,10 @@ def _add_protect(sub) -> None:
     protect.add_argument("--store-key", action="store_true", help="record the key in neaudit.json")
     protect.add_argument("--save-originals", action="store_true",
                          help="also write the clean images under OUT/original/")
-    protect.add_argument("--format", choices=("png", "npz"), default="png")
+    protect.add_argument("--format", choices=("png", "npz"), default="png",
+                         help="png (default: files that stream and resume) or npz (one file, "
+                              "held in memory until written; refused when larger than the "
+                              "free memory)")
     protect.add_argument("--png-compression", default="none",
                          help="none (default: ten times faster to write) or deflate (files "
                               "about a quarter smaller); the pixels are the same")
