@@ -337,9 +337,17 @@ def _load_npz(path: Path, resize) -> ImageDataset:
                         resize=resize)
 
 
+MANIFEST_ROW_BYTES = 100
+"""The least memory a manifest row takes once loaded: two Python strings (its file's path and
+its item name), about 50 bytes each before a character."""
+
+
 def _load_manifest(path: Path, resize, allow_outside: bool) -> ImageDataset:
+    parquet = path.suffix.lower() == ".parquet"
+    if parquet:  # dictionary-encoded, 30 KB can declare ten million rows
+        _check_manifest_rows(path)
     try:
-        table = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
+        table = pd.read_parquet(path) if parquet else pd.read_csv(path)
     except Exception as exc:  # pandas raises many types for a malformed file
         raise DataError(f"{path}: cannot read this manifest ({exc}). Fix: give a CSV or "
                         "Parquet table with a 'path' column.") from exc
@@ -362,6 +370,22 @@ def _load_manifest(path: Path, resize, allow_outside: bool) -> ImageDataset:
     return ImageDataset(names=names, protected=files, original=original, labels=labels,
                         class_names=class_names, sidecar=read_sidecar(path.parent), source=path,
                         resize=resize, outside_files=outside)
+
+
+def _check_manifest_rows(path: Path) -> None:
+    """Refuse a Parquet manifest whose rows, by its footer, cannot fit in the free memory."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except Exception as exc:  # pyarrow raises several types for a malformed file
+        raise DataError(f"{path}: cannot read this manifest ({exc}). Fix: give a CSV or "
+                        "Parquet table with a 'path' column.") from exc
+    free = available_memory()
+    if free is not None and rows * MANIFEST_ROW_BYTES > free:
+        raise DataError(f"{path}: lists {rows:,} rows, more than {free / 2**30:.1f} GiB of free "
+                        f"memory can hold ({MANIFEST_ROW_BYTES} bytes a row at the least). Fix: "
+                        "split the manifest, or give the images as a folder.")
 
 
 def _manifest_files(manifest: Path, column: pd.Series, name: str

@@ -418,3 +418,20 @@ def test_16_bit_rgb_pngs_keep_every_level(tmp_path):
     assert torch.equal(read_image(path), expected)
     assert torch.equal(read_image(path, on_grid=True).float() / 255, quantize(expected))
     assert torch.equal(next(load_dataset(path.parent).batches(1)).protected[0], expected)
+
+
+def test_a_parquet_manifest_of_more_rows_than_memory_holds_is_refused_unread(tmp_path,
+                                                                            monkeypatch):
+    """Counted from its footer before a row is read: dictionary encoding lets 30 KB declare
+    ten million rows, each a path string and a name string once loaded."""
+    import neaudit.data
+
+    pd.DataFrame({"path": ["a.png"] * 1000}).to_parquet(tmp_path / "m.parquet")
+    reads = []
+    monkeypatch.setattr(pd, "read_parquet", lambda *a, **k: reads.append(a))
+    monkeypatch.setattr(neaudit.data, "available_memory",
+                        lambda: 1000 * neaudit.data.MANIFEST_ROW_BYTES - 1)
+    with pytest.raises(DataError) as refused:
+        load_dataset(tmp_path / "m.parquet")
+    assert str(refused.value).startswith(f"{tmp_path / 'm.parquet'}: lists 1,000 rows, ")
+    assert "Fix: split the manifest" in str(refused.value) and not reads
