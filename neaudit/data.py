@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from neaudit.arguments import checked
 from neaudit.dataset import Batch, ImageDataset  # noqa: F401  (re-exported)
-from neaudit.device import available_memory
+from neaudit.device import free_memory_short_of
 from neaudit.errors import DataError
 from neaudit.imageio import (
     IMAGE_SUFFIXES,
@@ -209,6 +209,13 @@ def _list_images(folder: Path, exclude: set[str] = frozenset()) -> tuple[list[st
     return found, outside
 
 
+def _refuse_special(path: str) -> None:
+    """Refuse a path that is no regular file yet exists and is no folder (a pipe, a socket, a
+    device, or a link to one): the caller found it where a file should be."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _not_regular(path, os.path.islink(path))
+
+
 def _not_regular(path: str, link: bool) -> DataError:
     """An image name on a pipe, socket or device: reading it could block, or never end."""
     return DataError(f"{path}: {'a link to ' if link else ''}a pipe, socket or device, not an "
@@ -247,9 +254,8 @@ def _load_folder(path: Path, originals: Path | None, resize, allow_outside: bool
     if originals is not None:
         listed = [os.path.join(str(originals), r) for r in rel]
         missing = [p for p in listed if not os.path.isfile(p)]
-        special = next((p for p in missing if os.path.exists(p) and not os.path.isdir(p)), None)
-        if special is not None:
-            raise _not_regular(special, os.path.islink(special))
+        for original in missing:
+            _refuse_special(original)
         if missing:
             raise DataError(
                 f"{originals}: {len(missing)} protected image(s) have no original under the "
@@ -293,8 +299,8 @@ def _load_npz(path: Path, resize) -> ImageDataset:
             stored = sum(member.file_size for member in archive.infolist())
     except (OSError, zipfile.BadZipFile) as exc:
         raise _unreadable_npz(path, exc) from exc
-    free = available_memory()
-    if free is not None and stored > free:  # a few MB of zeros can unpack to gigabytes
+    free = free_memory_short_of(stored)
+    if free is not None:  # a few MB of zeros can unpack to gigabytes
         raise DataError(f"{path}: its arrays unpack to {stored / 2**30:.1f} GiB, read whole, "
                         f"and this machine has {free / 2**30:.1f} GiB free. Fix: give the "
                         "images as files (a folder or a manifest), which stream.")
@@ -381,8 +387,8 @@ def _check_manifest_rows(path: Path) -> None:
     except Exception as exc:  # pyarrow raises several types for a malformed file
         raise DataError(f"{path}: cannot read this manifest ({exc}). Fix: give a CSV or "
                         "Parquet table with a 'path' column.") from exc
-    free = available_memory()
-    if free is not None and rows * MANIFEST_ROW_BYTES > free:
+    free = free_memory_short_of(rows * MANIFEST_ROW_BYTES)
+    if free is not None:
         raise DataError(f"{path}: lists {rows:,} rows, more than {free / 2**30:.1f} GiB of free "
                         f"memory can hold ({MANIFEST_ROW_BYTES} bytes a row at the least). Fix: "
                         "split the manifest, or give the images as a folder.")
@@ -399,8 +405,7 @@ def _manifest_files(manifest: Path, column: pd.Series, name: str
     for row, text in enumerate(column.astype(str)):
         file = os.path.join(base, text)  # strings: pathlib cost more than the system calls
         if not os.path.isfile(file):
-            if os.path.exists(file) and not os.path.isdir(file):
-                raise _not_regular(file, os.path.islink(file))
+            _refuse_special(file)
             raise DataError(f"{manifest}: row {row} '{name}' {text} is not a file. Fix: paths "
                             "are relative to the manifest's folder.")
         if resolve.inside(file, base):

@@ -56,15 +56,20 @@ def available_memory() -> int | None:
     return min(free) if free else None
 
 
+def free_memory_short_of(need: int) -> int | None:
+    """The free memory (:func:`available_memory`) where it is less than ``need`` bytes, for a
+    refusal to name; None where enough is free, or where the system does not say."""
+    free = available_memory()
+    return free if free is not None and need > free else None
+
+
 def _meminfo_available() -> int | None:
     try:
         with open(MEMINFO) as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            return next((int(line.split()[1]) * 1024 for line in meminfo
+                         if line.startswith("MemAvailable:")), None)
     except (OSError, ValueError, IndexError):
-        pass
-    return None
+        return None
 
 
 def _cgroup_room() -> int | None:

@@ -33,7 +33,7 @@ from neaudit.data import (
     load_dataset,
 )
 from neaudit.dataset import ImageDataset
-from neaudit.device import available_memory, chunks, resolve_device
+from neaudit.device import chunks, free_memory_short_of, resolve_device
 from neaudit.errors import NeauditError
 from neaudit.fidelity import Kept, ModelPreview, fidelity_sample, measure, measured_columns
 from neaudit.imageio import (
@@ -285,8 +285,8 @@ def _check_npz_memory(count: int, size: tuple[int, int], save_originals: bool) -
     """Refuse ``--format npz`` for a release larger than the host's free memory, which holds
     it whole until the one file is written (a process killed for memory says nothing)."""
     need = count * 3 * size[0] * size[1] * (2 if save_originals else 1)
-    free = available_memory()
-    if free is not None and need > free:
+    free = free_memory_short_of(need)
+    if free is not None:
         what = "images and their originals" if save_originals else "images"
         raise NeauditError(f"--format npz: the release is held in memory until its one file is "
                            f"written, {need / 2**30:.1f} GiB for {count} {what} of "

@@ -116,13 +116,13 @@ def test_an_npz_that_unpacks_beyond_free_memory_is_refused_unread(tmp_path: Path
                                                                  monkeypatch):
     """Sized from the archive's directory, before any array is read: a few MB of zeros can
     declare gigabytes."""
-    import neaudit.data
+    from neaudit import device
 
     np.savez_compressed(tmp_path / "d.npz", protected=photos[:4])
     declared = 4 * photos[0].nbytes
     reads = []
     monkeypatch.setattr(np, "load", lambda *a, **k: reads.append(a))
-    monkeypatch.setattr(neaudit.data, "available_memory", lambda: declared // 2)
+    monkeypatch.setattr(device, "available_memory", lambda: declared // 2)
     with pytest.raises(DataError) as refused:
         load_dataset(tmp_path / "d.npz")
     assert str(refused.value).startswith(f"{tmp_path / 'd.npz'}: its arrays unpack to ")
@@ -425,11 +425,12 @@ def test_a_parquet_manifest_of_more_rows_than_memory_holds_is_refused_unread(tmp
     """Counted from its footer before a row is read: dictionary encoding lets 30 KB declare
     ten million rows, each a path string and a name string once loaded."""
     import neaudit.data
+    from neaudit import device
 
     pd.DataFrame({"path": ["a.png"] * 1000}).to_parquet(tmp_path / "m.parquet")
     reads = []
     monkeypatch.setattr(pd, "read_parquet", lambda *a, **k: reads.append(a))
-    monkeypatch.setattr(neaudit.data, "available_memory",
+    monkeypatch.setattr(device, "available_memory",
                         lambda: 1000 * neaudit.data.MANIFEST_ROW_BYTES - 1)
     with pytest.raises(DataError) as refused:
         load_dataset(tmp_path / "m.parquet")

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from neaudit import protection
+from neaudit import device
 from neaudit.cli import main
 from neaudit.data import load_dataset
 from neaudit.errors import NeauditError
@@ -145,7 +145,7 @@ def test_npz_holds_the_png_release_and_is_refused_beyond_free_memory(tmp_path, v
     release = next(folders.batches(32, on_grid=True))
     for kind, pixels in (("protected", release.protected), ("original", release.original)):
         assert np.array_equal(held[kind], pixels[order].permute(0, 2, 3, 1).numpy()), kind
-    monkeypatch.setattr(protection, "available_memory", lambda: 700_000)  # 32 × 64² × 3 × 2
+    monkeypatch.setattr(device, "available_memory", lambda: 700_000)  # 32 × 64² × 3 × 2
     argv = ["protect", "builtin:samples", "--authorized", vit_spec, "--out",
             str(tmp_path / "big"), "--format", "npz", "--save-originals", "-q"]
     capsys.readouterr()
