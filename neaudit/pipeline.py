@@ -233,8 +233,7 @@ class PngWriter:
 
     def __exit__(self, *exc_info) -> None:
         try:
-            while self.futures:
-                self._collect()
+            self.close()
         finally:
             if self.stopping is not None:
                 self.stopping.join()
