@@ -25,6 +25,7 @@ import torch
 from neaudit.attacks import AttackContext, get_attack, load_suite
 from neaudit.auditing import audit
 from neaudit.data import builtin_dataset, load_dataset
+from neaudit.device import forward_precision, resolve_precision
 from neaudit.imageio import to_float, write_png
 from neaudit.zoo import create_model
 
@@ -46,20 +47,27 @@ def make_release(root: Path, count: int, size: int = 32) -> Path:
 
 
 def bare_loop(data: Path, suite: str, batch_size: int) -> float:
+    """The same attacks and forwards as the audit, in its precision and layout (CPU)."""
     dataset = load_dataset(data)
-    models = [create_model(s) for s in ZOO]
+    cpu = torch.device("cpu")
+    precision = resolve_precision("auto", cpu)
+    models = [create_model(s).to(memory_format=torch.channels_last) for s in ZOO]
     entries = load_suite(suite)
+
+    def forward(images: torch.Tensor) -> None:
+        images = images.contiguous(memory_format=torch.channels_last)
+        with forward_precision(cpu, precision):
+            for model in models:
+                model(images).argmax(1)
+
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in dataset.batches(batch_size):
             for images in (batch.original, batch.protected):
-                for model in models:
-                    model(images).argmax(1)
+                forward(images)
             for entry in entries:
                 ctx = AttackContext(generator=torch.Generator().manual_seed(0))
-                attacked = get_attack(entry.attack)(batch.protected, ctx, **dict(entry.params))
-                for model in models:
-                    model(attacked).argmax(1)
+                forward(get_attack(entry.attack)(batch.protected, ctx, **dict(entry.params)))
     return time.perf_counter() - start
 
 

@@ -36,7 +36,7 @@ from neaudit import pipeline, protection
 from neaudit.attacks import AttackContext, get_attack, load_suite
 from neaudit.auditing import audit
 from neaudit.data import builtin_dataset, load_dataset
-from neaudit.device import chunks
+from neaudit.device import chunks, forward_precision, resolve_precision
 from neaudit.fidelity import ModelPreview, measure
 from neaudit.imageio import quantize, to_float, write_png
 from neaudit.metrics import isotropic_gain
@@ -302,17 +302,15 @@ def bare_loop(data: Path, entries, device: torch.device, batch: int,
     seconds for the loop itself (compiling included)."""
     start = time.perf_counter()
     dataset = load_dataset(data)
-    cuda = device.type == "cuda"
-    layout = torch.channels_last if cuda else torch.contiguous_format
-    models = [create_model(s).to(device, memory_format=layout) for s in ZOO]
+    precision = resolve_precision("auto", device)  # as the audit resolves its default
+    models = [create_model(s).to(device, memory_format=torch.channels_last) for s in ZOO]
     if compile_models:
         models = [torch.compile(m, dynamic=True) for m in models]  # as the audit does
     setup = time.perf_counter() - start
 
     def forward(images: torch.Tensor) -> None:
-        images = images.contiguous(memory_format=layout)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                    enabled=cuda):
+        images = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), forward_precision(device, precision):
             torch.stack([m(images).argmax(1) for m in models]).cpu()
 
     def run() -> None:
@@ -360,8 +358,9 @@ def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int,
                            out=tmp / "run-profiled", device=device, batch_size=batch,
                            quiet=True, score="agreement"))
     units = count * len(ZOO) * (len(entries) + 2)
+    precision = json.loads((tmp / "run" / "config.json").read_text())["precision"]
     print(f"audit {count} images 224×224 × {len(ZOO)} models × {len(entries)} attacks "
-          f"({suite} without training attacks), batch {batch}, {device}"
+          f"({suite} without training attacks), batch {batch}, {device}, forwards in {precision}"
           f"{', forwards compiled (job and bare loop)' if compile_models else ''}:")
     print(f"  job {job:.1f} s ({units / job:,.0f} image·model evaluations/s) | bare loop "
           f"{bare:.1f} s ({units / bare:,.0f}/s) | job / bare = {job / bare:.2f}")
@@ -372,12 +371,18 @@ def audit_bench(tmp: Path, count: int, device: str, suite: str, batch: int,
 
 
 def flops(device: str) -> None:
+    """The device's matmul rate in fp32 and, where it has bf16 units, in bf16 (the audit's
+    forwards run in that by default)."""
     n = 4096 if device == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device == "cuda" else
-                    torch.float32)
-    a @ a
-    seconds = timed(lambda: [a @ a for _ in range(10)])
-    print(f"matmul {n}×{n} on {device}: {10 * 2 * n**3 / seconds / 1e12:.2f} TFLOP/s")
+    formats = {"fp32": torch.float32}
+    if resolve_precision("auto", torch.device(device)) == "bf16":
+        formats["bf16"] = torch.bfloat16
+    for name, dtype in formats.items():
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        a @ a
+        seconds = timed(lambda a=a: [a @ a for _ in range(10)])
+        print(f"matmul {n}×{n} {name} on {device}: {10 * 2 * n**3 / seconds / 1e12:.2f} "
+              "TFLOP/s")
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from neaudit.attacks import DATASET, SuiteEntry, load_suite
 from neaudit.bars import progress_bar
 from neaudit.data import load_dataset
 from neaudit.dataset import ImageDataset
-from neaudit.device import resolve_device
+from neaudit.device import resolve_device, resolve_precision
 from neaudit.errors import NeauditError
 from neaudit.executors import Executor, LocalExecutor
 from neaudit.models import display_names, split_name
@@ -67,7 +67,8 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
           executor: Executor | None = None, quiet: bool = False,
           command: str | None = None, stop_after: int | None = None,
           score: str = "auto", loader_workers: int = 0, decode: str = "cpu",
-          allow_outside: bool = False, compile_models: bool = False) -> AuditResult:
+          allow_outside: bool = False, compile_models: bool = False,
+          precision: str = "auto") -> AuditResult:
     """Run an audit and return its table; see the module docstring for the steps.
 
     ``authorized`` defaults to the spec recorded in the dataset's ``neaudit.json``.
@@ -82,6 +83,9 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     ``compile_models`` runs the zoo's forwards through ``torch.compile`` (opt-in: compiling
     takes minutes, and compiled kernels may round differently from eager ones, so the choice
     is part of the run's identity).
+    ``precision`` (``auto``, ``bf16`` or ``fp32``) is the zoo's forwards' number format:
+    ``auto`` is bf16 where the device computes it natively, fp32 elsewhere
+    (:func:`neaudit.device.resolve_precision`); the one used is part of the run's identity.
     """
     started = time.time()
     entries = load_suite(suite)  # validated before any image is read
@@ -91,6 +95,8 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     for name, value in (("--max-images", max_images), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise NeauditError(f"{name} {value}: must be at least 1.")
+    torch_device = resolve_device(device)
+    precision = resolve_precision(precision, torch_device)  # the one the forwards use
     dataset = (data if isinstance(data, ImageDataset)
                else load_dataset(data, originals, allow_outside=allow_outside))
     if max_images is not None:
@@ -100,7 +106,6 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     authorized = specs[0]
     score_metric = score if score != "auto" else (
         "accuracy" if dataset.labels is not None else "agreement")
-    torch_device = resolve_device(device)
     _check_decode(decode, torch_device.type, loader_workers)
     out = Path(out) if out else default_run_dir(
         data if not isinstance(data, ImageDataset) else "data", str(suite), specs, seed)
@@ -111,7 +116,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
         "names": names, "authorized": authorized, "suite": [e.label for e in entries],
         "seed": seed, "batch_size": batch_size, "score_metric": score_metric,
         "reference": str(reference) if reference else None, "decode": decode,
-        "compile_models": compile_models,
+        "compile_models": compile_models, "precision": precision,
         # which items --max-images chose (a run that chose others, the first N, is another run)
         "items": (hashlib.sha256(json.dumps(dataset.names).encode()).hexdigest()
                   if max_images is not None else None)}
@@ -119,7 +124,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
         data if isinstance(data, ImageDataset) else str(data),
         str(originals) if originals else None, max_images, tuple(specs), authorized, str(out),
         config, str(torch_device), seed, str(reference) if reference else None,
-        needs_reference, score_metric, decode, compile_models)
+        needs_reference, score_metric, decode, compile_models, precision)
     worker = build_worker(recipe, dataset)
     worker.names = names
     tasks = plan(worker.dataset, entries, batch_size)

@@ -100,6 +100,7 @@ def _audit(args: argparse.Namespace) -> int:
                    max_images=args.max_images, quiet=args.quiet, score=args.score,
                    loader_workers=args.loader_workers, decode=args.decode,
                    allow_outside=args.allow_outside, compile_models=args.compile_models,
+                   precision=args.precision,
                    command=" ".join(["neaudit", *sys.argv[1:]]))
     print(printable(format_summary(result.summary, result.out)))
     if not result.complete:
@@ -302,6 +303,10 @@ def _add_audit(sub) -> None:
     run.add_argument("--compile-models", action="store_true",
                      help="run the zoo's forwards through torch.compile (minutes of compiling "
                           "first; part of the run's identity)")
+    run.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                     help="number format of the zoo's forwards: auto is bf16 where the device "
+                          "has bf16 units (CUDA from Ampere; CPUs with AMX or AVX-512 BF16), "
+                          "else fp32; recorded, and part of the run's identity")
     run.add_argument("--executor", choices=("local", "ray"), default="local")
     run.add_argument("--ray-address", help="existing Ray cluster: auto or HOST:PORT")
     run.add_argument("--ray-workers", type=int, default=2, help="Ray actors")

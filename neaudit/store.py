@@ -44,10 +44,14 @@ class ResultStore:
         config_path = self.root / "config.json"
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
         if config_path.is_file():
-            if json.loads(config_path.read_text()) != json.loads(text):
+            stored, wanted = json.loads(config_path.read_text()), json.loads(text)
+            if stored != wanted:
+                differing = sorted(k for k in stored.keys() | wanted.keys()
+                                   if stored.get(k) != wanted.get(k))
                 raise NeauditError(
-                    f"{self.root} holds results of a different audit (other data, models, suite "
-                    "or seed). Fix: choose another --out, or delete that folder to start over.")
+                    f"{self.root} holds results of a different audit (settings that differ: "
+                    f"{', '.join(differing)}). Fix: choose another --out, or delete that folder "
+                    "to start over.")
         else:
             self.write_text("config.json", text)
 

@@ -25,7 +25,7 @@ from neaudit.attacks import (
 )
 from neaudit.data import load_dataset
 from neaudit.dataset import Batch, ImageDataset
-from neaudit.device import resolve_device
+from neaudit.device import forward_precision, resolve_device
 from neaudit.errors import DataError, NeauditError
 from neaudit.metrics import SsimReference, psnr, ssim
 from neaudit.pipeline import span_batches
@@ -57,6 +57,7 @@ class WorkerRecipe:
     score_metric: str
     decode: str = "cpu"
     compile_models: bool = False
+    precision: str = "fp32"  # resolved by the audit (``auto`` means the driver's device)
 
 
 def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> Worker:
@@ -82,15 +83,17 @@ def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> W
         raise NeauditError(f"--compile-models: the zoo does not fit on {device} together, so its "
                            "models take turns there and cannot be compiled. Fix: drop "
                            "--compile-models, or audit fewer models at a time.")
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    models = {spec: m.to(memory_format=layout) if offload else m.to(device, memory_format=layout)
+    # channels-last on every device: on 2 CPU cores it took ResNet-50 from 13 to 18 img/s in
+    # fp32 and from 22 to 51 in bf16, and left transformers as they were
+    models = {spec: m.to(memory_format=torch.channels_last) if offload
+              else m.to(device, memory_format=torch.channels_last)
               for spec, m in models.items()}
     _check_models(models, dataset, recipe.score_metric, device, offload)
     reference = (reference_images(dataset, recipe.reference)
                  if recipe.needs_reference else None)
     store = ResultStore(Path(recipe.out), recipe.config)
     worker = Worker(dataset, models, recipe.authorized, store, device, recipe.seed, reference,
-                    recipe.score_metric, offload)
+                    recipe.score_metric, offload, recipe.precision)
     if recipe.compile_models:  # compiled at the first forward; attacks keep the eager models
         # with a symbolic batch size: the last shard and the nondeterminism re-run's smaller
         # batches reuse the one compilation instead of each compiling anew
@@ -151,16 +154,18 @@ class Worker:
     """Evaluates tasks; keeps the models loaded and the current shard in memory.
 
     ``offload`` keeps the models on the CPU and moves one at a time to the GPU, for zoos that
-    do not fit in its memory together.
+    do not fit in its memory together. ``precision`` (``bf16`` or ``fp32``) is the number
+    format of the zoo's forwards (:func:`neaudit.device.resolve_precision`).
     """
 
     def __init__(self, dataset: ImageDataset, models: dict[str, ImageClassifier],
                  authorized: str, store: ResultStore, device: torch.device, seed: int,
-                 reference: torch.Tensor | None, score_metric: str, offload: bool = False
-                 ) -> None:
+                 reference: torch.Tensor | None, score_metric: str, offload: bool = False,
+                 precision: str = "fp32") -> None:
         self.dataset, self.models, self.authorized = dataset, models, authorized
         self.store, self.device, self.seed = store, device, seed
         self.reference, self.score_metric, self.offload = reference, score_metric, offload
+        self.precision = precision
         # what attacks cache between calls (trained denoisers, subspaces) and the L3
         # attacker's zoo of public models
         self.extras: dict = {"surrogates": models, "authorized": authorized}
@@ -224,15 +229,12 @@ class Worker:
         return replace(batch, protected=move(batch.protected), original=move(batch.original))
 
     def predict(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        """Top-1 predictions of every model on one batch, copied back to the CPU once (bf16
-        autocast and channels-last on CUDA)."""
-        cuda = self.device.type == "cuda"
+        """Top-1 predictions of every model on one batch, copied back to the CPU once (in the
+        run's precision, channels-last)."""
         images = images.to(self.device, non_blocking=True)
-        if cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
         top = []
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=cuda):
+        with torch.inference_mode(), forward_precision(self.device, self.precision):
             for spec, model in self.models.items():
                 if self.offload:
                     model.to(self.device)

@@ -163,6 +163,54 @@ def test_compiled_forwards_are_part_of_the_run_identity(protected, suite, tmp_pa
         audit(protected, [OTHER], **kwargs)
 
 
+def test_forwards_run_in_the_recorded_precision_which_is_part_of_the_run_identity(
+        protected, suite, tmp_path):
+    """--precision reaches the Python twin; the zoo's forwards run in the format the run
+    records (bf16 autocast on a CPU too); a run is not resumed in another format."""
+    from neaudit.cli import build_parser
+
+    args = build_parser().parse_args(["audit", str(protected), "--model", OTHER,
+                                      "--precision", "bf16"])
+    assert args.precision == "bf16"
+    formats: dict[str, set] = {}
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            formats[current].add(output.dtype)
+
+    kwargs = dict(suite=suite, out=tmp_path / "run", score="agreement", quiet=True,
+                  max_images=8)
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        for current in ("bf16", "fp32"):
+            formats[current] = set()
+            audit(protected, [OTHER], precision=current, **{**kwargs, "out": tmp_path / current})
+    finally:
+        hook.remove()
+    assert formats == {"bf16": {torch.bfloat16, torch.float32}, "fp32": {torch.float32}}
+    for current in ("bf16", "fp32"):
+        run = json.loads((tmp_path / current / "run.json").read_text())
+        assert run["config"]["precision"] == current
+    with pytest.raises(NeauditError, match="settings that differ: precision"):
+        audit(protected, [OTHER], precision="fp32", **{**kwargs, "out": tmp_path / "bf16"})
+    with pytest.raises(NeauditError, match="--precision fp16: .* Fix: use auto, bf16, fp32"):
+        audit(protected, [OTHER], precision="fp16", **kwargs)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch,
+                                                                           native):
+    from neaudit import device
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert device.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert device.resolve_precision("fp32", cpu) == "fp32"
+    assert device.resolve_precision("bf16", cpu) == "bf16"  # asked for: emulated if need be
+
+
 @pytest.mark.slow
 def test_compiled_forwards_give_the_eager_table(protected, suite, tmp_path):
     """torch.compile'd forwards (minutes of compiling on a CPU) predict what eager ones do."""

@@ -189,6 +189,7 @@ def _provenance(manifest: dict) -> list[tuple[str, str]]:
     items = [("command", manifest.get("command", "–")),
              ("seed", str(manifest.get("seed", "–"))),
              ("device", manifest.get("device", "–")),
+             ("forwards in", manifest.get("config", {}).get("precision", "–")),
              ("complete", str(manifest.get("complete", "–"))),
              ("seconds", _fmt(manifest.get("seconds"), "%.1f"))]
     items += [(f"version {k}", v) for k, v in manifest.get("versions", {}).items()]
