@@ -88,7 +88,7 @@ def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> W
     models = {spec: m.to(memory_format=torch.channels_last) if offload
               else m.to(device, memory_format=torch.channels_last)
               for spec, m in models.items()}
-    _check_models(models, dataset, recipe.score_metric, device, offload)
+    _check_models(models, dataset, recipe.score_metric, device, offload, recipe.precision)
     reference = (reference_images(dataset, recipe.reference)
                  if recipe.needs_reference else None)
     store = ResultStore(Path(recipe.out), recipe.config)
@@ -108,12 +108,15 @@ PROBE_IMAGES = 4
 
 
 def _check_models(models: dict[str, ImageClassifier], dataset: ImageDataset, score_metric: str,
-                  device: torch.device, offload: bool) -> None:
+                  device: torch.device, offload: bool, precision: str) -> None:
     """Refuse a model that fails on the dataset's images, or whose classes do not cover the
-    labels it is scored against."""
+    labels it is scored against. The probe runs as the audit's forwards will (``precision``,
+    channels-last), which also readies their kernels."""
     probe = next(dataset.batches(min(PROBE_IMAGES, len(dataset)))).protected
+    probe = probe.contiguous(memory_format=torch.channels_last)
     for spec, model in models.items():
-        classes = check_model(model.to(device) if offload else model, probe)
+        with forward_precision(device, precision):
+            classes = check_model(model.to(device) if offload else model, probe)
         if offload:
             model.cpu()
         if score_metric == "accuracy" and int(dataset.labels.max()) >= classes:

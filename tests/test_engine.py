@@ -187,7 +187,9 @@ def test_forwards_run_in_the_recorded_precision_which_is_part_of_the_run_identit
             audit(protected, [OTHER], precision=current, **{**kwargs, "out": tmp_path / current})
     finally:
         hook.remove()
-    assert formats == {"bf16": {torch.bfloat16, torch.float32}, "fp32": {torch.float32}}
+    # every layer of every forward, the model checks included (this suite has no attack
+    # that runs a model)
+    assert formats == {"bf16": {torch.bfloat16}, "fp32": {torch.float32}}
     for current in ("bf16", "fp32"):
         run = json.loads((tmp_path / current / "run.json").read_text())
         assert run["config"]["precision"] == current
