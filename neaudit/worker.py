@@ -57,7 +57,7 @@ class WorkerRecipe:
     score_metric: str
     decode: str = "cpu"
     compile_models: bool = False
-    precision: str = "fp32"  # resolved by the audit (``auto`` means the driver's device)
+    precision: str = "fp32"  # resolved by the driver: every worker runs the forwards in it
 
 
 def build_worker(recipe: WorkerRecipe, dataset: ImageDataset | None = None) -> Worker:

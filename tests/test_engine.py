@@ -214,13 +214,24 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monke
 
 
 @pytest.mark.slow
-def test_compiled_forwards_give_the_eager_table(protected, suite, tmp_path):
-    """torch.compile'd forwards (minutes of compiling on a CPU) predict what eager ones do."""
-    kwargs = dict(suite=suite, score="agreement", batch_size=16, quiet=True, max_images=16)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_forwards_give_the_eager_table(protected, suite, tmp_path, precision):
+    """torch.compile'd forwards (minutes of compiling on a CPU) predict what eager ones do:
+    exactly in fp32; in bf16, whose casts the compiler fuses and rounds its own way, a
+    prediction of the 16 may move, and nothing else."""
+    kwargs = dict(suite=suite, score="agreement", batch_size=16, quiet=True, max_images=16,
+                  precision=precision)
     eager = audit(protected, [OTHER], out=tmp_path / "eager", **kwargs).table
     compiled = audit(protected, [OTHER], out=tmp_path / "compiled", compile_models=True,
                      **kwargs).table
-    pd.testing.assert_frame_equal(eager, compiled)
+    if precision == "fp32":
+        pd.testing.assert_frame_equal(eager, compiled)
+        return
+    pd.testing.assert_frame_equal(eager.drop(columns=["value", "ci_low", "ci_high"]),
+                                  compiled.drop(columns=["value", "ci_low", "ci_high"]))
+    moved = (eager.value - compiled.value).abs()
+    assert moved[eager.metric == "agreement"].max() <= 1 / 16 + 1e-9
+    assert moved[eager.metric.isin(["psnr", "ssim"])].max() == 0  # no model runs in these
 
 
 def test_weights_hash_reads_any_stored_weights():
