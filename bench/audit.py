@@ -25,7 +25,7 @@ import torch
 from neaudit.attacks import AttackContext, get_attack, load_suite
 from neaudit.auditing import audit
 from neaudit.data import builtin_dataset, load_dataset
-from neaudit.device import forward_precision, resolve_precision
+from neaudit.device import forward_precision, resolve_precision, retained_heap
 from neaudit.imageio import to_float, write_png
 from neaudit.zoo import create_model
 
@@ -136,7 +136,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        overhead(Path(tmp), args.images, args.suite)
+        with retained_heap():  # as the audit keeps it, for the bare loop too
+            overhead(Path(tmp), args.images, args.suite)
         if not args.skip_rss:
             small, large = peak_rss(Path(tmp), 1000), peak_rss(Path(tmp), 8000)
             print(json.dumps({"peak_rss_mb_1k": round(small, 1), "peak_rss_mb_8k": round(large, 1),

@@ -36,7 +36,7 @@ from neaudit import pipeline, protection
 from neaudit.attacks import AttackContext, get_attack, load_suite
 from neaudit.auditing import audit
 from neaudit.data import builtin_dataset, load_dataset
-from neaudit.device import chunks, forward_precision, resolve_precision
+from neaudit.device import chunks, forward_precision, resolve_precision, retained_heap
 from neaudit.fidelity import ModelPreview, measure
 from neaudit.imageio import quantize, to_float, write_png
 from neaudit.metrics import isotropic_gain
@@ -413,7 +413,9 @@ def main() -> None:
     PROFILE, READER_SWEEP = args.profile, args.reader_sweep
     ZOO = args.zoo.split(",") if args.zoo else ZOO
     flops(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
+    # the jobs keep the memory they free (neaudit.device.retained_heap); their limits are
+    # measured with the same allocator settings, in the same process
+    with retained_heap(), tempfile.TemporaryDirectory() as tmp:
         if args.skip != "protect":
             protect_bench(Path(tmp), args.images, args.device, args.batch, args.writers,
                           args.png_compression, args.inputs)

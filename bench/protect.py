@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from neaudit.data import builtin_dataset
-from neaudit.device import chunks
+from neaudit.device import chunks, retained_heap
 from neaudit.imageio import quantize, to_float, to_uint8, write_png
 from neaudit.ne import noise_key, reference_recode, subspace_recode
 from neaudit.spectral import low_sensitivity_subspace
@@ -63,6 +63,7 @@ def noise_seconds(space, clean: torch.Tensor, batch: int) -> float:
     return timed(run)[0]
 
 
+@retained_heap()  # as protect keeps the memory it frees
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=64)

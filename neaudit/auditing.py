@@ -27,7 +27,7 @@ from neaudit.attacks import DATASET, SuiteEntry, load_suite
 from neaudit.bars import progress_bar
 from neaudit.data import load_dataset
 from neaudit.dataset import ImageDataset
-from neaudit.device import resolve_device, resolve_precision
+from neaudit.device import resolve_device, resolve_precision, retained_heap
 from neaudit.errors import NeauditError
 from neaudit.executors import Executor, LocalExecutor
 from neaudit.models import display_names, split_name
@@ -58,6 +58,7 @@ class AuditResult:
         return bool(self.summary.get("complete"))
 
 
+@retained_heap()  # the job's batches reuse the memory the last one freed
 @checked
 def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
           authorized: str | None = None, suite: str | Path = "standard",

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import os
 import re
+import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -67,6 +72,56 @@ def native_bf16(device: torch.device) -> bool:
 def forward_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The autocast context the zoo's forwards run under for a resolved ``precision``."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+"""glibc's ``mallopt`` parameters (``malloc.h``) that :func:`retained_heap` sets."""
+GLIBC_TRIM_THRESHOLD, GLIBC_MMAP_MAX = 128 * 1024, 65536
+"""glibc's defaults for them, set again when the last job ends."""
+_heap_lock = threading.Lock()
+_heap_jobs = 0  # jobs inside retained_heap (protect, audit, the demo's two), in any thread
+
+
+@contextlib.contextmanager
+def retained_heap() -> Iterator[None]:
+    """Keep the host memory a job frees for its next batch, and hand it back when the job ends.
+
+    glibc serves every allocation above its mmap threshold (128 KiB, rising to at most 32 MiB)
+    with a fresh mapping and unmaps it when freed. A forward pass frees and reallocates its
+    activations, so it page-faults through all of them again every batch. On 2 cores one
+    bf16 forward of ResNet-50, ConvNeXt-T and ViT-S/16 on 64 images took 4.2 s, 2.7 s of it
+    in the kernel, for 1.6 million page faults. With mmap and trimming off it took 2.6–2.8 s,
+    with no faults, and its peak memory went from 1.91 to 2.34 GB. That is what jemalloc or
+    tcmalloc preloaded would do, without asking users to preload them. Glibc only; elsewhere
+    nothing changes."""
+    global _heap_jobs
+    libc = _glibc()
+    with _heap_lock:
+        _heap_jobs += 1
+        if libc is not None and _heap_jobs == 1:
+            libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        with _heap_lock:
+            _heap_jobs -= 1
+            if libc is not None and _heap_jobs == 0:
+                libc.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)
+                libc.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD)
+                libc.malloc_trim(0)  # what the job held goes back to the system
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc (whose ``mallopt`` this module knows)."""
+    if "CS_GNU_LIBC_VERSION" not in os.confstr_names:
+        return None
+    try:
+        version = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (OSError, ValueError):
+        return None
+    return ctypes.CDLL(None) if version.startswith("glibc") else None
 
 
 MEMINFO = "/proc/meminfo"

@@ -11,12 +11,14 @@ and all through the same atomic results store, so a run can be resumed by either
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from neaudit.attacks import CLEAN
+from neaudit.device import retained_heap
 from neaudit.errors import NeauditError, Refused, unless_refused
 from neaudit.plan import Task
 from neaudit.worker import Worker, WorkerRecipe, build_worker
@@ -46,6 +48,9 @@ class LocalExecutor:
 
 class _AuditActor:
     def __init__(self, recipe: WorkerRecipe) -> None:
+        # an actor's process is neaudit's: its tasks keep their freed memory for its life
+        self._heap = contextlib.ExitStack()
+        self._heap.enter_context(retained_heap())
         self.worker = build_worker(recipe)
 
     def pid(self) -> int:

@@ -33,7 +33,7 @@ from neaudit.data import (
     load_dataset,
 )
 from neaudit.dataset import ImageDataset
-from neaudit.device import chunks, free_memory_short_of, resolve_device
+from neaudit.device import chunks, free_memory_short_of, resolve_device, retained_heap
 from neaudit.errors import NeauditError
 from neaudit.fidelity import Kept, ModelPreview, fidelity_sample, measure, measured_columns
 from neaudit.imageio import (
@@ -94,6 +94,7 @@ class ProtectResult:
     """Images an earlier run of the same command had written, kept as they were."""
 
 
+@retained_heap()  # the job's batches reuse the memory the last one freed
 @checked
 def protect(data: str | Path | ImageDataset, authorized: str | ImageClassifier,
             out: str | Path, method: str = "subspace", psnr: float = 30.0,

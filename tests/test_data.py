@@ -1,3 +1,4 @@
+import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -5,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from neaudit import device
 from neaudit.data import load_dataset
 from neaudit.errors import DataError
 from neaudit.imageio import write_png
@@ -116,8 +118,6 @@ def test_an_npz_that_unpacks_beyond_free_memory_is_refused_unread(tmp_path: Path
                                                                  monkeypatch):
     """Sized from the archive's directory, before any array is read: a few MB of zeros can
     declare gigabytes."""
-    from neaudit import device
-
     np.savez_compressed(tmp_path / "d.npz", protected=photos[:4])
     declared = 4 * photos[0].nbytes
     reads = []
@@ -381,7 +381,6 @@ def test_free_memory_is_the_host_s_or_the_container_limit_s_whichever_is_lower(t
     """A pod with a memory limit sees the node's memory in /proc/meminfo and is killed at its
     limit: the cgroup's limit less its usage (reclaimable page cache counted free) bounds what
     the .npz checks take as free."""
-    from neaudit import device
 
     def write(name: str, text: str) -> str:
         (tmp_path / name).write_text(text)
@@ -425,7 +424,6 @@ def test_a_parquet_manifest_of_more_rows_than_memory_holds_is_refused_unread(tmp
     """Counted from its footer before a row is read: dictionary encoding lets 30 KB declare
     ten million rows, each a path string and a name string once loaded."""
     import neaudit.data
-    from neaudit import device
 
     pd.DataFrame({"path": ["a.png"] * 1000}).to_parquet(tmp_path / "m.parquet")
     reads = []
@@ -436,3 +434,36 @@ def test_a_parquet_manifest_of_more_rows_than_memory_holds_is_refused_unread(tmp
         load_dataset(tmp_path / "m.parquet")
     assert str(refused.value).startswith(f"{tmp_path / 'm.parquet'}: lists 1,000 rows, ")
     assert "Fix: split the manifest" in str(refused.value) and not reads
+
+
+class _Mallinfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2``: ``hblkhd`` is the bytes held in mapped blocks."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _mapped_for(nbytes: int) -> int:
+    """Bytes of fresh mappings that allocating (and touching) ``nbytes`` takes."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _Mallinfo2
+    before = libc.mallinfo2().hblkhd
+    block = np.ones(nbytes, np.uint8)
+    grown = libc.mallinfo2().hblkhd - before
+    del block
+    return grown
+
+
+@pytest.mark.skipif(device._glibc() is None, reason="tunes glibc's allocator")
+def test_jobs_keep_the_memory_they_free_until_the_last_one_ends():
+    """Inside a job a large block comes from the heap, where the next batch finds it again,
+    not from a fresh mapping it would page-fault through; the setting holds until the
+    outermost job ends, and glibc's defaults are back after it."""
+    size = 64 << 20
+    assert _mapped_for(size) >= size  # glibc maps a block this large by default
+    with device.retained_heap():
+        with device.retained_heap():  # the demo's protect and audit, inside the demo
+            assert _mapped_for(size) == 0
+        assert _mapped_for(size) == 0
+    assert _mapped_for(size) >= size

@@ -167,16 +167,19 @@ def test_forwards_run_in_the_recorded_precision_which_is_part_of_the_run_identit
         protected, suite, tmp_path):
     """--precision reaches the Python twin; the zoo's forwards run in the format the run
     records (bf16 autocast on a CPU too); a run is not resumed in another format."""
+    from neaudit import device
     from neaudit.cli import build_parser
 
     args = build_parser().parse_args(["audit", str(protected), "--model", OTHER,
                                       "--precision", "bf16"])
     assert args.precision == "bf16"
     formats: dict[str, set] = {}
+    depths: set[int] = set()
 
     def record(module, inputs, output):
         if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
             formats[current].add(output.dtype)
+            depths.add(device._heap_jobs)  # inside device.retained_heap, as every job runs
 
     kwargs = dict(suite=suite, out=tmp_path / "run", score="agreement", quiet=True,
                   max_images=8)
@@ -190,6 +193,7 @@ def test_forwards_run_in_the_recorded_precision_which_is_part_of_the_run_identit
     # every layer of every forward, the model checks included (this suite has no attack
     # that runs a model)
     assert formats == {"bf16": {torch.bfloat16}, "fp32": {torch.float32}}
+    assert depths == {1} and device._heap_jobs == 0
     for current in ("bf16", "fp32"):
         run = json.loads((tmp_path / current / "run.json").read_text())
         assert run["config"]["precision"] == current

@@ -201,6 +201,19 @@ def test_strength_as_an_l2_norm(tmp_path, vit_spec):
               "--psnr", "30", "--l2", "2"])
 
 
+def test_protect_keeps_the_memory_its_batches_free_while_it_runs(tmp_path, vit_spec,
+                                                               monkeypatch):
+    """It runs inside device.retained_heap, and leaves it when it returns."""
+    import neaudit.protection
+
+    depths = []
+    measure = neaudit.protection.measure
+    monkeypatch.setattr(neaudit.protection, "measure",
+                        lambda *args: depths.append(device._heap_jobs) or measure(*args))
+    protect("builtin:samples", vit_spec, tmp_path / "out")
+    assert depths and set(depths) == {1} and device._heap_jobs == 0
+
+
 def test_uint8_batches_reach_the_device_as_exactly_the_quantized_floats():
     """The protect pipeline's uint8 hand-over gives bit for bit the floats quantize() gives
     (the values every device must recode alike)."""
