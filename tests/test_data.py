@@ -78,6 +78,17 @@ def test_streaming_reads_only_the_requested_batch(image_folder: Path, monkeypatc
     assert len(calls) == 6  # 3 protected + 3 originals, nothing more
 
 
+def test_a_dataset_reads_under_inference_mode(image_folder: Path):
+    """As a user's loop calls it: the decoding threads write into the batch outside that
+    mode, which once refused an inference tensor."""
+    dataset = load_dataset(image_folder)
+    plain = next(dataset.batches(8))
+    with torch.inference_mode():
+        inside = next(dataset.batches(8))
+    assert torch.equal(inside.protected, plain.protected)
+    assert torch.equal(inside.original, plain.original)
+
+
 def test_unreadable_image_names_the_file(tmp_path: Path, photos):
     write_png(tmp_path / "d" / "good.png", photos[0])
     (tmp_path / "d" / "bad.png").write_bytes(b"not an image")
