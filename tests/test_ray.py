@@ -71,6 +71,7 @@ def test_a_killed_worker_is_replaced_without_duplicate_or_missing_rows(cluster, 
     assert not keys.duplicated().any()
 
 
+@pytest.mark.slow  # 11 s; the default run keeps Ray's table and its refusals
 def test_a_local_run_can_be_finished_on_ray(cluster, release, tmp_path):
     first = _run(release, tmp_path / "run", stop_after=5)
     assert first.computed_tasks == 5

@@ -83,6 +83,7 @@ def test_matched_strength_reads_the_release_psnr(authorized, digits):
         assert matched == pytest.approx(target, abs=2.0)
 
 
+@pytest.mark.slow  # 14 s of training; the default run keeps its seeding and cache
 def test_simulate_invert_trained_on_fresh_keys_restores_another_key(authorized, digits,
                                                                      tmp_path):
     """The restorer never sees the release's key (it trains on its own random keys), yet it
