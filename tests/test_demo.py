@@ -24,6 +24,7 @@ def test_authorized_demo_model_has_a_real_null_space():
     assert (m, d) == (24, 48) and not layer.overlapping
 
 
+@pytest.mark.slow  # 8 s of training; `neaudit zoo train-demo` is rarely run
 def test_retraining_reproduces_the_shipped_weights(tmp_path):
     """``neaudit zoo train-demo`` (seed 0) gives back the shipped weights, bit for bit."""
     net, accuracy = demo_zoo.train("patch_cnn", seed=0, log=lambda _: None)

@@ -610,6 +610,7 @@ def test_odd_names_from_a_release_reach_terminal_and_reports_as_text(name, input
     assert "lossy_or_altered_input" in (tmp_path / "run" / "index.html").read_text()
 
 
+@pytest.mark.slow  # 8 s of CLI processes
 def test_framework_warnings_stay_off_the_command_line(inputs, tmp_path):
     """torch warns on every TorchScript load (deprecated) and on some weights files; stderr is
     for the user's inputs: those warnings do not reach it."""

@@ -38,6 +38,7 @@ def _run(release, out, executor=None, **kwargs):
                  quiet=True, executor=executor, **kwargs)
 
 
+@pytest.mark.slow  # 10 s; the default run keeps an actor's refusal
 def test_ray_gives_the_local_table(cluster, release, tmp_path):
     local = _run(release, tmp_path / "local").table
     remote = _run(release, tmp_path / "ray", RayExecutor(workers=2)).table
