@@ -32,6 +32,35 @@ def _repeatable_keys():
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _random_init_models_built_once():
+    """Each random-init timm spec is built once per test session and copied after.
+
+    Its weights are a pure function of the spec text (:func:`neaudit.zoo.create_model` seeds
+    the build from it), so a copy is the model a fresh build would give; building one runs
+    timm's initializers on the CPU's serial generator, which took 40 s of the 400 s run.
+    Models with weights from files are built every time (a test may rewrite the file).
+    """
+    import copy
+
+    from neaudit.builders import BUILDERS
+
+    build = BUILDERS["timm"]
+    built: dict[str, torch.nn.Module] = {}
+
+    def build_once(spec, class_names):
+        if spec.text not in built:
+            model = build(spec, class_names)
+            if not model.random_init:
+                return model
+            built[spec.text] = model
+        return copy.deepcopy(built[spec.text])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(BUILDERS, "timm", build_once)
+        yield
+
+
 @pytest.fixture(scope="session")
 def photos() -> np.ndarray:
     """32 real 64×64 RGB crops (uint8 NHWC) from scikit-learn's bundled photographs."""
