@@ -8,7 +8,8 @@ from neaudit.attacks import AttackContext, get_attack
 from neaudit.attacks.adaptive import (
     detect_period,
     enriched_rank,
-    principal_directions,
+    participation,
+    principal_spectrum,
     rank_surrogates,
 )
 from neaudit.auditing import audit
@@ -55,6 +56,34 @@ def _planted(photos: torch.Tensor, rank: int, period: int = 8, strength: float =
     return photos + noise, basis
 
 
+@pytest.mark.parametrize("shape", [(300, 12), (40, 192), (64, 64)])
+def test_participation_is_that_of_the_singular_values(shape):
+    """The Gram-matrix form equals (Σσ²)²/Σσ⁴ / min(N, d) from an SVD, tall rows or wide,
+    for a spread and for a concentrated spectrum."""
+    generator = torch.Generator().manual_seed(1)
+    spread = torch.randn(*shape, generator=generator)
+    scales = torch.full((shape[1],), 1e-3)
+    scales[:2] = 1  # two directions hold the power
+    for rows in (spread, spread * scales):
+        power = torch.linalg.svdvals(rows.double()).pow(2)
+        expected = float(power.sum() ** 2 / power.pow(2).sum() / min(shape))
+        assert participation(rows) == pytest.approx(expected, rel=1e-9)
+    assert participation(spread * scales) < 0.2 < participation(spread)
+
+
+@pytest.mark.parametrize("shape", [(500, 48), (30, 48)])
+def test_principal_spectrum_is_the_svds(shape):
+    """Energies σ² and leading directions as an SVD of the rows gives them, tall (from the
+    Gram matrix) or wide."""
+    generator = torch.Generator().manual_seed(2)
+    rows = torch.randn(*shape, generator=generator) * torch.logspace(0, -2, shape[1])
+    energy, directions = principal_spectrum(rows)
+    _, s, vh = torch.linalg.svd(rows.double(), full_matrices=False)
+    assert energy.shape == s.shape and torch.allclose(energy, s.square(), rtol=1e-9)
+    overlap = (directions[:, :5].T @ vh[:5].T).abs().diagonal()  # the same up to sign
+    assert torch.allclose(overlap, torch.ones(5, dtype=overlap.dtype), atol=1e-6)
+
+
 def test_blind_subspace_recovers_a_planted_subspace(photos):
     # smooth synthetic scenes: the blur residual is then the planted noise alone
     coarse = torch.rand(32, 3, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -63,8 +92,9 @@ def test_blind_subspace_recovers_a_planted_subspace(photos):
     residual = noisy - get_attack("gaussian_blur")(noisy, _ctx(), sigma=1.0)
     assert detect_period(residual) == 8
     rows = F.unfold(residual, 8, stride=8).transpose(1, 2).reshape(-1, 192)
-    assert enriched_rank(rows) == 6
-    found = principal_directions(rows, 6)
+    energy, directions = principal_spectrum(rows)
+    assert enriched_rank(energy) == 6
+    found = directions[:, :6]
     cosines = torch.linalg.svdvals(found.T.double() @ basis.double())
     angles = torch.rad2deg(torch.arccos(cosines.clamp(max=1)))
     assert angles.max() < 2, angles
@@ -73,7 +103,7 @@ def test_blind_subspace_recovers_a_planted_subspace(photos):
     noisy, _ = _planted(photos, rank=6)
     residual = noisy - get_attack("gaussian_blur")(noisy, _ctx(), sigma=1.0)
     rows = F.unfold(residual, 8, stride=8).transpose(1, 2).reshape(-1, 192)
-    cosines = torch.linalg.svdvals(principal_directions(rows, 6).T.double() @ basis.double())
+    cosines = torch.linalg.svdvals(principal_spectrum(rows)[1][:, :6].T @ basis.double())
     assert torch.rad2deg(torch.arccos(cosines.clamp(max=1))).max() < 5
     cleaned = get_attack("blind_subspace")(noisy.clamp(0, 1), _ctx())
     assert psnr(cleaned, photos).mean() > psnr(noisy.clamp(0, 1), photos).mean() + 3

@@ -42,16 +42,26 @@ def detect_period(residual: torch.Tensor, max_period: int = 32) -> int:
     confined to a per-patch subspace) makes the residual's patches concentrate in few
     principal directions exactly on the true grid, measured by the participation ratio
     (Σλ)²/Σλ² over min(rows, dims). Multiples of the period score as well, so the smallest
-    period within 10% of the best wins."""
+    period within 10% of the best wins.
+
+    The λ are the eigenvalues of the rows' Gram matrix G, so Σλ = tr G and Σλ² = ‖G‖²_F:
+    one GEMM per period instead of an SVD (:func:`participation`; 3.5–9× faster on 2 cores
+    at 224×224)."""
     h, w = residual.shape[-2:]
     spread = {}
     for period in range(2, min(max_period, h // 2, w // 2) + 1):
         rows = _patches(residual, period)
-        flat = rows.reshape(-1, rows.shape[-1]).double()
-        power = torch.linalg.svdvals(flat).pow(2)
-        spread[period] = float(power.sum() ** 2 / power.pow(2).sum() / min(flat.shape))
+        spread[period] = participation(rows.reshape(-1, rows.shape[-1]))
     best = min(spread.values())
     return min(p for p, v in spread.items() if v <= 1.1 * best)
+
+
+def participation(rows: torch.Tensor) -> float:
+    """The participation ratio (Σλ)²/Σλ² of the rows' (N, d) power spectrum λ = σ², over
+    min(N, d): near 1 when the power spreads over every direction, small when few hold it."""
+    flat = rows.double()
+    gram = flat.T @ flat if flat.shape[0] >= flat.shape[1] else flat @ flat.T
+    return float(gram.trace() ** 2 / gram.square().sum() / min(flat.shape))
 
 
 def _patches(images: torch.Tensor, period: int) -> torch.Tensor:
@@ -85,17 +95,27 @@ def tile_estimation(images: torch.Tensor, ctx: AttackContext, patch: int, sigma:
     return _unpatch(rows - tile, images, period)
 
 
-def principal_directions(rows: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top-``rank`` principal directions (d, rank) of row vectors (N, d), uncentred."""
-    _, _, vh = torch.linalg.svd(rows.double(), full_matrices=False)
-    return vh[:rank].T.to(rows.dtype)
+def principal_spectrum(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energies σ² (descending, min(N, d) of them) and principal directions (d, min(N, d)) of
+    row vectors (N, d), uncentred, in double.
+
+    For tall rows they are the eigenpairs of the (d, d) Gram matrix: one GEMM and a small
+    eigendecomposition, 5× faster than an SVD of the rows on 2 cores at ViT-B/16's patch grid
+    (12,544 × 768)."""
+    flat = rows.double()
+    if flat.shape[0] < flat.shape[1]:  # wide: the SVD of the rows is the smaller problem
+        _, s, vh = torch.linalg.svd(flat, full_matrices=False)
+        return s.square(), vh.T
+    energy, vectors = torch.linalg.eigh(flat.T @ flat)
+    return energy.flip(0).clamp_min(0), vectors.flip(1)
 
 
-def enriched_rank(rows: torch.Tensor) -> int:
-    """The number of leading principal directions before the largest eigengap (the largest
-    ratio between consecutive energies in the top half): where a perturbation confined to a
-    subspace stands out above the residual of natural content."""
-    energy = torch.linalg.svdvals(rows.double()).pow(2).clamp_min(1e-30)
+def enriched_rank(energy: torch.Tensor) -> int:
+    """The number of leading principal directions (of energies ``energy``, descending) before
+    the largest eigengap (the largest ratio between consecutive energies in the top half):
+    where a perturbation confined to a subspace stands out above the residual of natural
+    content."""
+    energy = energy.clamp_min(1e-30)
     half = max(2, energy.numel() // 2)
     gaps = energy[: half - 1] / energy[1:half]
     return int(gaps.argmax()) + 1
@@ -110,8 +130,8 @@ def blind_subspace(images: torch.Tensor, ctx: AttackContext, patch: int, rank: i
     period = _grid(images, ctx, patch, sigma)
     smooth = _denoise(images, ctx, sigma)
     residual = _patches(images - smooth, period)
-    flat = residual.reshape(-1, residual.shape[-1])
-    basis = principal_directions(flat, int(rank) or enriched_rank(flat))
+    energy, directions = principal_spectrum(residual.reshape(-1, residual.shape[-1]))
+    basis = directions[:, : int(rank) or enriched_rank(energy)].to(images.dtype)
     rows = _patches(images, period)
     return _unpatch(rows - (residual @ basis) @ basis.T, images, period)
 
@@ -128,10 +148,9 @@ def clean_patch_prior(images: torch.Tensor, ctx: AttackContext, patch: int, ener
     key = ("clean_prior", int(patch), float(energy))
     if key not in ctx.extras:
         clean = _patches(ctx.reference.to(images.device), int(patch))
-        flat = clean.reshape(-1, clean.shape[-1])
-        spectrum = torch.linalg.svdvals(flat.double()).pow(2)
+        spectrum, directions = principal_spectrum(clean.reshape(-1, clean.shape[-1]))
         keep = int((spectrum.cumsum(0) / spectrum.sum() < energy).sum()) + 1
-        ctx.extras[key] = principal_directions(flat, keep)
+        ctx.extras[key] = directions[:, :keep].float()
     basis = ctx.extras[key].to(images)
     rows = _patches(images, int(patch))
     return _unpatch((rows @ basis) @ basis.T, images, int(patch))
