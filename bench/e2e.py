@@ -45,6 +45,7 @@ from neaudit.pipeline import PngWriter, read_ahead
 from neaudit.protection import FIDELITY_IMAGES, protect
 from neaudit.spectral import low_sensitivity_subspace
 from neaudit.stem import first_layer
+from neaudit.worker import reference_images
 from neaudit.zoo import create_model
 
 VIT_B = "timm:vit_base_patch16_224"
@@ -303,9 +304,14 @@ def bare_loop(data: Path, entries, device: torch.device, batch: int,
     start = time.perf_counter()
     dataset = load_dataset(data)
     precision = resolve_precision("auto", device)  # as the audit resolves its default
-    models = [create_model(s).to(device, memory_format=torch.channels_last) for s in ZOO]
+    zoo = {s: create_model(s).to(device, memory_format=torch.channels_last) for s in ZOO}
+    models = list(zoo.values())
     if compile_models:
         models = [torch.compile(m, dynamic=True) for m in models]  # as the audit does
+    # what the audit gives its attacks: clean in-distribution images (L2) and, in a dict that
+    # also holds what they cache between batches, the public zoo (L3)
+    reference = reference_images(dataset, None)
+    extras = {"surrogates": zoo, "authorized": ZOO[0]}
     setup = time.perf_counter() - start
 
     def forward(images: torch.Tensor) -> None:
@@ -320,7 +326,7 @@ def bare_loop(data: Path, entries, device: torch.device, batch: int,
             forward(protected)
             for entry in entries:
                 ctx = AttackContext(generator=torch.Generator().manual_seed(0), device=device,
-                                    reference=shard.original, originals=original)
+                                    reference=reference, originals=original, extras=extras)
                 forward(get_attack(entry.attack)(protected, ctx, **dict(entry.params)))
 
     return setup, timed(run)
