@@ -109,6 +109,25 @@ def test_blind_subspace_recovers_a_planted_subspace(photos):
     assert psnr(cleaned, photos).mean() > psnr(noisy.clamp(0, 1), photos).mean() + 3
 
 
+def test_the_detected_period_is_found_once_per_batch_for_every_attack(photos, monkeypatch):
+    """Attacks sharing an audit's context detect a batch's period once; other images, or
+    another blur, are detected again; and the outputs are those of a fresh context."""
+    from neaudit.attacks import adaptive
+
+    calls = []
+    monkeypatch.setattr(adaptive, "detect_period",
+                        lambda residual: calls.append(1) or detect_period(residual))
+    noisy, _ = _planted(photos, rank=6)
+    noisy = noisy.clamp(0, 1)
+    shared = _ctx()
+    for name in ("tile_estimation", "blind_subspace"):
+        assert torch.equal(get_attack(name)(noisy, shared), get_attack(name)(noisy, _ctx()))
+    assert len(calls) == 3  # the shared context's once, and once per fresh context
+    get_attack("tile_estimation")(noisy.flip(0), shared)
+    get_attack("tile_estimation")(noisy.flip(0), shared, sigma=2.0)
+    assert len(calls) == 5
+
+
 def test_tile_estimation_removes_a_repeated_tile(photos):
     tile = 0.05 * torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(1))
     noisy = (photos + tile.repeat(1, 4, 4)).clamp(0, 1)
