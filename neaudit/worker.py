@@ -322,7 +322,8 @@ class Worker:
     def _run_on_dataset(self, task: Task) -> dict:
         ctx = DatasetContext(gather=self.gather, labels=self.dataset.labels,
                              num_classes=self.dataset.num_classes, models=self.models,
-                             authorized=self.authorized, seed=self.seed)
+                             authorized=self.authorized, seed=self.seed,
+                             precision=self.precision)
         record = get_attack(task.attack).run_on_dataset(ctx, **dict(task.params))
         return {**self._describe(task), **record}
 

@@ -65,6 +65,41 @@ def test_probe_and_finetune_rows_in_the_results(tmp_path):
     assert "learning" in result.summary["worst_by_threat"]
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_learning_attacks_run_the_models_in_the_audits_precision(tmp_path, precision):
+    """The probe's features and every fine-tuning forward run in the number format the run
+    records, as the zoo's other forwards do (bf16 autocast on a CPU too)."""
+    import torch
+
+    protect(digits_test_set(40), demo_zoo.AUTHORIZED, tmp_path / "data", psnr=20,
+            save_originals=True)
+    suite = tmp_path / "learn.toml"
+    suite.write_text('[[attack]]\nname = "linear_probe"\n\n[[attack]]\nname = "finetune"\n'
+                     "fractions = [1.0]\nepochs = 1\nmax_steps = 2\n")
+    formats: dict[str, set] = {"linear_probe": set(), "finetune": set()}
+
+    def record(module, inputs, output):
+        for name, attack in (("linear_probe", "linear_probe"), ("finetune", "finetune_accuracy")):
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and _in_frame(attack):
+                formats[name].add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        audit(tmp_path / "data", ["demo:small_cnn"], suite=suite, out=tmp_path / "run",
+              quiet=True, precision=precision)
+    finally:
+        hook.remove()
+    expected = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    assert formats == {"linear_probe": {expected}, "finetune": {expected}}
+
+
+def _in_frame(function: str) -> bool:
+    """Is a function of that name on the call stack?"""
+    import inspect
+
+    return any(frame.function == function for frame in inspect.stack(context=0))
+
+
 def test_learning_attacks_need_labels_and_originals(tmp_path):
     protect("builtin:samples", "timm:resnet18?num_classes=10&input_size=64", tmp_path / "d")
     suite = tmp_path / "s.toml"

@@ -18,7 +18,9 @@ NEs − start) / (score after training on clean originals − start); the start 
 head's score for ``finetune`` and chance for the probe. A model that already solves the task
 can therefore not show a learning leakage of about 1 for having learnt nothing.
 
-Both are bounded for CPUs by ``max_samples``, ``epochs`` and ``max_steps``.
+Both are bounded for CPUs by ``max_samples``, ``epochs`` and ``max_steps``, and both run the
+models in the audit's precision (``DatasetContext.precision``): bf16 autocast where the device
+computes it natively, as an attacker would train, with fp32 weights and optimizer state.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from neaudit.attacks.registry import DATASET, DatasetContext, Param, register_attack
+from neaudit.device import forward_precision
 from neaudit.models import ImageClassifier
 from neaudit.seeding import derive_seed, generator, seeded
 
@@ -51,9 +54,10 @@ def split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(np.array(train)), np.sort(np.array(test))
 
 
-def features(model: ImageClassifier, images: torch.Tensor, batch: int = 128) -> np.ndarray:
+def features(model: ImageClassifier, images: torch.Tensor, precision: str = "fp32",
+             batch: int = 128) -> np.ndarray:
     """The input of the model's last executed linear layer (its penultimate features), or
-    its logits where it has none."""
+    its logits where it has none, from forwards in ``precision``."""
     captured: list[torch.Tensor] = []
     linears = [m for m in model.net.modules() if isinstance(m, nn.Linear)]
     last: list[nn.Module] = []
@@ -64,7 +68,7 @@ def features(model: ImageClassifier, images: torch.Tensor, batch: int = 128) -> 
 
     device = model.mean.device
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), forward_precision(device, precision):
         for lo in range(0, len(images), batch):
             captured.clear()
             last.clear()
@@ -116,18 +120,20 @@ def _fresh_head(tuned: ImageClassifier, num_classes: int, seed: int) -> nn.Modul
 
 def finetune_accuracy(model: ImageClassifier, train_x: torch.Tensor, train_y: torch.Tensor,
                       test_x: torch.Tensor, test_y: torch.Tensor, epochs: int, max_steps: int,
-                      lr: float, seed: int, num_classes: int
+                      lr: float, seed: int, num_classes: int, precision: str = "fp32"
                       ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Fine-tune a copy of ``model`` (all weights, from a fresh classifier head) and return
-    (correct, n) on the test images before training (the start) and after."""
+    (correct, n) on the test images before training (the start) and after; its forwards
+    run in ``precision`` (bf16 autocast: fp32 weights, bf16 matrix products)."""
     draws = generator(seed, "finetune-batches")
     tuned = copy.deepcopy(model).eval()
     head = _fresh_head(tuned, num_classes, seed)
     device = tuned.mean.device
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        logits = tuned(x.to(device))
-        return head(logits) if head is not None else logits
+        with forward_precision(device, precision):
+            logits = tuned(x.to(device))
+            return (head(logits) if head is not None else logits).float()
 
     def score() -> tuple[int, int]:
         tuned.eval()
@@ -183,11 +189,11 @@ def linear_probe(ctx: DatasetContext, max_samples: int, c: float) -> dict:
     record: dict = {"models": {}, "baseline": {}, "start": 1.0 / ctx.num_classes}
     for spec, model in ctx.models.items():
         record["models"][spec] = probe_accuracy(
-            features(model, protected_train), y_train.numpy(),
-            features(model, protected_test), y_test.numpy(), c, ctx.seed)
+            features(model, protected_train, ctx.precision), y_train.numpy(),
+            features(model, protected_test, ctx.precision), y_test.numpy(), c, ctx.seed)
         record["baseline"][spec] = probe_accuracy(
-            features(model, clean_train), y_train.numpy(),
-            features(model, clean_test), y_test.numpy(), c, ctx.seed)
+            features(model, clean_train, ctx.precision), y_train.numpy(),
+            features(model, clean_test, ctx.precision), y_test.numpy(), c, ctx.seed)
     return record
 
 
@@ -212,7 +218,7 @@ def finetune(ctx: DatasetContext, fractions: list[float], epochs: int, max_steps
             for kind, images in (("protected", protected_train), ("clean", clean_train)):
                 start, tuned = finetune_accuracy(
                     model, images[idx], y_train[idx], clean_test, y_test, int(epochs),
-                    int(max_steps), float(lr), ctx.seed, ctx.num_classes)
+                    int(max_steps), float(lr), ctx.seed, ctx.num_classes, ctx.precision)
                 curve[kind].append(tuned)
                 curve["start"] = start  # the same fresh head every time
         record["curve"][spec] = curve

@@ -52,7 +52,10 @@ class AttackContext:
 @dataclass
 class DatasetContext:
     """What a dataset attack may use: every item (``gather(indices)`` returns the protected
-    images, their clean originals and labels), the zoo, and the audit's seed."""
+    images, their clean originals and labels), the zoo, the audit's seed, and the number
+    format its zoo's forwards run in (``bf16`` or ``fp32``:
+    :func:`neaudit.device.resolve_precision`), which the learning attacks extract features
+    and fine-tune in."""
 
     gather: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     labels: np.ndarray
@@ -60,6 +63,7 @@ class DatasetContext:
     models: dict
     authorized: str
     seed: int
+    precision: str = "fp32"
 
 
 AttackFn = Callable[..., object]
