@@ -154,6 +154,30 @@ def test_reconstruction_attacks_on_cuda_match_cpu(name, tmp_path):
     assert abs(scores["cpu"] - scores["cuda"]) < 1.5, scores
 
 
+@pytest.mark.parametrize("name", ["tile_estimation", "blind_subspace", "clean_patch_prior"])
+def test_adaptive_attacks_on_cuda_match_cpu(name):
+    """The grid's detection and the principal directions (double GEMMs and an eigh on CUDA)
+    find what the CPU finds: the same period, and outputs within float rounding."""
+    from neaudit.attacks import AttackContext, get_attack
+    from neaudit.attacks.adaptive import detect_period
+    from neaudit.data import builtin_dataset
+    from neaudit.imageio import to_float
+
+    photos = to_float(builtin_dataset("samples").protected)
+    tile = 0.05 * torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    release = (photos + tile.repeat(1, 4, 4)).clamp(0, 1)
+    outputs, periods = {}, {}
+    for device in ("cpu", "cuda"):
+        images = release.to(device)
+        ctx = AttackContext(generator=torch.Generator().manual_seed(0), device=torch.device(device),
+                            reference=photos.to(device))
+        periods[device] = detect_period(images - get_attack("gaussian_blur")(images, ctx,
+                                                                             sigma=1.0))
+        outputs[device] = get_attack(name)(images, ctx).cpu()
+    assert periods["cpu"] == periods["cuda"] == 16
+    assert torch.allclose(outputs["cpu"], outputs["cuda"], atol=1e-4), name
+
+
 def test_uint8_hand_over_gives_the_same_floats_on_cpu_and_cuda():
     from neaudit.pipeline import on_device
 
