@@ -59,6 +59,16 @@ def test_translate_shifts_by_whole_pixels(images):
     assert torch.equal(out[..., 3:, 3:], images[..., :-3, :-3])
 
 
+def test_median_in_chunks_is_kornias_median_of_the_batch():
+    """20 images of 224 span three of a CPU's chunks; the result is Kornia's on the whole."""
+    import kornia
+
+    batch = torch.rand(20, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    for k in (3, 5):
+        assert torch.equal(get_attack("median")(batch, _ctx(), kernel=k),
+                           kornia.filters.median_blur(batch, (k, k)))
+
+
 def test_tv_denoise_is_adam_on_the_tv_objective_per_image(images):
     """The written-out gradient and update are autograd's and torch.optim.Adam's: the
     results agree but for the rare pixel where a tie between neighbours (TV's kink) broke
