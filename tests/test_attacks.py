@@ -34,8 +34,9 @@ def test_every_attack_keeps_shape_range_and_is_seeded(name, images, tmp_path, zo
     attack = get_attack(name)
     kwargs = {"reference": images, "cache_dir": tmp_path,
               "extras": {"surrogates": zoo, "authorized": vit_spec}}
-    # networks that train: a few steps of a narrow one (their quality: test_reconstruct)
-    small = {"steps": 10, "width": 8} if "width" in attack.params else {}
+    # networks that train, and descents: a few steps (their quality: test_reconstruct and
+    # the denoisers' own tests)
+    small = {k: v for k, v in {"steps": 10, "width": 8}.items() if k in attack.params}
     out = attack(images, _ctx(1, **kwargs), **small)
     again = attack(images, _ctx(1, **kwargs), **small)
     assert out.shape == images.shape and out.dtype == torch.float32
