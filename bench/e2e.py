@@ -34,7 +34,7 @@ import torch
 
 from neaudit import pipeline, protection
 from neaudit.attacks import AttackContext, get_attack, load_suite
-from neaudit.auditing import REFERENCE_LEVELS, audit
+from neaudit.auditing import audit, uses_reference
 from neaudit.data import builtin_dataset, load_dataset
 from neaudit.device import chunks, forward_precision, resolve_precision, retained_heap
 from neaudit.fidelity import ModelPreview, measure
@@ -310,8 +310,7 @@ def bare_loop(data: Path, entries, device: torch.device, batch: int,
         models = [torch.compile(m, dynamic=True) for m in models]  # as the audit does
     # what the audit gives its attacks: clean in-distribution images (L2) and, in a dict that
     # also holds what they cache between batches, the public zoo (L3)
-    needs_reference = any(e.threat in REFERENCE_LEVELS for e in entries)
-    reference = reference_images(dataset, None) if needs_reference else None
+    reference = reference_images(dataset, None) if uses_reference(entries) else None
     extras = {"surrogates": zoo, "authorized": ZOO[0]}
     setup = time.perf_counter() - start
 

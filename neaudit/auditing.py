@@ -90,7 +90,7 @@ def audit(data: str | Path | ImageDataset, zoo: str | Sequence[str],
     """
     started = time.time()
     entries = load_suite(suite)  # validated before any image is read
-    needs_reference = any(e.threat in REFERENCE_LEVELS for e in entries)
+    needs_reference = uses_reference(entries)
     if reference is not None:
         _check_reference(reference, suite, needs_reference)
     for name, value in (("--max-images", max_images), ("--batch-size", batch_size)):
@@ -189,6 +189,11 @@ def _recorded_authorized(dataset: ImageDataset) -> str:
 
 REFERENCE_LEVELS = ("L2", "L3")
 """The threat levels whose attacks use clean in-distribution images (``--reference``)."""
+
+
+def uses_reference(entries: list[SuiteEntry]) -> bool:
+    """Does any of a suite's attacks use clean in-distribution images?"""
+    return any(e.threat in REFERENCE_LEVELS for e in entries)
 
 
 def _check_reference(reference: str | Path, suite: str | Path, needed: bool) -> None:
